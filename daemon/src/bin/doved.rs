@@ -1,0 +1,89 @@
+//! `doved`: see the `doved` library crate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use doved::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "doved",
+    version,
+    about = "DOVE daemon: registers containers' cgroups from dove-hook and serves dovectl",
+    long_about = "DOVE daemon: registers containers' cgroups from dove-hook and serves dovectl.\n\n\
+Runs with built-in defaults (see /usr/share/doc/dove/doved.toml); --config reads a TOML file, \
+and --socket / --state-dir override it. Logs to journald under systemd, else to stderr."
+)]
+struct Args {
+    /// TOML configuration file (unknown keys are rejected).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Unix socket to serve [default: from config, /run/dove/dove.sock].
+    #[arg(long, env = "DOVE_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Where the registry is kept [default: from config, /var/lib/dove].
+    #[arg(long, value_name = "PATH")]
+    state_dir: Option<PathBuf>,
+    /// Print the built-in default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", doved::config::EXAMPLE);
+        return ExitCode::SUCCESS;
+    }
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("doved: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(socket) = args.socket {
+        anyhow::ensure!(
+            socket.is_absolute(),
+            "--socket {} must be an absolute path",
+            socket.display()
+        );
+        config.daemon.socket = socket;
+    }
+    if let Some(dir) = args.state_dir {
+        anyhow::ensure!(
+            dir.is_absolute(),
+            "--state-dir {} must be an absolute path",
+            dir.display()
+        );
+        config.daemon.state_dir = dir;
+    }
+    let under_systemd =
+        std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
+    dove_logging::init(
+        "doved",
+        &config.daemon.log_level,
+        if under_systemd {
+            dove_logging::Target::Auto
+        } else {
+            dove_logging::Target::Stderr
+        },
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(doved::run(config))?;
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! `doved.toml`: the daemon's configuration, with built-in defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The documented example, which is also the embedded default.
+pub const EXAMPLE: &str = include_str!("../../config/doved.toml");
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket_group: String,
+    pub client_timeout_ms: u64,
+    pub max_connections: usize,
+    pub sweep_interval_s: u64,
+    pub log_level: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(dove_proto::DEFAULT_SOCKET),
+            state_dir: PathBuf::from("/var/lib/dove"),
+            socket_group: String::new(),
+            client_timeout_ms: 5000,
+            max_connections: 1024,
+            sweep_interval_s: 60,
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: key `{key}`: {message}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let bad = |key, message: &str| ConfigError::Value {
+            path: origin.to_owned(),
+            key,
+            message: message.to_owned(),
+        };
+        let d = &self.daemon;
+        if !d.socket.is_absolute() {
+            return Err(bad("daemon.socket", "must be an absolute path"));
+        }
+        if !d.state_dir.is_absolute() {
+            return Err(bad("daemon.state_dir", "must be an absolute path"));
+        }
+        if !(100..=600_000).contains(&d.client_timeout_ms) {
+            return Err(bad(
+                "daemon.client_timeout_ms",
+                "must be between 100 and 600000",
+            ));
+        }
+        if !(1..=65_536).contains(&d.max_connections) {
+            return Err(bad("daemon.max_connections", "must be between 1 and 65536"));
+        }
+        if d.log_level.trim().is_empty()
+            || tracing_subscriber::EnvFilter::try_new(&d.log_level).is_err()
+        {
+            return Err(bad(
+                "daemon.log_level",
+                "is not a valid log filter (e.g. \"info\", \"doved=debug\")",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_is_the_default() {
+        let parsed = Config::parse(EXAMPLE, Path::new("doved.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(
+            Config::parse("", Path::new("x")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse("[daemon]\nsockett = \"/x\"\n", Path::new("c.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sockett") && msg.contains("c.toml"), "{msg}");
+        let err = Config::parse("[deamon]\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("deamon"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (
+                "[daemon]\nclient_timeout_ms = \"soon\"\n",
+                "client_timeout_ms",
+            ),
+            (
+                "[daemon]\nclient_timeout_ms = 1\n",
+                "daemon.client_timeout_ms",
+            ),
+            ("[daemon]\nsocket = \"relative.sock\"\n", "daemon.socket"),
+            ("[daemon]\nstate_dir = \"var\"\n", "daemon.state_dir"),
+            ("[daemon]\nmax_connections = 0\n", "daemon.max_connections"),
+            ("[daemon]\nlog_level = \"\"\n", "daemon.log_level"),
+        ];
+        for (text, key) in cases {
+            let msg = Config::parse(text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
+    }
+}

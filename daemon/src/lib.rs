@@ -1,0 +1,128 @@
+//! `doved`, the DOVE daemon, as a library; `src/bin/doved.rs` is a thin `main`.
+//!
+//! This crate owns the container registry (fed by `dove-hook` over the socket, kept on
+//! disk, pruned by inotify when a cgroup vanishes) and serves the socket protocol from
+//! `dove-proto`. Later stages (the eBPF observer, enforcers, metrics) hang off the
+//! registry here.
+
+pub mod config;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::registry::Registry;
+use crate::server::{Access, DaemonInfo, Server};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Cgroup(#[from] dove_cgroup::CgroupError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Listen(#[from] server::ListenError),
+    #[error("{0}")]
+    Access(String),
+    #[error("setting up inotify for cgroup removal: {0}")]
+    Inotify(std::io::Error),
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Run the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let d = &config.daemon;
+    let mounts = dove_cgroup::Mounts::discover()?;
+    let access = Access::from_config(&d.socket_group).map_err(DaemonError::Access)?;
+    let store = Store::open(&d.state_dir)?;
+    let registry = Registry::start(mounts.clone(), store).map_err(DaemonError::Inotify)?;
+
+    let (listener, bound_path) = match server::activated_listener() {
+        Some(l) => {
+            tracing::info!("using the socket systemd passed (socket activation)");
+            (l, None)
+        }
+        None => (server::bind(&d.socket, &access)?, Some(d.socket.clone())),
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    if d.sweep_interval_s > 0 {
+        let registry = Arc::clone(&registry);
+        let every = Duration::from_secs(d.sweep_interval_s);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                registry.sweep();
+            }
+        });
+    }
+
+    let server = Server::new(
+        Arc::clone(&registry),
+        DaemonInfo {
+            started: Instant::now(),
+            socket: d.socket.clone(),
+            state_dir: d.state_dir.clone(),
+            mounts: mounts.clone(),
+            client_timeout: Duration::from_millis(d.client_timeout_ms),
+            max_connections: d.max_connections,
+            access,
+        },
+    );
+    let serving = tokio::spawn(server.serve(listener));
+    tracing::info!(
+        socket = %d.socket.display(),
+        state_dir = %d.state_dir.display(),
+        layout = mounts.layout().as_str(),
+        cgroup2 = %mounts.unified.mount_point.display(),
+        containers = registry.len(),
+        "doved ready"
+    );
+    notify_systemd_ready();
+
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    serving.abort();
+    registry.persist_now().await;
+    if let Some(path) = bound_path {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// Tell systemd (Type=notify) we are serving. Without NOTIFY_SOCKET this does nothing.
+fn notify_systemd_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    // Abstract sockets are written with a leading '@'.
+    let sent = match path.to_str().and_then(|p| p.strip_prefix('@')) {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
+        }
+        None => sock.send_to(b"READY=1", &path),
+    };
+    if let Err(e) = sent {
+        tracing::warn!("could not notify systemd: {e}");
+    }
+}

@@ -1,0 +1,491 @@
+//! The registry: which containers exist, where their cgroups are, and the machinery that
+//! keeps it true — durable writes (group-committed, so many concurrent registrations
+//! share one fsync) and inotify watches that drop a container whose cgroup disappears
+//! without a poststop.
+//!
+//! cgroupfs does not deliver `IN_DELETE_SELF` for a removed cgroup (measured on 6.18), but
+//! it does deliver `IN_DELETE` on the parent directory, so the watches are on parents:
+//! one per distinct parent (`/system.slice`, `/kubepods.slice/…`), however many
+//! containers live under it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dove_cgroup::Mounts;
+use dove_proto::{Container, Registration};
+use futures_util::StreamExt;
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
+use tokio::sync::{watch, Notify};
+
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Invalid(#[from] dove_proto::ValidationError),
+    #[error("{0}")]
+    Path(#[from] dove_cgroup::CgroupError),
+    #[error("cgroup {dir} does not exist: the container is gone, or cgroup_path is wrong")]
+    Gone { dir: PathBuf },
+    #[error("cgroup_id {claimed} does not match {dir}, whose ID is {actual}: the cgroup was recreated or the hook resolved the wrong one")]
+    IdMismatch {
+        dir: PathBuf,
+        claimed: u64,
+        actual: u64,
+    },
+    #[error("cannot watch {dir} for removal: {source}")]
+    Watch { dir: PathBuf, source: io::Error },
+    #[error("the container is in the root cgroup: DOVE charges per container cgroup, and the root cannot be one")]
+    RootCgroup,
+    #[error("registered in memory but not saved to disk: {0}; a daemon restart would forget it")]
+    Persist(String),
+}
+
+/// Where a container's removal shows up: the watch on its cgroup's parent directory
+/// and the cgroup's name within it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Watch {
+    parent: WatchDescriptor,
+    child: String,
+}
+
+struct Entry {
+    container: Container,
+    watch: Watch,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<String, Entry>,
+    /// parent watch → child cgroup name → container IDs. One cgroup may carry several
+    /// IDs (re-registration under a new ID after a runtime crash).
+    watched: HashMap<WatchDescriptor, HashMap<String, BTreeSet<String>>>,
+    generation: u64,
+}
+
+impl Inner {
+    fn add_watched(&mut self, watch: &Watch, id: &str) {
+        self.watched
+            .entry(watch.parent.clone())
+            .or_default()
+            .entry(watch.child.clone())
+            .or_default()
+            .insert(id.to_owned());
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct PersistState {
+    done: u64,
+    failed: u64,
+    error: String,
+}
+
+pub struct Registry {
+    inner: Mutex<Inner>,
+    mounts: Mounts,
+    watches: Mutex<Watches>,
+    store: Store,
+    persist_wanted: Notify,
+    persisted: watch::Sender<PersistState>,
+    pub dropped_vanished: AtomicU64,
+    pub persist_failures: AtomicU64,
+}
+
+/// The mask that tells us a child cgroup of a watched directory went away.
+fn removal_mask() -> WatchMask {
+    WatchMask::DELETE | WatchMask::ONLYDIR
+}
+
+impl Registry {
+    /// Build the registry from disk, dropping entries whose cgroup is gone, and start the
+    /// persister and the removal watcher on the current tokio runtime.
+    pub fn start(mounts: Mounts, store: Store) -> io::Result<Arc<Self>> {
+        let inotify = Inotify::init()?;
+        let watches = inotify.watches();
+        let events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
+        let registry = Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            mounts,
+            watches: Mutex::new(watches),
+            store,
+            persist_wanted: Notify::new(),
+            persisted: watch::Sender::new(PersistState::default()),
+            dropped_vanished: AtomicU64::new(0),
+            persist_failures: AtomicU64::new(0),
+        });
+        registry.reload();
+        tokio::spawn(Arc::clone(&registry).persist_loop());
+        tokio::spawn(Arc::clone(&registry).watch_loop(events));
+        Ok(registry)
+    }
+
+    fn reload(&self) {
+        let loaded = match self.store.load() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                Vec::new()
+            }
+        };
+        let total = loaded.len();
+        let mut dropped = 0;
+        let mut inner = self.lock();
+        for container in loaded {
+            let id = container.registration.id.clone();
+            match self.attach(&mut inner, &container.registration) {
+                Ok(watch) => {
+                    inner.add_watched(&watch, &id);
+                    inner.entries.insert(id, Entry { container, watch });
+                }
+                Err(e) => {
+                    dropped += 1;
+                    tracing::info!(%id, "dropped at startup: {e}");
+                }
+            }
+        }
+        tracing::info!(
+            kept = total - dropped,
+            dropped,
+            path = %self.store.path().display(),
+            "registry loaded"
+        );
+        if dropped > 0 {
+            inner.generation += 1;
+            self.persist_wanted.notify_one();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; the data is still consistent
+        // because every mutation is a single insert/remove, so keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watch the container's cgroup for removal and check it is the cgroup the client
+    /// named. The watch is added before the check, so a removal racing with registration
+    /// is either seen by the check or delivered as an event afterwards.
+    fn attach(&self, inner: &mut Inner, reg: &Registration) -> Result<Watch, RegisterError> {
+        reg.validate()?;
+        let dir = self.mounts.unified.dir(&reg.cgroup_path)?;
+        let (Some(parent), Some(child)) = (dir.parent(), dir.file_name()) else {
+            return Err(RegisterError::RootCgroup);
+        };
+        if reg.cgroup_path == "/" {
+            return Err(RegisterError::RootCgroup);
+        }
+        let child = child.to_string_lossy().into_owned();
+        let wd = self
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(parent, removal_mask())
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => RegisterError::Gone { dir: dir.clone() },
+                _ => RegisterError::Watch {
+                    dir: dir.clone(),
+                    source,
+                },
+            })?;
+        let check = match std::fs::metadata(&dir) {
+            Ok(m) if m.ino() == reg.cgroup_id => Ok(()),
+            Ok(m) => Err(RegisterError::IdMismatch {
+                dir: dir.clone(),
+                claimed: reg.cgroup_id,
+                actual: m.ino(),
+            }),
+            Err(_) => Err(RegisterError::Gone { dir }),
+        };
+        if let Err(e) = check {
+            if !inner.watched.contains_key(&wd) {
+                self.unwatch(wd);
+            }
+            return Err(e);
+        }
+        Ok(Watch { parent: wd, child })
+    }
+
+    fn unwatch(&self, wd: WatchDescriptor) {
+        // EINVAL here means the kernel already dropped the watch (directory removed).
+        let _ = self
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(wd);
+    }
+
+    fn detach(&self, inner: &mut Inner, id: &str, watch: &Watch) {
+        let Some(children) = inner.watched.get_mut(&watch.parent) else {
+            return;
+        };
+        if let Some(ids) = children.get_mut(&watch.child) {
+            ids.remove(id);
+            if ids.is_empty() {
+                children.remove(&watch.child);
+            }
+        }
+        if children.is_empty() {
+            inner.watched.remove(&watch.parent);
+            self.unwatch(watch.parent.clone());
+        }
+    }
+
+    /// Add or replace a container; returns whether one with this ID was replaced, once the
+    /// change is on disk.
+    pub async fn register(&self, reg: Registration) -> Result<bool, RegisterError> {
+        let generation;
+        let replaced;
+        {
+            let mut inner = self.lock();
+            let watch = self.attach(&mut inner, &reg)?;
+            let id = reg.id.clone();
+            let container = Container {
+                registration: reg,
+                registered_at: humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                    .to_string(),
+            };
+            let old = inner.entries.insert(
+                id.clone(),
+                Entry {
+                    container,
+                    watch: watch.clone(),
+                },
+            );
+            replaced = old.is_some();
+            if let Some(old) = old {
+                if old.watch != watch {
+                    self.detach(&mut inner, &id, &old.watch);
+                }
+            }
+            inner.add_watched(&watch, &id);
+            inner.generation += 1;
+            generation = inner.generation;
+        }
+        self.persist_wanted.notify_one();
+        self.wait_persisted(generation)
+            .await
+            .map_err(RegisterError::Persist)?;
+        Ok(replaced)
+    }
+
+    /// Remove a container; returns whether it was registered, once the change is on disk.
+    pub async fn unregister(&self, id: &str) -> Result<bool, RegisterError> {
+        let generation = {
+            let mut inner = self.lock();
+            let Some(entry) = inner.entries.remove(id) else {
+                return Ok(false);
+            };
+            self.detach(&mut inner, id, &entry.watch);
+            inner.generation += 1;
+            inner.generation
+        };
+        self.persist_wanted.notify_one();
+        self.wait_persisted(generation)
+            .await
+            .map_err(RegisterError::Persist)?;
+        Ok(true)
+    }
+
+    pub fn list(&self) -> Vec<Container> {
+        self.lock()
+            .entries
+            .values()
+            .map(|e| e.container.clone())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    async fn wait_persisted(&self, generation: u64) -> Result<(), String> {
+        let mut rx = self.persisted.subscribe();
+        loop {
+            {
+                let state = rx.borrow_and_update();
+                if state.done >= generation {
+                    return Ok(());
+                }
+                if state.failed >= generation {
+                    return Err(state.error.clone());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err("the persister stopped".into());
+            }
+        }
+    }
+
+    /// Write the registry whenever it changed. Writers that arrive while a write is in
+    /// flight are all covered by the next one: one fsync serves a whole burst.
+    async fn persist_loop(self: Arc<Self>) {
+        loop {
+            self.persist_wanted.notified().await;
+            self.persist_now().await;
+        }
+    }
+
+    /// Write the current registry and report the outcome to waiters.
+    pub async fn persist_now(&self) {
+        let (generation, snapshot) = {
+            let inner = self.lock();
+            let snapshot: Vec<Container> = inner
+                .entries
+                .values()
+                .map(|e| e.container.clone())
+                .collect();
+            (inner.generation, snapshot)
+        };
+        let store = self.store.clone();
+        let result =
+            tokio::task::spawn_blocking(move || store.save_bytes(&Store::encode(snapshot)))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        match result {
+            Ok(()) => self
+                .persisted
+                .send_modify(|s| s.done = s.done.max(generation)),
+            Err(error) => {
+                self.persist_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("saving the registry failed: {error}");
+                self.persisted.send_modify(|s| {
+                    s.failed = s.failed.max(generation);
+                    s.error = error;
+                });
+            }
+        }
+    }
+
+    async fn watch_loop(self: Arc<Self>, mut events: inotify::EventStream<Vec<u8>>) {
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) if event.mask.contains(EventMask::Q_OVERFLOW) => {
+                    tracing::warn!("inotify queue overflowed; checking every registered cgroup");
+                    self.sweep();
+                }
+                Ok(event) => self.cgroup_event(&event.wd, event.mask, event.name.as_deref()),
+                Err(e) => {
+                    tracing::error!("reading inotify events failed: {e}; falling back to sweeps");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn cgroup_event(&self, wd: &WatchDescriptor, mask: EventMask, name: Option<&std::ffi::OsStr>) {
+        let mut inner = self.lock();
+        let Some(children) = inner.watched.get(wd) else {
+            return;
+        };
+        let ids: Vec<String> = if mask.contains(EventMask::IGNORED) {
+            children.values().flatten().cloned().collect()
+        } else {
+            let Some(name) = name.map(|n| n.to_string_lossy()) else {
+                return;
+            };
+            children
+                .get(name.as_ref())
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect()
+        };
+        let mut changed = false;
+        for id in &ids {
+            changed |= self.drop_if_vanished(&mut inner, id);
+        }
+        if mask.contains(EventMask::IGNORED) {
+            // The parent itself went (or was unmounted): whatever is still registered
+            // under it needs a new watch.
+            if let Some(left) = inner.watched.remove(wd) {
+                for id in left.into_values().flatten() {
+                    changed |= self.rewatch(&mut inner, &id);
+                }
+            }
+        }
+        if changed {
+            inner.generation += 1;
+            drop(inner);
+            self.persist_wanted.notify_one();
+        }
+    }
+
+    /// Returns whether the entry had to be dropped.
+    fn rewatch(&self, inner: &mut Inner, id: &str) -> bool {
+        let Some(reg) = inner
+            .entries
+            .get(id)
+            .map(|e| e.container.registration.clone())
+        else {
+            return false;
+        };
+        match self.attach(inner, &reg) {
+            Ok(watch) => {
+                inner.add_watched(&watch, id);
+                if let Some(e) = inner.entries.get_mut(id) {
+                    e.watch = watch;
+                }
+                false
+            }
+            Err(e) => {
+                inner.entries.remove(id);
+                self.dropped_vanished.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%id, "dropped: {e}");
+                true
+            }
+        }
+    }
+
+    /// Drop `id` if its cgroup no longer exists (or was replaced by another with the same
+    /// path). Returns whether it was dropped.
+    fn drop_if_vanished(&self, inner: &mut Inner, id: &str) -> bool {
+        let Some(entry) = inner.entries.get(id) else {
+            return false;
+        };
+        let reg = &entry.container.registration;
+        let alive = self
+            .mounts
+            .unified
+            .dir(&reg.cgroup_path)
+            .ok()
+            .and_then(|d| std::fs::metadata(d).ok())
+            .is_some_and(|m| m.ino() == reg.cgroup_id);
+        if alive {
+            return false;
+        }
+        tracing::info!(
+            %id,
+            cgroup = %reg.cgroup_path,
+            "cgroup removed without a poststop (runtime crash or missed hook); container dropped"
+        );
+        let watch = entry.watch.clone();
+        inner.entries.remove(id);
+        self.detach(inner, id, &watch);
+        self.dropped_vanished.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Check every registered cgroup still exists: the safety net for lost events.
+    pub fn sweep(&self) {
+        let mut inner = self.lock();
+        let ids: Vec<String> = inner.entries.keys().cloned().collect();
+        let mut changed = false;
+        for id in ids {
+            changed |= self.drop_if_vanished(&mut inner, &id);
+        }
+        if changed {
+            inner.generation += 1;
+            drop(inner);
+            self.persist_wanted.notify_one();
+        }
+    }
+}

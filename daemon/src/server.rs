@@ -1,0 +1,425 @@
+//! The socket server: admits authorised peers, reads framed requests, answers them.
+//! Every connection is its own task, so a slow or silent client holds only itself up.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dove_proto::{
+    check_frame_len, encode_frame, ErrorCode, FrameError, Reply, Request, RequestEnvelope,
+    ResponseEnvelope, Status, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+};
+use nix::unistd::{Gid, Group};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+use crate::registry::{RegisterError, Registry};
+
+/// Who may talk to the daemon besides root.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub group: Option<(Gid, String)>,
+}
+
+impl Access {
+    /// Resolve `socket_group` (a name or numeric gid; empty for root only).
+    pub fn from_config(group: &str) -> Result<Self, String> {
+        if group.is_empty() {
+            return Ok(Self { group: None });
+        }
+        let found = match group.parse::<u32>() {
+            Ok(gid) => Group::from_gid(Gid::from_raw(gid)),
+            Err(_) => Group::from_name(group),
+        };
+        match found {
+            Ok(Some(g)) => Ok(Self {
+                group: Some((g.gid, g.name)),
+            }),
+            Ok(None) => Err(format!(
+                "socket_group {group:?} does not exist: create it (groupadd {group}) or leave socket_group empty for root-only access"
+            )),
+            Err(e) => Err(format!("looking up socket_group {group:?}: {e}")),
+        }
+    }
+
+    fn admits(&self, uid: u32, gid: u32) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let Some((group_gid, _)) = &self.group else {
+            return false;
+        };
+        if gid == group_gid.as_raw() {
+            return true;
+        }
+        // Supplementary membership, as the group database says now.
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten();
+        match (user, Group::from_gid(*group_gid).ok().flatten()) {
+            (Some(user), Some(group)) => group.mem.contains(&user.name),
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.group {
+            None => "root".into(),
+            Some((_, name)) => format!("root and members of group {name}"),
+        }
+    }
+}
+
+/// What `status` reports that the server does not own itself.
+pub struct DaemonInfo {
+    pub started: Instant,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub mounts: dove_cgroup::Mounts,
+    pub client_timeout: Duration,
+    pub max_connections: usize,
+    pub access: Access,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("another doved is already serving {0}: stop it, or give this one another --socket")]
+    InUse(PathBuf),
+    #[error("creating socket directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("binding {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("setting owner/mode of {path}: {source}")]
+    Permissions {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Bind the socket: mode 0600 (0660 with a group), refusing to steal a live daemon's path.
+pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, ListenError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ListenError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ListenError::InUse(path.to_owned()));
+        }
+        // A stale socket from a daemon that died without cleaning up.
+        let _ = std::fs::remove_file(path);
+    }
+    // Bind under a restrictive umask so the socket is never briefly world-connectable.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|source| ListenError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Some((gid, _)) = &access.group {
+        let perm_err = |source| ListenError::Permissions {
+            path: path.to_owned(),
+            source,
+        };
+        nix::unistd::chown(path, None, Some(*gid)).map_err(|e| perm_err(e.into()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(perm_err)?;
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ListenError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+    UnixListener::from_std(listener).map_err(|source| ListenError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The listening socket systemd passed us (socket activation), if any.
+pub fn activated_listener() -> Option<UnixListener> {
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || fds < 1 {
+        return None;
+    }
+    // SAFETY: systemd hands us fd 3 as a listening socket and nothing else owns it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(SD_LISTEN_FDS_START) };
+    listener.set_nonblocking(true).ok()?;
+    UnixListener::from_std(listener).ok()
+}
+
+pub struct Server {
+    registry: Arc<Registry>,
+    info: DaemonInfo,
+    slots: Arc<Semaphore>,
+}
+
+impl Server {
+    pub fn new(registry: Arc<Registry>, info: DaemonInfo) -> Arc<Self> {
+        let slots = Arc::new(Semaphore::new(info.max_connections));
+        Arc::new(Self {
+            registry,
+            info,
+            slots,
+        })
+    }
+
+    /// Accept until the listener fails; each connection gets its own task.
+    pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let server = Arc::clone(&self);
+                    tokio::spawn(async move { server.connection(stream).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tracing::error!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, mut stream: UnixStream) {
+        let Ok(_slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            tracing::warn!(
+                max = self.info.max_connections,
+                "connection refused: too many clients"
+            );
+            let _ = send(
+                &mut stream,
+                &ResponseEnvelope::error(
+                    ErrorCode::Busy,
+                    format!(
+                        "doved is serving its maximum of {} connections; retry shortly (daemon.max_connections)",
+                        self.info.max_connections
+                    ),
+                ),
+            )
+            .await;
+            return;
+        };
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot read peer credentials, connection dropped: {e}");
+                return;
+            }
+        };
+        if !self.info.access.admits(cred.uid(), cred.gid()) {
+            tracing::warn!(
+                uid = cred.uid(),
+                gid = cred.gid(),
+                pid = cred.pid(),
+                "connection refused: peer is not authorised"
+            );
+            let _ = send(
+                &mut stream,
+                &ResponseEnvelope::error(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "uid {} is not allowed to use doved's socket (allowed: {}); run as root, or set socket_group in doved.toml",
+                        cred.uid(),
+                        self.info.access.describe()
+                    ),
+                ),
+            )
+            .await;
+            return;
+        }
+        loop {
+            let frame = tokio::time::timeout(
+                self.info.client_timeout,
+                read_frame(&mut stream, MAX_REQUEST_BYTES),
+            )
+            .await;
+            let payload = match frame {
+                Err(_) => {
+                    tracing::debug!(pid = cred.pid(), "client idle past the timeout; closed");
+                    return;
+                }
+                Ok(Err(FrameError::Closed)) => return,
+                Ok(Err(FrameError::Io(e))) => {
+                    tracing::debug!(pid = cred.pid(), "connection error: {e}");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(pid = cred.pid(), "bad frame from client: {e}");
+                    let _ = send(
+                        &mut stream,
+                        &ResponseEnvelope::error(
+                            ErrorCode::BadFrame,
+                            format!("{e}: a frame is a 4-byte big-endian length then a JSON request of at most {MAX_REQUEST_BYTES} bytes"),
+                        ),
+                    )
+                    .await;
+                    return;
+                }
+                Ok(Ok(p)) => p,
+            };
+            let response = self.handle(&payload).await;
+            if send(&mut stream, &response).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn handle(&self, payload: &[u8]) -> ResponseEnvelope {
+        // Read the version first so that a newer client gets a version error, not a
+        // confusing schema error.
+        #[derive(serde::Deserialize)]
+        struct VersionOnly {
+            version: Option<u32>,
+        }
+        match serde_json::from_slice::<VersionOnly>(payload) {
+            Ok(VersionOnly {
+                version: Some(PROTOCOL_VERSION),
+            }) => {}
+            Ok(VersionOnly { version: Some(v) }) => {
+                return ResponseEnvelope::error(
+                    ErrorCode::UnsupportedVersion,
+                    format!("protocol version {v} is not supported; this doved speaks version {PROTOCOL_VERSION}: use a dove-hook/dovectl from the same release"),
+                )
+            }
+            Ok(VersionOnly { version: None }) => {
+                return ResponseEnvelope::error(
+                    ErrorCode::BadRequest,
+                    "request has no `version` field: expected {\"version\":1,\"request\":{\"op\":...}}",
+                )
+            }
+            Err(e) => {
+                return ResponseEnvelope::error(
+                    ErrorCode::BadRequest,
+                    format!("request is not a JSON object: {e}"),
+                )
+            }
+        }
+        let envelope: RequestEnvelope = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                return ResponseEnvelope::error(
+                    ErrorCode::BadRequest,
+                    format!("malformed request: {e}"),
+                )
+            }
+        };
+        match envelope.request {
+            Request::Register { container } => {
+                let id = container.id.clone();
+                let cgroup_id = container.cgroup_id;
+                match self.registry.register(container).await {
+                    Ok(replaced) => {
+                        tracing::info!(%id, cgroup_id, replaced, "registered");
+                        ResponseEnvelope::ok(Reply::Registered { id, replaced })
+                    }
+                    Err(e) => {
+                        tracing::warn!(%id, "registration refused: {e}");
+                        ResponseEnvelope::error(register_error_code(&e), e.to_string())
+                    }
+                }
+            }
+            Request::Unregister { id } => {
+                if let Err(e) = dove_proto::validate_id(&id) {
+                    return ResponseEnvelope::error(ErrorCode::InvalidContainer, e.to_string());
+                }
+                match self.registry.unregister(&id).await {
+                    Ok(existed) => {
+                        tracing::info!(%id, existed, "unregistered");
+                        ResponseEnvelope::ok(Reply::Unregistered { id, existed })
+                    }
+                    Err(e) => ResponseEnvelope::error(register_error_code(&e), e.to_string()),
+                }
+            }
+            Request::List => ResponseEnvelope::ok(Reply::List {
+                containers: self.registry.list(),
+            }),
+            Request::Status => ResponseEnvelope::ok(Reply::Status(self.status())),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let info = &self.info;
+        Status {
+            daemon_version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            uptime_seconds: info.started.elapsed().as_secs(),
+            containers: self.registry.len(),
+            socket: info.socket.display().to_string(),
+            state_dir: info.state_dir.display().to_string(),
+            cgroup_layout: info.mounts.layout().as_str().into(),
+            cgroup2_mount: info.mounts.unified.mount_point.display().to_string(),
+            cpu_controller_mount: info
+                .mounts
+                .cpu
+                .as_ref()
+                .map(|h| h.mount_point.display().to_string()),
+            enforcement: "none".into(),
+            irq_time_accounting: Path::new("/proc/pressure/irq").exists(),
+            dropped_vanished: self
+                .registry
+                .dropped_vanished
+                .load(std::sync::atomic::Ordering::Relaxed),
+            persist_failures: self
+                .registry
+                .persist_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+fn register_error_code(e: &RegisterError) -> ErrorCode {
+    match e {
+        RegisterError::Invalid(_)
+        | RegisterError::Path(_)
+        | RegisterError::IdMismatch { .. }
+        | RegisterError::RootCgroup => ErrorCode::InvalidContainer,
+        RegisterError::Gone { .. } => ErrorCode::CgroupGone,
+        RegisterError::Watch { .. } => ErrorCode::Internal,
+        RegisterError::Persist(_) => ErrorCode::PersistFailed,
+    }
+}
+
+async fn read_frame(stream: &mut UnixStream, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match stream.read(&mut header[got..]).await? {
+            0 if got == 0 => return Err(FrameError::Closed),
+            0 => return Err(FrameError::Truncated { got, want: 4 }),
+            n => got += n,
+        }
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    check_frame_len(len, max)?;
+    let mut payload = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match stream.read(&mut payload[got..]).await? {
+            0 => return Err(FrameError::Truncated { got, want: len }),
+            n => got += n,
+        }
+    }
+    Ok(payload)
+}
+
+async fn send(stream: &mut UnixStream, response: &ResponseEnvelope) -> std::io::Result<()> {
+    let payload = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    let frame = encode_frame(&payload).map_err(std::io::Error::other)?;
+    stream.write_all(&frame).await
+}

@@ -1,0 +1,252 @@
+//! `dove-hook`: the OCI hook that tells `doved` about containers.
+//!
+//! Runtimes (runc, crun, podman, CRI-O, containerd) run it at the stages named in the
+//! spec's `hooks` (or in a hooks.d file) with the container's state JSON on stdin. It must
+//! be fast and must not block container starts: every failure is logged and, unless
+//! `--fail-closed` is given, the hook still exits 0.
+
+mod state;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use dove_cgroup::{cgroups_path_to_hierarchy_path, Mounts, Resolved};
+use dove_proto::{Client, Registration, Reply, Request, DEFAULT_SOCKET, MAX_ANNOTATION_BYTES};
+
+use crate::state::{read_state, HookState};
+
+/// OCI hook stages (runtime-spec `config.md#posix-platform-hooks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Stage {
+    #[value(name = "createRuntime")]
+    CreateRuntime,
+    #[value(name = "createContainer")]
+    CreateContainer,
+    #[value(name = "startContainer")]
+    StartContainer,
+    #[value(name = "prestart")]
+    Prestart,
+    #[value(name = "poststart")]
+    Poststart,
+    #[value(name = "poststop")]
+    Poststop,
+    /// Take the stage from the state's `status`: `stopped` unregisters, `creating` and
+    /// `created` register. For hooks.d files, which pass the same argv at every stage.
+    #[value(name = "auto")]
+    Auto,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::CreateRuntime => "createRuntime",
+            Stage::CreateContainer => "createContainer",
+            Stage::StartContainer => "startContainer",
+            Stage::Prestart => "prestart",
+            Stage::Poststart => "poststart",
+            Stage::Poststop => "poststop",
+            Stage::Auto => "auto",
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dove-hook",
+    version,
+    about = "OCI hook: registers a container's cgroups with doved at create, unregisters it at poststop",
+    long_about = "OCI hook: registers a container's cgroups with doved at create, unregisters it at poststop.\n\n\
+Reads the OCI runtime state JSON on stdin. Fail-open by default: if doved is down, slow or the input is bad, \
+the reason is logged (journald, else stderr) and the hook exits 0 so the container still starts. \
+With --fail-closed those cases exit 1 with the reason on stderr."
+)]
+struct Args {
+    /// doved's socket.
+    #[arg(long, env = "DOVE_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Exit non-zero (blocking the container) when registration fails.
+    #[arg(long)]
+    fail_closed: bool,
+    /// How long to wait for doved, per socket operation.
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    timeout_ms: u64,
+    /// Stages at which the container is registered (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "createRuntime,prestart")]
+    register_at: Vec<Stage>,
+    /// Log filter (tracing syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// The OCI stage this invocation runs at.
+    stage: Stage,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // A misconfigured hook must not block containers unless the operator asked.
+            let fail_closed = std::env::args().any(|a| a == "--fail-closed");
+            dove_logging::init("dove-hook", "info", dove_logging::Target::Auto);
+            let msg = e.to_string();
+            let msg = msg.trim_end();
+            tracing::error!("bad arguments, container not registered: {msg}");
+            eprintln!("dove-hook: {msg}");
+            return if fail_closed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    dove_logging::init("dove-hook", &args.log_level, dove_logging::Target::Auto);
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if args.fail_closed => {
+            tracing::error!(stage = args.stage.name(), "{e:#}");
+            eprintln!("dove-hook ({}): {e:#}", args.stage.name());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::warn!(
+                stage = args.stage.name(),
+                "{e:#} (fail-open: the container proceeds unregistered)"
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(state::MAX_STATE_BYTES as u64 + 1)
+        .read_to_end(&mut input)
+        .context("reading the OCI state from stdin")?;
+    let state = read_state(&input)?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let stage = match (args.stage, state.status.as_deref()) {
+        (Stage::Auto, Some("stopped")) => Stage::Poststop,
+        (Stage::Auto, Some("creating" | "created")) => Stage::CreateRuntime,
+        (Stage::Auto, other) => {
+            tracing::debug!(status = ?other, "stage auto: nothing to do for this status");
+            return Ok(());
+        }
+        (stage, _) => stage,
+    };
+
+    if stage == Stage::Poststop {
+        let mut client = Client::connect(&args.socket, timeout)?;
+        match client.call(Request::Unregister {
+            id: state.id.clone(),
+        })? {
+            Reply::Unregistered { existed, .. } => {
+                tracing::info!(id = %state.id, existed, "unregistered");
+            }
+            other => anyhow::bail!("doved answered unregister with {other:?}"),
+        }
+        return Ok(());
+    }
+    if args.stage != Stage::Auto && !args.register_at.contains(&stage) {
+        tracing::debug!(stage = stage.name(), "nothing to do at this stage");
+        return Ok(());
+    }
+
+    let resolved = resolve(&state)?;
+    let registration = Registration {
+        id: state.id.clone(),
+        cgroup_path: resolved.cgroup_path,
+        cgroup_id: resolved.cgroup_id,
+        cpu_cgroup_path: resolved.cpu_cgroup_path,
+        cpu_cgroup_id: resolved.cpu_cgroup_id,
+        pid: state.pid,
+        annotations: bounded_annotations(state.annotations),
+        runtime: parent_command(),
+        stage: Some(stage.name().to_owned()),
+        bundle: Some(state.bundle.display().to_string()),
+    };
+    let (id, cgroup_id) = (registration.id.clone(), registration.cgroup_id);
+    let mut client = Client::connect(&args.socket, timeout)?;
+    match client.call(Request::Register {
+        container: registration,
+    })? {
+        Reply::Registered { replaced, .. } => {
+            tracing::info!(%id, cgroup_id, replaced, "registered");
+            Ok(())
+        }
+        other => anyhow::bail!("doved answered register with {other:?}"),
+    }
+}
+
+/// Where the container's processes are accounted: from the live pid when there is one,
+/// else from the bundle's `linux.cgroupsPath`.
+fn resolve(state: &HookState) -> Result<Resolved> {
+    let mounts = Mounts::discover()?;
+    let from_pid = match state.pid {
+        Some(pid) => match mounts.resolve_pid(pid) {
+            Ok(r) => return Ok(r),
+            Err(e) => Some(e),
+        },
+        None => None,
+    };
+    let config = state.bundle.join("config.json");
+    let from_config = (|| -> Result<Resolved> {
+        let spec = oci_spec::runtime::Spec::load(&config)
+            .with_context(|| format!("reading {}", config.display()))?;
+        let cgroups_path = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy().into_owned());
+        let path = cgroups_path_to_hierarchy_path(cgroups_path.as_deref(), &state.id)?;
+        Ok(mounts.resolve_paths(&path, Some(&path))?)
+    })();
+    from_config.map_err(|config_err| match from_pid {
+        Some(pid_err) => anyhow::anyhow!(
+            "cannot find the container's cgroup: from its pid: {pid_err}; from the bundle: {config_err:#}"
+        ),
+        None => config_err.context("cannot find the container's cgroup (the state has no pid)"),
+    })
+}
+
+/// Keep annotations within the protocol's budget, dropping the largest first: they are
+/// useful labels, never worth failing a registration over.
+fn bounded_annotations(mut annotations: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut total = dove_proto::annotation_bytes(&annotations);
+    if total <= MAX_ANNOTATION_BYTES {
+        return annotations;
+    }
+    let mut by_size: Vec<(usize, String)> = annotations
+        .iter()
+        .map(|(k, v)| (k.len() + v.len(), k.clone()))
+        .collect();
+    by_size.sort_unstable_by(|a, b| b.cmp(a));
+    for (size, key) in by_size {
+        if total <= MAX_ANNOTATION_BYTES {
+            break;
+        }
+        annotations.remove(&key);
+        total -= size;
+        tracing::warn!(%key, size, "annotation dropped: annotations exceed {MAX_ANNOTATION_BYTES} bytes");
+    }
+    annotations
+}
+
+/// The runtime that ran us, by its command name (`runc`, `crun`, …).
+fn parent_command() -> Option<String> {
+    let ppid = std::os::unix::process::parent_id();
+    std::fs::read_to_string(format!("/proc/{ppid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}

@@ -1,0 +1,381 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::PROTOCOL_VERSION;
+
+/// Longest container ID accepted. OCI runtimes use 64 hex characters; this leaves room
+/// for human-chosen names without letting an ID become a payload.
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest cgroup path accepted (PATH_MAX).
+pub const MAX_CGROUP_PATH_BYTES: usize = 4096;
+/// Total bytes of annotation keys and values kept per container.
+pub const MAX_ANNOTATION_BYTES: usize = 64 * 1024;
+
+/// What a client asks of the daemon. Every request travels inside a [`RequestEnvelope`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Register { container: Registration },
+    Unregister { id: String },
+    List,
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestEnvelope {
+    pub version: u32,
+    pub request: Request,
+}
+
+impl RequestEnvelope {
+    pub fn new(request: Request) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            request,
+        }
+    }
+}
+
+/// What the hook learned about a container at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// The OCI container ID.
+    pub id: String,
+    /// Path of the container's cgroup in the cgroup v2 hierarchy, relative to its root
+    /// (`/system.slice/libpod-….scope`). Attribution keys on this cgroup.
+    pub cgroup_path: String,
+    /// Inode number of that cgroup v2 directory: the kernel's `cgroup_id()`.
+    pub cgroup_id: u64,
+    /// Path of the container's cgroup in the hierarchy that holds the `cpu` controller,
+    /// relative to that hierarchy's root. Equal to `cgroup_path` on a pure v2 host; on a
+    /// hybrid host it is a separate v1 cgroup, where the CFS quota lives.
+    #[serde(default)]
+    pub cpu_cgroup_path: Option<String>,
+    /// Inode number of the `cpu` controller's cgroup directory.
+    #[serde(default)]
+    pub cpu_cgroup_id: Option<u64>,
+    /// The container's init pid as the runtime reported it, when it had one.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// The runtime that ran the hook (`runc`, `crun`, …), as best the hook could tell.
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// The OCI hook stage that registered the container.
+    #[serde(default)]
+    pub stage: Option<String>,
+    #[serde(default)]
+    pub bundle: Option<String>,
+}
+
+/// Why a registration is refused before it reaches the registry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("container id is empty")]
+    EmptyId,
+    #[error("container id is {0} bytes long; the limit is {MAX_ID_BYTES}")]
+    IdTooLong(usize),
+    #[error("container id {0:?} has a character outside [A-Za-z0-9_.+-]")]
+    IdCharacters(String),
+    #[error(
+        "{field} {path:?} is not an absolute cgroup path without '.', '..' or empty components"
+    )]
+    BadCgroupPath { field: &'static str, path: String },
+    #[error("{field} is {len} bytes long; the limit is {MAX_CGROUP_PATH_BYTES}")]
+    CgroupPathTooLong { field: &'static str, len: usize },
+    #[error("cgroup_id is 0, which is never a cgroup's inode number")]
+    ZeroCgroupId,
+    #[error("annotations total {0} bytes; the limit is {MAX_ANNOTATION_BYTES}")]
+    AnnotationsTooLarge(usize),
+}
+
+/// Check an OCI container ID as runc does: letters, digits and `_ . + -`.
+pub fn validate_id(id: &str) -> Result<(), ValidationError> {
+    if id.is_empty() {
+        return Err(ValidationError::EmptyId);
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(ValidationError::IdTooLong(id.len()));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'+' | b'-'))
+        || id == "."
+        || id == ".."
+    {
+        return Err(ValidationError::IdCharacters(id.to_owned()));
+    }
+    Ok(())
+}
+
+/// A cgroup path as the registry stores it: absolute within its hierarchy, normalised.
+pub fn validate_cgroup_path(field: &'static str, path: &str) -> Result<(), ValidationError> {
+    if path.len() > MAX_CGROUP_PATH_BYTES {
+        return Err(ValidationError::CgroupPathTooLong {
+            field,
+            len: path.len(),
+        });
+    }
+    let bad = || ValidationError::BadCgroupPath {
+        field,
+        path: path.to_owned(),
+    };
+    let rest = path.strip_prefix('/').ok_or_else(bad)?;
+    if path.contains('\0') {
+        return Err(bad());
+    }
+    if rest.is_empty() {
+        return Ok(());
+    }
+    if rest
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Total bytes of annotation keys and values.
+pub fn annotation_bytes(annotations: &BTreeMap<String, String>) -> usize {
+    annotations.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+impl Registration {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate_id(&self.id)?;
+        validate_cgroup_path("cgroup_path", &self.cgroup_path)?;
+        if let Some(p) = &self.cpu_cgroup_path {
+            validate_cgroup_path("cpu_cgroup_path", p)?;
+        }
+        if self.cgroup_id == 0 {
+            return Err(ValidationError::ZeroCgroupId);
+        }
+        let bytes = annotation_bytes(&self.annotations);
+        if bytes > MAX_ANNOTATION_BYTES {
+            return Err(ValidationError::AnnotationsTooLarge(bytes));
+        }
+        Ok(())
+    }
+}
+
+/// A registered container as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    #[serde(flatten)]
+    pub registration: Registration,
+    /// RFC 3339 UTC time of (the latest) registration.
+    pub registered_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    pub version: u32,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+impl ResponseEnvelope {
+    pub fn ok(reply: Reply) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            outcome: Outcome::Ok(reply),
+        }
+    }
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            outcome: Outcome::Error(ProtoError {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Reply),
+    Error(ProtoError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Registered {
+        id: String,
+        /// True when an entry with this ID already existed and was replaced.
+        replaced: bool,
+    },
+    Unregistered {
+        id: String,
+        /// False when no entry had this ID (already gone: idempotent).
+        existed: bool,
+    },
+    List {
+        containers: Vec<Container>,
+    },
+    Status(Status),
+}
+
+/// The daemon's view of itself, for `dovectl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub daemon_version: String,
+    pub protocol_version: u32,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub containers: usize,
+    pub socket: String,
+    pub state_dir: String,
+    /// `unified` (pure cgroup v2) or `hybrid` (cgroup2 beside v1 controllers).
+    pub cgroup_layout: String,
+    pub cgroup2_mount: String,
+    /// Where the `cpu` controller (CFS bandwidth) is mounted.
+    pub cpu_controller_mount: Option<String>,
+    /// Which enforcement mode is active (`none` until an enforcer is running).
+    pub enforcement: String,
+    /// Whether the kernel accounts IRQ time separately (`/proc/pressure/irq` exists).
+    pub irq_time_accounting: bool,
+    /// Registrations dropped because their cgroup vanished without a poststop.
+    pub dropped_vanished: u64,
+    /// Writes of the registry to disk that failed since start.
+    pub persist_failures: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ProtoError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadFrame,
+    BadRequest,
+    UnsupportedVersion,
+    PermissionDenied,
+    InvalidContainer,
+    CgroupGone,
+    PersistFailed,
+    Busy,
+    Internal,
+    /// A code this client does not know (sent by a newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> Registration {
+        Registration {
+            id: "abc".into(),
+            cgroup_path: "/a/b".into(),
+            cgroup_id: 42,
+            cpu_cgroup_path: None,
+            cpu_cgroup_id: None,
+            pid: Some(7),
+            annotations: BTreeMap::new(),
+            runtime: None,
+            stage: None,
+            bundle: None,
+        }
+    }
+
+    #[test]
+    fn request_wire_shape() {
+        let env = RequestEnvelope::new(Request::Unregister { id: "x".into() });
+        let json = serde_json::to_string(&env).unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"request":{"op":"unregister","id":"x"}}"#
+        );
+        let env = RequestEnvelope::new(Request::Register { container: reg() });
+        let back: RequestEnvelope =
+            serde_json::from_slice(&serde_json::to_vec(&env).unwrap()).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn response_wire_shape() {
+        let ok = ResponseEnvelope::ok(Reply::Registered {
+            id: "x".into(),
+            replaced: false,
+        });
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"version":1,"ok":{"kind":"registered","id":"x","replaced":false}}"#
+        );
+        let err = ResponseEnvelope::error(ErrorCode::BadRequest, "nope");
+        assert_eq!(
+            serde_json::to_string(&err).unwrap(),
+            r#"{"version":1,"error":{"code":"bad_request","message":"nope"}}"#
+        );
+        let future: ResponseEnvelope =
+            serde_json::from_str(r#"{"version":1,"error":{"code":"something_new","message":"m"}}"#)
+                .unwrap();
+        assert!(matches!(
+            future.outcome,
+            Outcome::Error(ProtoError {
+                code: ErrorCode::Unknown,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r: Result<RequestEnvelope, _> =
+            serde_json::from_str(r#"{"version":1,"request":{"op":"list"},"x":1}"#);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn id_rules() {
+        for ok in ["a", "abc-DEF_1.2+3", &"f".repeat(64)] {
+            validate_id(ok).unwrap();
+        }
+        assert_eq!(validate_id(""), Err(ValidationError::EmptyId));
+        assert!(matches!(
+            validate_id(&"a".repeat(300)),
+            Err(ValidationError::IdTooLong(300))
+        ));
+        for bad in ["a/b", "..", ".", "a b", "é", "a\0"] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn cgroup_path_rules() {
+        for ok in ["/", "/a", "/system.slice/x.scope"] {
+            validate_cgroup_path("p", ok).unwrap();
+        }
+        for bad in ["", "a", "/a/../b", "/a//b", "/a/", "/./a", "/a\0"] {
+            assert!(validate_cgroup_path("p", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn registration_validation() {
+        reg().validate().unwrap();
+        let mut r = reg();
+        r.cgroup_id = 0;
+        assert_eq!(r.validate(), Err(ValidationError::ZeroCgroupId));
+        let mut r = reg();
+        r.annotations
+            .insert("k".into(), "v".repeat(MAX_ANNOTATION_BYTES));
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::AnnotationsTooLarge(_))
+        ));
+    }
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install what DOVE needs to build, run and test on Debian 12: Debian packages and the
+# Rust components. Idempotent; safe to re-run.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "deps.sh: run as root (it installs Debian packages)" >&2
+    exit 1
+fi
+
+packages=(
+    build-essential pkg-config ca-certificates
+    iproute2 jq util-linux procps
+    # container runtimes and a root filesystem for test containers
+    runc crun podman busybox-static
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "deps.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    else
+        echo "deps.sh: no Rust toolchain found. Install rustup (Debian 13: apt-get install rustup; elsewhere see rust-lang.org) and re-run." >&2
+        exit 1
+    fi
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || true

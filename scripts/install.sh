@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install DOVE on this host and start it: dependencies, a release build, the binaries in
+# /usr/local/bin, the OCI hook in hooks.d, and doved running with its built-in defaults
+# (as a systemd service where systemd runs, else as a background process logging to
+# /var/log/dove/doved.log).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+bash scripts/deps.sh
+cargo build --release --workspace --bins
+
+install -m 0755 target/release/doved target/release/dovectl target/release/dove-hook /usr/local/bin/
+install -d /etc/dove /usr/share/containers/oci/hooks.d
+[ -f /etc/dove/doved.toml ] || install -m 0644 config/doved.toml /etc/dove/doved.toml
+sed 's|/usr/bin/dove-hook|/usr/local/bin/dove-hook|' config/hooks.d/dove.json \
+    > /usr/share/containers/oci/hooks.d/dove.json
+
+if [ -d /run/systemd/system ]; then
+    sed 's|/usr/bin/doved|/usr/local/bin/doved|' config/systemd/doved.service > /etc/systemd/system/doved.service
+    systemctl daemon-reload
+    systemctl enable --now doved.service
+    systemctl --no-pager status doved.service | head -5
+else
+    if dovectl status >/dev/null 2>&1; then
+        echo "install.sh: doved is already running; restarting it with the new binary"
+        pkill -x doved || true
+        sleep 0.5
+    fi
+    install -d /var/log/dove
+    setsid /usr/local/bin/doved --config /etc/dove/doved.toml >>/var/log/dove/doved.log 2>&1 < /dev/null &
+    for _ in $(seq 50); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+dovectl status

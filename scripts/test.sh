@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole DOVE test suite. Run as root: the integration suites create cgroups, run real
+# containers with runc/crun/podman, and start doved on temporary sockets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+bash scripts/deps.sh
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== build"
+cargo build --workspace --bins
+
+echo "== tests (unit + integration, as root)"
+cargo test --workspace -- --test-threads=4
