@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup2 hierarchy is mounted (looked in /proc/self/mountinfo and /proc/1/mountinfo): DOVE attributes traffic by cgroup v2 ID, so mount cgroup2 (at /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host)")]
+    #[error("no cgroup2 hierarchy is mounted (looked in this process's mount namespace and its ancestors'): DOVE attributes traffic by cgroup v2 ID, so mount cgroup2 (at /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host)")]
     NoCgroup2,
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: io::Error },

@@ -69,25 +69,52 @@ pub struct Mounts {
 
 impl Mounts {
     /// Find the hierarchies visible to this process. When this mount namespace has no
-    /// cgroup2 (crun on a hybrid host is run with it unmounted), look through PID 1's.
+    /// cgroup2 (crun on a hybrid host is run with it unmounted), look through the mount
+    /// namespace of the nearest ancestor that has one, then PID 1's, via `/proc/<pid>/root`.
     pub fn discover() -> Result<Self, CgroupError> {
-        let read = |p: &str| {
-            std::fs::read_to_string(p).map_err(|source| CgroupError::Read {
-                path: p.into(),
+        let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
+            CgroupError::Read {
+                path: "/proc/self/mountinfo".into(),
                 source,
-            })
-        };
-        let own = parse_mountinfo(&read("/proc/self/mountinfo")?, Path::new("/"));
-        match own {
-            Some(m) => Ok(m),
-            None => parse_mountinfo(&read("/proc/1/mountinfo")?, Path::new("/proc/1/root"))
-                .ok_or(CgroupError::NoCgroup2),
+            }
+        })?;
+        if let Some(m) = parse_mountinfo(&text, Path::new("/")) {
+            return Ok(m);
         }
+        let mut pid = std::os::unix::process::parent_id();
+        for _ in 0..64 {
+            if pid <= 1 {
+                break;
+            }
+            if let Some(m) = Self::through_pid(pid) {
+                return Ok(m);
+            }
+            match parent_of(pid) {
+                Some(ppid) => pid = ppid,
+                None => break,
+            }
+        }
+        Self::through_pid(1).ok_or(CgroupError::NoCgroup2)
+    }
+
+    fn through_pid(pid: u32) -> Option<Self> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+        let m = parse_mountinfo(&text, Path::new(&format!("/proc/{pid}/root")))?;
+        // /proc/<pid>/root needs ptrace-read access to that process.
+        m.unified.mount_point.is_dir().then_some(m)
     }
 
     pub fn layout(&self) -> Layout {
         self.layout
     }
+}
+
+/// The parent pid from `/proc/<pid>/stat` (the field after the parenthesised command,
+/// which may itself contain spaces and parentheses).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Parse `/proc/<pid>/mountinfo`; every mount point is placed under `prefix`.

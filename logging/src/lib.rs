@@ -26,7 +26,9 @@ pub fn init(identifier: &str, default_level: &str, target: Target) {
             .or_else(|_| EnvFilter::try_new(default_level))
             .unwrap_or_else(|_| EnvFilter::new("info"))
     };
-    if target == Target::Auto && Path::new(JOURNAL_SOCKET).exists() {
+    // DOVE_LOG_STDERR forces stderr, e.g. for a test that reads what a hook said.
+    let forced_stderr = std::env::var_os("DOVE_LOG_STDERR").is_some();
+    if target == Target::Auto && !forced_stderr && Path::new(JOURNAL_SOCKET).exists() {
         if let Ok(journald) = tracing_journald::layer() {
             let journald = journald.with_syslog_identifier(identifier.to_owned());
             if tracing_subscriber::registry()
