@@ -1,0 +1,707 @@
+//! doved and dove-hook under bad input, crashes, bursts and unauthorised peers.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dove_proto::{Reply, Request};
+use dove_tests::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// A process parked in a fresh cgroup, as a container's init would be.
+struct Parked {
+    cgroup: TestCgroup,
+    child: std::process::Child,
+}
+
+impl Parked {
+    fn new() -> Self {
+        let cgroup = TestCgroup::new("dove-test-parked").unwrap();
+        // `sh -c 'echo $$ > procs; exec sleep'` moves itself before becoming the sleeper.
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec sleep 600",
+            cgroup.dir.display()
+        );
+        let child = Command::new("sh").args(["-c", &script]).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(cgroup.dir.join("cgroup.procs"))
+            .unwrap()
+            .contains(&child.id().to_string())
+        {
+            assert!(Instant::now() < deadline, "process did not join its cgroup");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self { cgroup, child }
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn register(daemon: &TempDaemon, cgroup: &TestCgroup, id: &str) {
+    match daemon
+        .client()
+        .call(Request::Register {
+            container: cgroup.registration(id),
+        })
+        .unwrap()
+    {
+        Reply::Registered { .. } => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn hook_registers_from_live_pid() {
+    if !require_root("hook_registers_from_live_pid") {
+        return;
+    }
+    let daemon = TempDaemon::start().unwrap();
+    let parked = Parked::new();
+    let bundle = tempfile::tempdir().unwrap();
+    let run = run_hook(
+        &daemon.socket,
+        &["createRuntime"],
+        &state_json("live", Some(parked.pid()), bundle.path()),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let entry = daemon.find("live").expect("registered");
+    assert_eq!(entry.registration.cgroup_id, parked.cgroup.id());
+    assert_eq!(entry.registration.pid, Some(parked.pid()));
+    assert_eq!(
+        entry
+            .registration
+            .annotations
+            .get("io.dove.test")
+            .map(String::as_str),
+        Some("yes")
+    );
+
+    // createRuntime then prestart: the second replaces the first, one entry remains.
+    let run = run_hook(
+        &daemon.socket,
+        &["prestart"],
+        &state_json("live", Some(parked.pid()), bundle.path()),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(daemon.list().len(), 1);
+
+    // Stages not configured for registration do nothing.
+    let run = run_hook(
+        &daemon.socket,
+        &["poststart"],
+        &state_json("other", Some(parked.pid()), bundle.path()),
+    );
+    assert_eq!(run.code, 0);
+    assert!(daemon.find("other").is_none());
+
+    let run = run_hook(
+        &daemon.socket,
+        &["poststop"],
+        &state_json("live", None, bundle.path()),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(daemon.list().is_empty());
+}
+
+#[test]
+fn bad_state_input_fails_open_fast_and_closed_on_request() {
+    if !require_root("bad_state_input_fails_open_fast_and_closed_on_request") {
+        return;
+    }
+    let daemon = TempDaemon::start().unwrap();
+    let keep = TestCgroup::new("dove-test-keep").unwrap();
+    register(&daemon, &keep, "keep");
+    let oversized = vec![b'{'; 2 * 1024 * 1024];
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", b"".to_vec(), "stdin is empty"),
+        ("malformed", b"{not json".to_vec(), "not valid JSON"),
+        (
+            "truncated",
+            br#"{"ociVersion":"1.0.2","id":"tr","pid":12"#.to_vec(),
+            "not valid JSON",
+        ),
+        ("oversized", oversized, "larger than"),
+        (
+            "bad id",
+            br#"{"id":"../../etc","pid":1,"bundle":"/"}"#.to_vec(),
+            "not a valid container ID",
+        ),
+        ("array", b"[]".to_vec(), "not an object"),
+    ];
+    for (what, input, reason) in &cases {
+        let open = run_hook(&daemon.socket, &["createRuntime"], input);
+        assert_eq!(open.code, 0, "{what}: fail-open exits 0: {}", open.stderr);
+        assert!(
+            open.elapsed < Duration::from_secs(1),
+            "{what}: took {:?}",
+            open.elapsed
+        );
+        assert!(
+            open.stderr.contains(reason),
+            "{what}: log says why: {}",
+            open.stderr
+        );
+        let closed = run_hook(&daemon.socket, &["--fail-closed", "createRuntime"], input);
+        assert_eq!(closed.code, 1, "{what}: fail-closed exits 1");
+        assert!(
+            closed.stderr.contains(reason),
+            "{what}: stderr says why: {}",
+            closed.stderr
+        );
+    }
+    // Bad arguments are a misconfiguration, not a reason to block containers by default.
+    let run = run_hook(&daemon.socket, &["no-such-stage"], b"{}");
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains("no-such-stage"), "{}", run.stderr);
+    let run = run_hook(&daemon.socket, &["--fail-closed", "no-such-stage"], b"{}");
+    assert_eq!(run.code, 1);
+
+    let ids: Vec<String> = daemon
+        .list()
+        .into_iter()
+        .map(|c| c.registration.id)
+        .collect();
+    assert_eq!(ids, vec!["keep".to_string()], "registry unchanged");
+}
+
+#[test]
+fn missing_pid_and_bundle_are_explained() {
+    if !require_root("missing_pid_and_bundle_are_explained") {
+        return;
+    }
+    let daemon = TempDaemon::start().unwrap();
+    let empty_bundle = tempfile::tempdir().unwrap();
+    // A pid that does not exist (beyond pid_max) and a bundle with no config.json.
+    let run = run_hook(
+        &daemon.socket,
+        &["--fail-closed", "createRuntime"],
+        &state_json("ghost", Some(4_194_304 + 1), empty_bundle.path()),
+    );
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("from its pid") && run.stderr.contains("config.json"),
+        "{}",
+        run.stderr
+    );
+    // The bundle's cgroupsPath is the fallback when the pid is gone.
+    let cg = TestCgroup::new("dove-test-fallback").unwrap();
+    let bundle = Bundle::new(&["true"], &cg.path, &daemon.socket, &[]).unwrap();
+    let run = run_hook(
+        &daemon.socket,
+        &["--fail-closed", "createRuntime"],
+        &state_json("fallback", None, bundle.path()),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        daemon.find("fallback").unwrap().registration.cgroup_id,
+        cg.id()
+    );
+    assert!(daemon.list().iter().all(|c| c.registration.id != "ghost"));
+}
+
+#[test]
+fn daemon_down_or_stuck_fails_open_within_the_timeout() {
+    if !require_root("daemon_down_or_stuck_fails_open_within_the_timeout") {
+        return;
+    }
+    let parked = Parked::new();
+    let bundle = tempfile::tempdir().unwrap();
+    let state = state_json("c1", Some(parked.pid()), bundle.path());
+    let nowhere = tempfile::tempdir().unwrap();
+    let missing = nowhere.path().join("dove.sock");
+
+    let run = run_hook(&missing, &["createRuntime"], &state);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("no doved is listening"),
+        "{}",
+        run.stderr
+    );
+    let run = run_hook(&missing, &["--fail-closed", "createRuntime"], &state);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("no doved is listening"),
+        "{}",
+        run.stderr
+    );
+
+    // A daemon that accepts but never answers (stopped): bounded by the timeout.
+    let mut daemon = TempDaemon::start().unwrap();
+    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGSTOP).unwrap();
+    let run = run_hook(&daemon.socket, &["createRuntime"], &state);
+    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGCONT).unwrap();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.elapsed < Duration::from_secs(2),
+        "took {:?}",
+        run.elapsed
+    );
+    assert!(run.stderr.contains("did not answer"), "{}", run.stderr);
+    assert!(daemon.running());
+}
+
+#[test]
+fn daemon_dying_mid_request_is_reported() {
+    if !require_root("daemon_dying_mid_request_is_reported") {
+        return;
+    }
+    let parked = Parked::new();
+    let bundle = tempfile::tempdir().unwrap();
+    let state = state_json("c1", Some(parked.pid()), bundle.path());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("dying.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    // Reads the request, then goes away without replying, as a crashing daemon does.
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut header = [0u8; 4];
+            conn.read_exact(&mut header).unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
+            conn.read_exact(&mut body).unwrap();
+            drop(conn);
+        }
+    });
+    let run = run_hook(&socket, &["createRuntime"], &state);
+    assert_eq!(run.code, 0);
+    assert!(
+        run.stderr.contains("closed the connection before replying"),
+        "{}",
+        run.stderr
+    );
+    let run = run_hook(&socket, &["--fail-closed", "createRuntime"], &state);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("closed the connection before replying"),
+        "{}",
+        run.stderr
+    );
+    server.join().unwrap();
+}
+
+fn raw_exchange(socket: &std::path::Path, bytes: &[u8]) -> Option<serde_json::Value> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut header = [0u8; 4];
+    s.read_exact(&mut header).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(serde_json::from_slice(&body).unwrap())
+}
+
+fn frame(json: &str) -> Vec<u8> {
+    dove_proto::encode_frame(json.as_bytes()).unwrap()
+}
+
+#[test]
+fn garbage_and_oversized_frames_get_clear_errors() {
+    if !require_root("garbage_and_oversized_frames_get_clear_errors") {
+        return;
+    }
+    let mut daemon = TempDaemon::start().unwrap();
+    let keep = TestCgroup::new("dove-test-keep").unwrap();
+    register(&daemon, &keep, "keep");
+
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (
+            vec![0xff, 0xff, 0xff, 0xff],
+            "bad_frame",
+            "exceeds the limit",
+        ),
+        (vec![0, 0, 0, 0], "bad_frame", "empty frame"),
+        (frame("garbage!"), "bad_request", "not a JSON object"),
+        (
+            frame(r#"{"version":99,"request":{"op":"list"}}"#),
+            "unsupported_version",
+            "speaks version 1",
+        ),
+        (
+            frame(r#"{"request":{"op":"list"}}"#),
+            "bad_request",
+            "no `version`",
+        ),
+        (
+            frame(r#"{"version":1,"request":{"op":"format_disk"}}"#),
+            "bad_request",
+            "format_disk",
+        ),
+        (
+            frame(
+                r#"{"version":1,"request":{"op":"register","container":{"id":"x/y","cgroup_path":"/a","cgroup_id":5}}}"#,
+            ),
+            "invalid_container",
+            "container id",
+        ),
+        (
+            frame(&format!(
+                r#"{{"version":1,"request":{{"op":"register","container":{{"id":"wrongid","cgroup_path":"{}","cgroup_id":1}}}}}}"#,
+                keep.path
+            )),
+            "invalid_container",
+            "does not match",
+        ),
+        (
+            frame(
+                r#"{"version":1,"request":{"op":"register","container":{"id":"gone","cgroup_path":"/dove-no-such-cgroup","cgroup_id":5}}}"#,
+            ),
+            "cgroup_gone",
+            "does not exist",
+        ),
+    ];
+    for (bytes, code, text) in cases {
+        let reply = raw_exchange(&daemon.socket, &bytes).expect("an error reply");
+        assert_eq!(reply["error"]["code"], code, "{reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains(text), "{message}");
+    }
+    // A frame cut short, and a client that connects and says nothing: no reply, no harm.
+    let mut s = UnixStream::connect(&daemon.socket).unwrap();
+    s.write_all(&[0, 0, 0, 100, b'{']).unwrap();
+    drop(s);
+    let _idle = UnixStream::connect(&daemon.socket).unwrap();
+
+    assert!(daemon.running());
+    let ids: Vec<String> = daemon
+        .list()
+        .into_iter()
+        .map(|c| c.registration.id)
+        .collect();
+    assert_eq!(ids, vec!["keep".to_string()]);
+    assert!(
+        daemon.log_text().contains("bad frame"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn non_root_peers_are_refused() {
+    if !require_root("non_root_peers_are_refused") {
+        return;
+    }
+    let mut daemon = TempDaemon::start().unwrap();
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    let nobody = |socket: &std::path::Path| {
+        Command::new(bin("dovectl"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("list")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    use std::os::unix::process::CommandExt;
+    // The directories on the way must be traversable for this check to reach the socket.
+    for dir in [daemon.dir.path(), daemon.socket.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = nobody(&daemon.socket);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("permission denied") && stderr.contains("run as root"),
+        "{stderr}"
+    );
+
+    // Even if the file mode is loosened, the daemon's SO_PEERCRED check refuses.
+    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = nobody(&daemon.socket);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("uid 65534 is not allowed"), "{stderr}");
+    assert!(daemon.running());
+    assert!(
+        daemon.log_text().contains("peer is not authorised"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_registration() {
+    if !require_root("kill_9_loses_no_acknowledged_registration") {
+        return;
+    }
+    let mut daemon = TempDaemon::start().unwrap();
+    let parent = TestCgroup::new("dove-test-crash").unwrap();
+    let cgroups: Vec<TestCgroup> = (0..40)
+        .map(|i| parent.child(&format!("c{i}")).unwrap())
+        .collect();
+    for (i, cg) in cgroups.iter().take(20).enumerate() {
+        register(&daemon, cg, &format!("steady-{i}"));
+    }
+    daemon.kill9();
+    daemon.spawn().unwrap();
+    assert_eq!(daemon.list().len(), 20, "all 20 survive kill -9");
+
+    // Now kill it while registrations are in flight: every one that was acknowledged
+    // must be there after the restart.
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let acked = Arc::clone(&acked);
+            let stop = Arc::clone(&stop);
+            let socket = daemon.socket.clone();
+            let regs: Vec<_> = cgroups[20..]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 4 == w)
+                .map(|(i, cg)| cg.registration(&format!("burst-{i}")))
+                .collect();
+            std::thread::spawn(move || {
+                for reg in regs {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let id = reg.id.clone();
+                    let result = dove_proto::Client::connect(&socket, Duration::from_secs(2))
+                        .and_then(|mut c| c.call(Request::Register { container: reg }));
+                    if let Ok(Reply::Registered { .. }) = result {
+                        acked.lock().unwrap().push(id);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(15));
+    daemon.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    daemon.spawn().unwrap();
+    let after: Vec<String> = daemon
+        .list()
+        .into_iter()
+        .map(|c| c.registration.id)
+        .collect();
+    for id in acked.lock().unwrap().iter() {
+        assert!(
+            after.contains(id),
+            "{id} was acknowledged but lost: {after:?}"
+        );
+    }
+    for i in 0..20 {
+        assert!(after.contains(&format!("steady-{i}")));
+    }
+    eprintln!(
+        "acknowledged before kill -9: {}; present after restart: {}",
+        acked.lock().unwrap().len(),
+        after.len()
+    );
+}
+
+#[test]
+fn restart_drops_containers_whose_cgroup_vanished_while_down() {
+    if !require_root("restart_drops_containers_whose_cgroup_vanished_while_down") {
+        return;
+    }
+    let mut daemon = TempDaemon::start().unwrap();
+    let a = TestCgroup::new("dove-test-a").unwrap();
+    let b = TestCgroup::new("dove-test-b").unwrap();
+    register(&daemon, &a, "a");
+    register(&daemon, &b, "b");
+    daemon.kill9();
+    b.remove().unwrap();
+    daemon.spawn().unwrap();
+    let ids: Vec<String> = daemon
+        .list()
+        .into_iter()
+        .map(|c| c.registration.id)
+        .collect();
+    assert_eq!(ids, vec!["a".to_string()]);
+    assert!(
+        daemon.log_text().contains("dropped at startup"),
+        "{}",
+        daemon.log_text()
+    );
+    // The reconciled registry is what is on disk now.
+    daemon.kill9();
+    daemon.spawn().unwrap();
+    assert_eq!(daemon.list().len(), 1);
+}
+
+#[test]
+fn burst_of_100_hooks_with_slow_clients_connected() {
+    if !require_root("burst_of_100_hooks_with_slow_clients_connected") {
+        return;
+    }
+    let daemon = TempDaemon::start().unwrap();
+    let parent = TestCgroup::new("dove-test-burst").unwrap();
+    // Slow clients: connected, half a header sent, then silence.
+    let slow: Vec<UnixStream> = (0..8)
+        .map(|_| {
+            let mut s = UnixStream::connect(&daemon.socket).unwrap();
+            s.write_all(&[0, 0]).unwrap();
+            s
+        })
+        .collect();
+    let mut setups = Vec::new();
+    for i in 0..100 {
+        let cg = parent.child(&format!("c{i}")).unwrap();
+        let bundle = Bundle::new(&["true"], &cg.path, &daemon.socket, &[]).unwrap();
+        setups.push((cg, bundle));
+    }
+    let start = Instant::now();
+    // All 100 started before any is waited for, as a node starting 100 containers does.
+    let children: Vec<_> = setups
+        .iter()
+        .enumerate()
+        .map(|(i, (_, bundle))| {
+            let mut child = Command::new(bin("dove-hook"))
+                .arg("--socket")
+                .arg(&daemon.socket)
+                .args(["--fail-closed", "createRuntime"])
+                .env("DOVE_LOG_STDERR", "1")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(&state_json(&format!("burst-{i}"), None, bundle.path()))
+                .unwrap();
+            child
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        if !out.status.success() {
+            failures.push(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+    }
+    let elapsed = start.elapsed();
+    assert!(
+        failures.is_empty(),
+        "{} hooks failed: {failures:#?}",
+        failures.len()
+    );
+    let list = daemon.list();
+    assert_eq!(list.len(), 100, "none lost");
+    for (i, (cg, _)) in setups.iter().enumerate() {
+        let entry = list
+            .iter()
+            .find(|c| c.registration.id == format!("burst-{i}"))
+            .unwrap();
+        assert_eq!(entry.registration.cgroup_id, cg.id());
+    }
+    eprintln!("100 concurrent hooks with 8 stalled clients connected: {elapsed:?}");
+    drop(slow);
+}
+
+#[test]
+fn dove_socket_env_and_config_errors() {
+    if !require_root("dove_socket_env_and_config_errors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("env.sock");
+    let mut doved = Command::new(bin("doved"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("DOVE_SOCKET", &socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "doved did not honour DOVE_SOCKET"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = Command::new(bin("dovectl"))
+        .arg("status")
+        .env("DOVE_SOCKET", &socket)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(String::from_utf8_lossy(&status.stdout).contains("cgroup layout"));
+
+    let parked = Parked::new();
+    let mut hook = Command::new(bin("dove-hook"))
+        .args(["--fail-closed", "createRuntime"])
+        .env("DOVE_SOCKET", &socket)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    hook.stdin
+        .take()
+        .unwrap()
+        .write_all(&state_json("env", Some(parked.pid()), dir.path()))
+        .unwrap();
+    assert!(hook.wait().unwrap().success());
+    let list = Command::new(bin("dovectl"))
+        .args(["list", "--json"])
+        .env("DOVE_SOCKET", &socket)
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let entry = &list[0];
+    for key in ["id", "cgroup_path", "cgroup_id", "pid", "registered_at"] {
+        assert!(!entry[key].is_null(), "{key} missing from {entry}");
+    }
+    assert_eq!(entry["id"], "env");
+
+    // A second daemon on the same socket refuses to steal it.
+    let second = Command::new(bin("doved"))
+        .arg("--state-dir")
+        .arg(dir.path().join("s2"))
+        .env("DOVE_SOCKET", &socket)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already serving"));
+    let _ = kill(Pid::from_raw(doved.id() as i32), Signal::SIGTERM);
+    assert!(doved.wait().unwrap().success(), "clean exit on SIGTERM");
+    assert!(!socket.exists(), "socket removed on shutdown");
+
+    let config = dir.path().join("bad.toml");
+    for (text, key) in [
+        ("[daemon]\nsokcet = \"/x\"\n", "sokcet"),
+        ("[daemon]\nmax_connections = -1\n", "max_connections"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(bin("doved"))
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(key) && stderr.contains("bad.toml"),
+            "{stderr}"
+        );
+    }
+}
