@@ -16,3 +16,7 @@ cargo build --workspace --bins
 
 echo "== tests (unit + integration, as root)"
 cargo test --workspace -- --test-threads=4
+
+echo "== benchmarks (print numbers; no pass/fail thresholds)"
+cargo build --release --workspace --bins
+cargo bench -p dove-tests --bench hook_latency

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install the eBPF toolchain DOVE's kernel-side programs build with: nightly Rust with
+# rust-src, and bpf-linker built from crates.io against the nightly's own libLLVM.
+# The linker is cached under $DOVE_CACHE (default /var/cache/dove) keyed by the nightly's
+# version, so it is rebuilt only when the nightly changes (about 6 CPU-minutes).
+set -euo pipefail
+export PATH="$HOME/.cargo/bin:$PATH"
+cache="${DOVE_CACHE:-/var/cache/dove}"
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+rustup component add rust-src --toolchain nightly >/dev/null
+
+sysroot="$(rustc +nightly --print sysroot)"
+llvm_so="$(ls "$sysroot"/lib/libLLVM.so.* 2>/dev/null | head -n1 || true)"
+if [ -z "$llvm_so" ]; then
+    rustup component add llvm-tools --toolchain nightly >/dev/null 2>&1 || true
+    llvm_so="$(ls "$sysroot"/lib/libLLVM.so.* 2>/dev/null | head -n1 || true)"
+fi
+[ -n "$llvm_so" ] || { echo "bpf-toolchain.sh: no libLLVM.so in $sysroot/lib" >&2; exit 1; }
+llvm_major="$(basename "$llvm_so" | sed -E 's/libLLVM\.so\.([0-9]+).*/\1/')"
+key="$(rustc +nightly -V | tr -c 'A-Za-z0-9.\n' '_')"
+prefix="$cache/bpf-linker/$key"
+
+if [ ! -x "$prefix/bin/bpf-linker" ]; then
+    echo "bpf-toolchain.sh: building bpf-linker for $(rustc +nightly -V) (LLVM $llvm_major) into $prefix"
+    mkdir -p "$prefix/llvm/lib"
+    ln -sf "$llvm_so" "$prefix/llvm/lib/libLLVM.so"
+    LLVM_PREFIX="$prefix/llvm" cargo +nightly install bpf-linker --locked \
+        --no-default-features --features "llvm-$llvm_major" --root "$prefix" 2>&1 | tail -n 3 \
+      || LLVM_PREFIX="$prefix/llvm" cargo +nightly install bpf-linker \
+        --no-default-features --features "llvm-$llvm_major" --root "$prefix" 2>&1 | tail -n 3
+fi
+ln -sf "$prefix/bin/bpf-linker" "$HOME/.cargo/bin/bpf-linker"
+bpf-linker --version
