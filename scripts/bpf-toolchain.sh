@@ -30,5 +30,11 @@ if [ ! -x "$prefix/bin/bpf-linker" ]; then
       || LLVM_PREFIX="$prefix/llvm" cargo +nightly install bpf-linker \
         --no-default-features --features "llvm-$llvm_major" --root "$prefix" 2>&1 | tail -n 3
 fi
-ln -sf "$prefix/bin/bpf-linker" "$HOME/.cargo/bin/bpf-linker"
+# The linker loads the nightly's libLLVM at run time; a wrapper points it there.
+rm -f "$HOME/.cargo/bin/bpf-linker"
+cat > "$HOME/.cargo/bin/bpf-linker" <<WRAPPER
+#!/bin/sh
+LD_LIBRARY_PATH="$sysroot/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$prefix/bin/bpf-linker" "\$@"
+WRAPPER
+chmod +x "$HOME/.cargo/bin/bpf-linker"
 bpf-linker --version
