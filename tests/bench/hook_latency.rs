@@ -49,14 +49,22 @@ fn spawn_latency(program: &std::path::Path, args: &[&str], stdin: &[u8]) -> Dura
 
 fn hook_latency(daemon: &TempDaemon) {
     let cgroup = TestCgroup::new("dove-bench-hook").unwrap();
-    let script = format!("echo $$ > {}/cgroup.procs && exec sleep 600", cgroup.dir.display());
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec sleep 600",
+        cgroup.dir.display()
+    );
     let mut parked = Command::new("sh").args(["-c", &script]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(50));
     let bundle = tempfile::tempdir().unwrap();
     let state = state_json("bench", Some(parked.id()), bundle.path());
     let hook = bin("dove-hook");
     let socket = daemon.socket.display().to_string();
-    let args = ["--socket", socket.as_str(), "--fail-closed", "createRuntime"];
+    let args = [
+        "--socket",
+        socket.as_str(),
+        "--fail-closed",
+        "createRuntime",
+    ];
     // Warm the page cache and the daemon.
     for _ in 0..20 {
         spawn_latency(&hook, &args, &state);
@@ -70,14 +78,19 @@ fn hook_latency(daemon: &TempDaemon) {
     println!("hook end-to-end latency (1,000 real invocations, process start included):");
     let b = summary("  baseline: spawn /bin/true", base);
     let t = summary("  dove-hook createRuntime", treat);
-    println!("  ratio p50 hook/true: {:.2}", t.as_secs_f64() / b.as_secs_f64());
+    println!(
+        "  ratio p50 hook/true: {:.2}",
+        t.as_secs_f64() / b.as_secs_f64()
+    );
     let _ = parked.kill();
     let _ = parked.wait();
 }
 
 fn throughput(daemon: &TempDaemon, clients: usize, window: Duration, register: bool) -> f64 {
     let parent = TestCgroup::new("dove-bench-tput").unwrap();
-    let cgroups: Vec<TestCgroup> = (0..clients).map(|i| parent.child(&format!("c{i}")).unwrap()).collect();
+    let cgroups: Vec<TestCgroup> = (0..clients)
+        .map(|i| parent.child(&format!("c{i}")).unwrap())
+        .collect();
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = cgroups
@@ -92,7 +105,9 @@ fn throughput(daemon: &TempDaemon, clients: usize, window: Duration, register: b
                     // One connection per request, as each hook process makes.
                     let mut client = Client::connect(&socket, Duration::from_secs(5)).unwrap();
                     let request = if register {
-                        Request::Register { container: reg.clone() }
+                        Request::Register {
+                            container: reg.clone(),
+                        }
                     } else {
                         Request::Status
                     };
