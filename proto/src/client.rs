@@ -63,9 +63,14 @@ impl Client {
     pub fn call(&mut self, request: Request) -> Result<Reply, ClientError> {
         let payload = serde_json::to_vec(&RequestEnvelope::new(request))
             .map_err(|e| self.protocol(format!("encoding request: {e}")))?;
-        write_frame(&mut self.stream, &payload).map_err(|e| self.frame_error(e))?;
+        let written = write_frame(&mut self.stream, &payload);
+        // A daemon that refuses us (e.g. an unauthorised peer) replies and closes without
+        // reading; its reply is still ours to read even though our write failed.
         let reply =
-            read_frame(&mut self.stream, MAX_FRAME_BYTES).map_err(|e| self.frame_error(e))?;
+            read_frame(&mut self.stream, MAX_FRAME_BYTES).map_err(|read_err| match written {
+                Err(write_err) => self.frame_error(write_err),
+                Ok(()) => self.frame_error(read_err),
+            })?;
         let envelope: ResponseEnvelope = serde_json::from_slice(&reply)
             .map_err(|e| self.protocol(format!("undecodable JSON: {e}")))?;
         if envelope.version != PROTOCOL_VERSION {
