@@ -13,6 +13,8 @@ packages=(
     iproute2 jq util-linux procps
     # container runtimes and a root filesystem for test containers
     runc crun podman busybox-static
+    # eBPF: bpftool inspects what is attached (tests)
+    bpftool
 )
 
 missing=()
@@ -34,3 +36,6 @@ if ! command -v cargo >/dev/null 2>&1; then
     fi
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# Nightly + rust-src + bpf-linker for the eBPF programs (cached; see the script).
+bash "$(dirname "$0")/bpf-toolchain.sh" >/dev/null

@@ -11,6 +11,40 @@ pub const EXAMPLE: &str = include_str!("../../config/doved.toml");
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub daemon: DaemonConfig,
+    pub observer: ObserverConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObserverConfig {
+    pub enabled: bool,
+    pub pin_dir: PathBuf,
+    pub tick_ms: u64,
+}
+
+impl Default for ObserverConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            pin_dir: PathBuf::from("/sys/fs/bpf/dove"),
+            tick_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9477".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -97,6 +131,20 @@ impl Config {
         if !(1..=65_536).contains(&d.max_connections) {
             return Err(bad("daemon.max_connections", "must be between 1 and 65536"));
         }
+        if !self.observer.pin_dir.is_absolute() {
+            return Err(bad("observer.pin_dir", "must be an absolute path"));
+        }
+        if !(10..=10_000).contains(&self.observer.tick_ms) {
+            return Err(bad("observer.tick_ms", "must be between 10 and 10000"));
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(bad(
+                "metrics.listen",
+                "must be an address:port such as \"127.0.0.1:9477\", or \"\" to disable",
+            ));
+        }
         if d.log_level.trim().is_empty()
             || tracing_subscriber::EnvFilter::try_new(&d.log_level).is_err()
         {
@@ -151,6 +199,10 @@ mod tests {
             ("[daemon]\nstate_dir = \"var\"\n", "daemon.state_dir"),
             ("[daemon]\nmax_connections = 0\n", "daemon.max_connections"),
             ("[daemon]\nlog_level = \"\"\n", "daemon.log_level"),
+            ("[observer]\ntick_ms = 0\n", "observer.tick_ms"),
+            ("[observer]\npin_dir = \"dove\"\n", "observer.pin_dir"),
+            ("[metrics]\nlisten = \"everywhere\"\n", "metrics.listen"),
+            ("[observer]\nenable = true\n", "enable"),
         ];
         for (text, key) in cases {
             let msg = Config::parse(text, Path::new("c.toml"))

@@ -6,9 +6,11 @@
 //! registry here.
 
 pub mod config;
+pub mod observer;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,9 +19,11 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
-use crate::registry::Registry;
+use crate::observer::{Observer, ObserverMembership, SharedObserver};
+use crate::registry::{Membership, Registry};
 use crate::server::{Access, DaemonInfo, Server};
 use crate::store::Store;
+use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -35,6 +39,17 @@ pub enum DaemonError {
     Inotify(std::io::Error),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("eBPF observer: {0} (set observer.enabled = false to run the registry alone)")]
+    Observer(#[from] observer::ObserverError),
+    #[error(
+        "metrics endpoint {addr}: {source} (change metrics.listen, or set it to \"\" to disable)"
+    )]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("dropping capabilities after setup: {0}")]
+    Capabilities(String),
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -43,7 +58,34 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mounts = dove_cgroup::Mounts::discover()?;
     let access = Access::from_config(&d.socket_group).map_err(DaemonError::Access)?;
     let store = Store::open(&d.state_dir)?;
-    let registry = Registry::start(mounts.clone(), store).map_err(DaemonError::Inotify)?;
+
+    let observer: Option<SharedObserver> = if config.observer.enabled {
+        let o = Observer::start(&config.observer.pin_dir, &mounts.unified.mount_point)?;
+        Some(Arc::new(std::sync::Mutex::new(o)))
+    } else {
+        tracing::info!("eBPF observer disabled (observer.enabled = false)");
+        None
+    };
+    let membership = observer
+        .as_ref()
+        .map(|o| Arc::new(ObserverMembership(Arc::clone(o))) as Arc<dyn Membership>);
+    let registry =
+        Registry::start(mounts.clone(), store, membership).map_err(DaemonError::Inotify)?;
+    if let Some(o) = &observer {
+        // Slots pinned by a previous run for containers that are gone now.
+        o.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(&registry.cgroup_ids());
+    }
+    let telemetry = Arc::new(Telemetry::new(
+        if observer.is_some() {
+            "active"
+        } else {
+            "disabled"
+        }
+        .into(),
+        config.observer.tick_ms,
+    ));
 
     let (listener, bound_path) = match server::activated_listener() {
         Some(l) => {
@@ -52,6 +94,44 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
         None => (server::bind(&d.socket, &access)?, Some(d.socket.clone())),
     };
+    let metrics = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let addr = config.metrics.listen.clone();
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| DaemonError::Metrics {
+                addr: addr.clone(),
+                source,
+            })?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        Some(listener)
+    };
+    // Everything privileged is done: programs attached, maps mapped, sockets bound.
+    observer::drop_capabilities().map_err(|e| DaemonError::Capabilities(e.to_string()))?;
+    tracing::info!("all capabilities dropped");
+
+    if let Some(o) = &observer {
+        let (o, telemetry) = (Arc::clone(o), Arc::clone(&telemetry));
+        let every = Duration::from_millis(config.observer.tick_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let snapshot = o.lock().unwrap_or_else(|p| p.into_inner()).tick();
+                telemetry.publish(snapshot);
+            }
+        });
+    }
+    if let Some(listener) = metrics {
+        tokio::spawn(telemetry::serve_metrics(
+            listener,
+            Arc::clone(&telemetry),
+            Arc::clone(&registry),
+        ));
+    }
+
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
@@ -78,6 +158,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             client_timeout: Duration::from_millis(d.client_timeout_ms),
             max_connections: d.max_connections,
             access,
+            telemetry: Arc::clone(&telemetry),
         },
     );
     let serving = tokio::spawn(server.serve(listener));
@@ -96,6 +177,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     serving.abort();
+    if let Some(o) = &observer {
+        // Publish the last counts before the links go away with this process.
+        telemetry.publish(o.lock().unwrap_or_else(|p| p.into_inner()).tick());
+    }
     registry.persist_now().await;
     if let Some(path) = bound_path {
         let _ = std::fs::remove_file(path);

@@ -85,7 +85,15 @@ struct PersistState {
     error: String,
 }
 
+/// Told of every container that joins or leaves the registry (the eBPF observer's map
+/// of registered cgroups). Called with the registry locked, so calls arrive in order.
+pub trait Membership: Send + Sync {
+    fn added(&self, registration: &Registration);
+    fn removed(&self, registration: &Registration);
+}
+
 pub struct Registry {
+    membership: Option<Arc<dyn Membership>>,
     inner: Mutex<Inner>,
     mounts: Mounts,
     watches: Mutex<Watches>,
@@ -104,11 +112,16 @@ fn removal_mask() -> WatchMask {
 impl Registry {
     /// Build the registry from disk, dropping entries whose cgroup is gone, and start the
     /// persister and the removal watcher on the current tokio runtime.
-    pub fn start(mounts: Mounts, store: Store) -> io::Result<Arc<Self>> {
+    pub fn start(
+        mounts: Mounts,
+        store: Store,
+        membership: Option<Arc<dyn Membership>>,
+    ) -> io::Result<Arc<Self>> {
         let inotify = Inotify::init()?;
         let watches = inotify.watches();
         let events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
         let registry = Arc::new(Self {
+            membership,
             inner: Mutex::new(Inner::default()),
             mounts,
             watches: Mutex::new(watches),
@@ -140,6 +153,7 @@ impl Registry {
             match self.attach(&mut inner, &container.registration) {
                 Ok(watch) => {
                     inner.add_watched(&watch, &id);
+                    self.joined(&container.registration);
                     inner.entries.insert(id, Entry { container, watch });
                 }
                 Err(e) => {
@@ -157,6 +171,24 @@ impl Registry {
         if dropped > 0 {
             inner.generation += 1;
             self.persist_wanted.notify_one();
+        }
+    }
+
+    fn joined(&self, registration: &Registration) {
+        if let Some(m) = &self.membership {
+            m.added(registration);
+        }
+    }
+
+    /// Tell the membership listener `registration` left, unless another entry still
+    /// holds the same cgroup.
+    fn left(&self, inner: &Inner, registration: &Registration) {
+        let shared = inner
+            .entries
+            .values()
+            .any(|e| e.container.registration.cgroup_id == registration.cgroup_id);
+        if let (Some(m), false) = (&self.membership, shared) {
+            m.removed(registration);
         }
     }
 
@@ -243,6 +275,7 @@ impl Registry {
             let mut inner = self.lock();
             let watch = self.attach(&mut inner, &reg)?;
             let id = reg.id.clone();
+            self.joined(&reg);
             let container = Container {
                 registration: reg,
                 registered_at: humantime::format_rfc3339_millis(std::time::SystemTime::now())
@@ -260,6 +293,7 @@ impl Registry {
                 if old.watch != watch {
                     self.detach(&mut inner, &id, &old.watch);
                 }
+                self.left(&inner, &old.container.registration);
             }
             inner.add_watched(&watch, &id);
             inner.generation += 1;
@@ -280,6 +314,7 @@ impl Registry {
                 return Ok(false);
             };
             self.detach(&mut inner, id, &entry.watch);
+            self.left(&inner, &entry.container.registration);
             inner.generation += 1;
             inner.generation
         };
@@ -295,6 +330,15 @@ impl Registry {
             .entries
             .values()
             .map(|e| e.container.clone())
+            .collect()
+    }
+
+    /// The cgroup v2 IDs of every registered container.
+    pub fn cgroup_ids(&self) -> BTreeSet<u64> {
+        self.lock()
+            .entries
+            .values()
+            .map(|e| e.container.registration.cgroup_id)
             .collect()
     }
 
@@ -437,7 +481,9 @@ impl Registry {
                 false
             }
             Err(e) => {
-                inner.entries.remove(id);
+                if let Some(entry) = inner.entries.remove(id) {
+                    self.left(inner, &entry.container.registration);
+                }
                 self.dropped_vanished.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%id, "dropped: {e}");
                 true
@@ -468,7 +514,9 @@ impl Registry {
             "cgroup removed without a poststop (runtime crash or missed hook); container dropped"
         );
         let watch = entry.watch.clone();
-        inner.entries.remove(id);
+        if let Some(entry) = inner.entries.remove(id) {
+            self.left(inner, &entry.container.registration);
+        }
         self.detach(inner, id, &watch);
         self.dropped_vanished.fetch_add(1, Ordering::Relaxed);
         true

@@ -82,6 +82,7 @@ pub struct DaemonInfo {
     pub client_timeout: Duration,
     pub max_connections: usize,
     pub access: Access,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +349,10 @@ impl Server {
             Request::List => ResponseEnvelope::ok(Reply::List {
                 containers: self.registry.list(),
             }),
-            Request::Status => ResponseEnvelope::ok(Reply::Status(self.status())),
+            Request::Status => ResponseEnvelope::ok(Reply::Status(Box::new(self.status()))),
+            Request::Stats => ResponseEnvelope::ok(Reply::Stats(Box::new(
+                self.info.telemetry.stats(&self.registry),
+            ))),
         }
     }
 
@@ -370,6 +374,7 @@ impl Server {
                 .as_ref()
                 .map(|h| h.mount_point.display().to_string()),
             enforcement: "none".into(),
+            observer: info.telemetry.observer_state.clone(),
             irq_time_accounting: Path::new("/proc/pressure/irq").exists(),
             dropped_vanished: self
                 .registry

@@ -16,10 +16,16 @@ pub const MAX_ANNOTATION_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Register { container: Registration },
-    Unregister { id: String },
+    Register {
+        container: Registration,
+    },
+    Unregister {
+        id: String,
+    },
     List,
     Status,
+    /// Softirq cost per container, the unattributed bucket, and observer health.
+    Stats,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,7 +226,54 @@ pub enum Reply {
     List {
         containers: Vec<Container>,
     },
-    Status(Status),
+    Status(Box<Status>),
+    Stats(Box<Stats>),
+}
+
+/// Softirq cost counters. `*_ns` and `*_packets` are cumulative and monotonic while the
+/// container is registered; `pending_ns` is what an enforcer has not consumed yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CostCounters {
+    pub total_ns: u64,
+    pub rx_ns: u64,
+    pub tx_ns: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub pending_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    pub id: String,
+    pub cgroup_path: String,
+    pub cgroup_id: u64,
+    #[serde(flatten)]
+    pub cost: CostCounters,
+}
+
+/// How the eBPF observer is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObserverHealth {
+    pub programs_attached: u64,
+    pub windows: u64,
+    pub packets_in_window: u64,
+    /// Packets seen in process context: already billed to the sending task, not charged.
+    pub packets_outside_window: u64,
+    pub unowned_windows: u64,
+    pub slots_used: u64,
+    pub slots_capacity: u64,
+    pub ticks: u64,
+    pub last_tick_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// `active`, `disabled`, or `failed: <reason>`.
+    pub observer: String,
+    pub tick_ms: u64,
+    pub containers: Vec<ContainerStats>,
+    pub unattributed: CostCounters,
+    pub health: ObserverHealth,
 }
 
 /// The daemon's view of itself, for `dovectl status`.
@@ -240,6 +293,9 @@ pub struct Status {
     pub cpu_controller_mount: Option<String>,
     /// Which enforcement mode is active (`none` until an enforcer is running).
     pub enforcement: String,
+    /// The eBPF observer: `active`, `disabled`, or `failed: <reason>`.
+    #[serde(default)]
+    pub observer: String,
     /// Whether the kernel accounts IRQ time separately (`/proc/pressure/irq` exists).
     pub irq_time_accounting: bool,
     /// Registrations dropped because their cgroup vanished without a poststop.

@@ -72,23 +72,82 @@ pub struct TempDaemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
+    pub config: PathBuf,
+    /// bpffs directory of this daemon's maps, when the observer is on.
+    pub pin_dir: Option<PathBuf>,
+    /// `host:port` of the metrics endpoint, when on.
+    pub metrics: Option<String>,
 }
 
 impl TempDaemon {
+    /// A daemon with the registry only (no eBPF, no metrics port): what most suites need,
+    /// and safe to run many of at once.
     pub fn start() -> Result<Self> {
+        Self::start_with(
+            "[observer]\nenabled = false\n[metrics]\nlisten = \"\"\n",
+            None,
+            None,
+        )
+    }
+
+    /// A daemon with the eBPF observer (own pin directory) and a metrics endpoint.
+    pub fn with_observer() -> Result<Self> {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("dove-test")));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let metrics = format!("127.0.0.1:{port}");
+        let config = format!(
+            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n[metrics]\nlisten = \"{metrics}\"\n",
+            pin_dir.display()
+        );
+        Self::start_with(&config, Some(pin_dir), Some(metrics))
+    }
+
+    fn start_with(config: &str, pin_dir: Option<PathBuf>, metrics: Option<String>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("dove-test-").tempdir()?;
         let socket = dir.path().join("run/dove.sock");
         let state_dir = dir.path().join("state");
         let log = dir.path().join("doved.log");
+        let config_path = dir.path().join("doved.toml");
+        std::fs::write(&config_path, config)?;
         let mut daemon = Self {
             child: None,
             dir,
             socket,
             state_dir,
             log,
+            config: config_path,
+            pin_dir,
+            metrics,
         };
         daemon.spawn()?;
         Ok(daemon)
+    }
+
+    /// The daemon's `stats` reply.
+    pub fn stats(&self) -> dove_proto::Stats {
+        match self.client().call(Request::Stats).expect("stats") {
+            Reply::Stats(s) => *s,
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// GET /metrics.
+    pub fn scrape(&self) -> Result<String> {
+        let addr = self
+            .metrics
+            .as_ref()
+            .context("metrics are off for this daemon")?;
+        let mut conn = std::net::TcpStream::connect(addr)?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("no HTTP header end")?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
+        Ok(body.to_owned())
     }
 
     /// Start (again) on the same socket and state directory.
@@ -98,6 +157,8 @@ impl TempDaemon {
             .append(true)
             .open(&self.log)?;
         let child = Command::new(bin("doved"))
+            .arg("--config")
+            .arg(&self.config)
             .arg("--socket")
             .arg(&self.socket)
             .arg("--state-dir")
@@ -189,6 +250,194 @@ impl Drop for TempDaemon {
             );
         }
         self.kill9();
+        if let Some(pin_dir) = &self.pin_dir {
+            let _ = std::fs::remove_dir_all(pin_dir);
+        }
+    }
+}
+
+/// Two network namespaces joined by a veth pair: `a` (10.77.N.1, fd77::N:1) is the
+/// peer that sends, `b` (10.77.N.2, fd77::N:2) is where the "containers" listen.
+pub struct NetPair {
+    pub a: String,
+    pub b: String,
+    pub addr_a: String,
+    pub addr_b: String,
+    pub addr6_b: String,
+}
+
+impl NetPair {
+    pub fn new() -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(1);
+        let n = (std::process::id() + N.fetch_add(1, Ordering::Relaxed)) % 250 + 1;
+        let a = unique("dove-na");
+        let b = unique("dove-nb");
+        let pair = Self {
+            addr_a: format!("10.77.{n}.1"),
+            addr_b: format!("10.77.{n}.2"),
+            addr6_b: format!("fd77::{n}:2"),
+            a,
+            b,
+        };
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        ip(&["netns", "add", &pair.a])?;
+        ip(&["netns", "add", &pair.b])?;
+        let (va, vb) = (format!("dva{n}"), format!("dvb{n}"));
+        ip(&[
+            "-n", &pair.a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
+            &pair.b,
+        ])?;
+        for (ns, dev, v4, v6) in [
+            (&pair.a, &va, pair.addr_a.clone(), format!("fd77::{n}:1")),
+            (&pair.b, &vb, pair.addr_b.clone(), pair.addr6_b.clone()),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+
+    /// Start `dove-traffic ARGS` in namespace `ns`, inside `cgroup` if given; waits for
+    /// `ready` when `wait_ready`.
+    pub fn spawn(
+        &self,
+        ns: &str,
+        cgroup: Option<&TestCgroup>,
+        args: &[&str],
+        wait_ready: bool,
+    ) -> Result<Child> {
+        // Join the cgroup before `ip netns exec`, which remounts /sys for the namespace.
+        let mut script = String::new();
+        if let Some(cg) = cgroup {
+            script.push_str(&format!("echo $$ > {}/cgroup.procs && ", cg.dir.display()));
+        }
+        script.push_str("exec ip netns exec \"$0\" \"$@\"");
+        let mut child = Command::new("sh")
+            .args(["-c", &script, ns])
+            .arg(bin("dove-traffic"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        if wait_ready {
+            let mut line = [0u8; 6];
+            child.stdout.as_mut().unwrap().read_exact(&mut line)?;
+            anyhow::ensure!(&line == b"ready\n", "traffic sink did not start");
+        }
+        Ok(child)
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Wait for a child and return what it printed last (a count), failing on error.
+pub fn finish(child: Child) -> Result<u64> {
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "traffic helper failed: {}",
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .last()
+        .unwrap_or("0")
+        .trim()
+        .parse()
+        .context("traffic helper output")
+}
+
+/// An ftrace instance recording NET_RX/NET_TX softirq entry and exit: an independent
+/// measure of softirq time (tracefs is mounted privately and removed on drop).
+pub struct SoftirqTrace {
+    mount: tempfile::TempDir,
+    instance: PathBuf,
+}
+
+impl SoftirqTrace {
+    pub fn start() -> Result<Self> {
+        let mount = tempfile::Builder::new().prefix("dove-tracefs-").tempdir()?;
+        nix::mount::mount(
+            Some("nodev"),
+            mount.path(),
+            Some("tracefs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting tracefs")?;
+        let instance = mount.path().join("instances").join(unique("dove"));
+        std::fs::create_dir(&instance)?;
+        let w = |p: &str, v: &str| {
+            std::fs::write(instance.join(p), v).with_context(|| format!("writing {p}"))
+        };
+        w("buffer_size_kb", "65536")?;
+        for ev in ["softirq_entry", "softirq_exit"] {
+            w(&format!("events/irq/{ev}/filter"), "vec == 2 || vec == 3")?;
+            w(&format!("events/irq/{ev}/enable"), "1")?;
+        }
+        w("tracing_on", "1")?;
+        Ok(Self { mount, instance })
+    }
+
+    /// Stop and return total NET softirq nanoseconds (µs resolution per event).
+    pub fn stop(&self) -> Result<u64> {
+        std::fs::write(self.instance.join("tracing_on"), "0")?;
+        let text = std::fs::read_to_string(self.instance.join("trace"))?;
+        let mut open: std::collections::HashMap<u32, f64> = Default::default();
+        let mut total = 0f64;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some(cpu) = line
+                .split('[')
+                .nth(1)
+                .and_then(|r| r.split(']').next())
+                .and_then(|c| c.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some((before, event)) = line.split_once(": softirq_") else {
+                continue;
+            };
+            let Some(ts) = before
+                .rsplit(' ')
+                .next()
+                .and_then(|t| t.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            if event.starts_with("entry") {
+                open.insert(cpu, ts);
+            } else if let Some(start) = open.remove(&cpu) {
+                total += ts - start;
+            }
+        }
+        Ok((total * 1e9) as u64)
+    }
+}
+
+impl Drop for SoftirqTrace {
+    fn drop(&mut self) {
+        for ev in ["softirq_entry", "softirq_exit"] {
+            let _ = std::fs::write(self.instance.join(format!("events/irq/{ev}/enable")), "0");
+        }
+        let _ = std::fs::remove_dir(&self.instance);
+        let _ = nix::mount::umount2(self.mount.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

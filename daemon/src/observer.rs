@@ -1,0 +1,681 @@
+//! The eBPF observer: loads DOVE's programs into the running kernel, keeps the map of
+//! registered cgroups in step with the registry, and turns the per-CPU cost entries into
+//! the global cost map each tick.
+//!
+//! Maps are pinned under `pin_dir` (default `/sys/fs/bpf/dove`), so a restarted daemon
+//! continues the same counters. Links are owned by the daemon process, not pinned: when
+//! it dies they detach, so a restart never leaves the programs attached twice, and an
+//! exclusive lock on `pin_dir` keeps two daemons from sharing one set of maps.
+
+use std::collections::{BTreeSet, HashMap};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
+use aya::{Ebpf, EbpfLoader};
+use dove_ebpf_common::{
+    CpuCost, GlobalCost, Health, Settings, COST_MAP, HEALTH_MAP, PERCPU_COST_MAP, SETTINGS_MAP,
+    SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT,
+};
+
+/// The compiled programs (built by build.rs from `ebpf/programs`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dove.bpf.o"));
+
+/// Oldest kernel with everything used here: cgroup bpf_link (5.7), mmapable arrays (5.5),
+/// raw tracepoints (4.17), `bpf_skb_ancestor_cgroup_id` (4.19).
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserverError {
+    #[error("kernel {found} is older than {}.{}, the oldest DOVE's observer supports (cgroup bpf links, mmapable BPF arrays)", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld { found: String },
+    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): build it with CONFIG_DEBUG_INFO_BTF=y")]
+    NoBtf,
+    #[error("missing capabilities {missing}: doved needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN) to load and attach its programs; run it as root or grant them (AmbientCapabilities= in the unit)")]
+    Capabilities { missing: String },
+    #[error("bpffs is not mounted at {path} and mounting it failed: {source}; mount it (`mount -t bpf bpf /sys/fs/bpf`) or set observer.pin_dir under a bpffs mount")]
+    Bpffs { path: PathBuf, source: nix::Error },
+    #[error("{path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another doved is using the maps pinned at {0}: stop it, or set observer.pin_dir to another directory")]
+    PinDirBusy(PathBuf),
+    #[error("loading the eBPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {detail}")]
+    Map { name: &'static str, detail: String },
+    #[error("opening the cgroup v2 root {path}: {source}")]
+    CgroupRoot {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("all {0} cost slots are in use: raise SLOTS in ebpf/common or unregister containers")]
+    SlotsFull(u32),
+}
+
+/// A shared mapping of a `BPF_F_MMAPABLE` array.
+struct Mapped<T> {
+    ptr: NonNull<T>,
+    len: usize,
+    bytes: NonZeroUsize,
+}
+
+// SAFETY: the mapping is plain memory shared with the kernel; all access goes through
+// volatile reads/writes or atomics.
+unsafe impl<T> Send for Mapped<T> {}
+
+impl<T> Mapped<T> {
+    fn new(fd: &impl AsFd, len: usize, name: &'static str) -> Result<Self, ObserverError> {
+        let page = 4096usize;
+        let bytes = (len * std::mem::size_of::<T>()).div_ceil(page) * page;
+        let bytes = NonZeroUsize::new(bytes).expect("maps are never empty");
+        // SAFETY: mapping a BPF array fd; the kernel checks size and flags.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                bytes,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
+        }
+        .map_err(|e| ObserverError::Map {
+            name,
+            detail: format!("mmap failed: {e} (the map must be created with BPF_F_MMAPABLE; remove stale pins from an older DOVE)"),
+        })?;
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+            bytes,
+        })
+    }
+
+    fn at(&self, index: usize) -> *mut T {
+        assert!(
+            index < self.len,
+            "index {index} past the mapped {} entries",
+            self.len
+        );
+        // SAFETY: in bounds of the mapping.
+        unsafe { self.ptr.as_ptr().add(index) }
+    }
+
+    fn read(&self, index: usize) -> T {
+        // SAFETY: in bounds; T is plain data; the kernel writes concurrently, hence volatile.
+        unsafe { std::ptr::read_volatile(self.at(index)) }
+    }
+}
+
+impl<T> Drop for Mapped<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe {
+            let _ = nix::sys::mman::munmap(self.ptr.cast(), self.bytes.get());
+        }
+    }
+}
+
+/// A u64 field of a mapped value, for atomic access shared with an enforcer.
+fn atomic_field(ptr: *mut u64) -> &'static AtomicU64 {
+    // SAFETY: u64 fields of a page-aligned mapping are 8-byte aligned; the mapping lives
+    // as long as the observer, and callers do not keep the reference beyond a call.
+    unsafe { AtomicU64::from_ptr(ptr) }
+}
+
+/// One slot's cost, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub rx_ns: u64,
+    pub tx_ns: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub total_ns: u64,
+    pub pending_ns: u64,
+}
+
+/// What the last tick saw.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// cgroup v2 ID → cost.
+    pub by_cgroup: HashMap<u64, Cost>,
+    pub unattributed: Cost,
+    pub health: Health,
+    pub programs_attached: usize,
+    pub slots_used: usize,
+    pub slots_capacity: u32,
+    pub tick_duration_ns: u64,
+    pub ticks: u64,
+}
+
+pub struct Observer {
+    _ebpf: Ebpf,
+    _lock: OwnedFd,
+    slots: BpfHashMap<MapData, u64, u32>,
+    settings: Array<MapData, Settings>,
+    health: PerCpuArray<MapData, Health>,
+    percpu: Mapped<CpuCost>,
+    cost: Mapped<GlobalCost>,
+    nr_cpus: usize,
+    /// cgroup ID → (slot, level).
+    owned: HashMap<u64, (u32, u32)>,
+    free: BTreeSet<u32>,
+    /// Slots released recently, with the tick at which they may be reused: programs on
+    /// other CPUs may still be adding to them for a moment after the release.
+    quarantine: Vec<(u32, u64)>,
+    programs_attached: usize,
+    ticks: u64,
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn parse_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Checks that name the problem before anything is loaded.
+pub fn preflight() -> Result<(), ObserverError> {
+    let release = kernel_release();
+    match parse_version(&release) {
+        Some(v) if v >= MIN_KERNEL => {}
+        _ => return Err(ObserverError::KernelTooOld { found: release }),
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(ObserverError::NoBtf);
+    }
+    use caps::Capability::*;
+    let effective = caps::read(None, caps::CapSet::Effective).unwrap_or_default();
+    let has = |c| effective.contains(&c);
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !missing.is_empty() {
+        return Err(ObserverError::Capabilities {
+            missing: missing.join(", "),
+        });
+    }
+    Ok(())
+}
+
+/// Mount bpffs at `/sys/fs/bpf` if `dir` is not already on one.
+fn ensure_bpffs(dir: &Path) -> Result<(), ObserverError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let on_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    let mut probe = dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if on_bpffs(&probe) {
+        return Ok(());
+    }
+    let mount_point = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(mount_point) {
+        return Err(ObserverError::Bpffs {
+            path: dir.to_owned(),
+            source: nix::Error::ENOTSUP,
+        });
+    }
+    tracing::info!("bpffs is not mounted; mounting it at /sys/fs/bpf");
+    nix::mount::mount(
+        Some("bpf"),
+        mount_point,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(|source| ObserverError::Bpffs {
+        path: mount_point.to_owned(),
+        source,
+    })
+}
+
+impl Observer {
+    /// Load and attach. `cgroup_root` is the cgroup v2 mount the cgroup_skb programs
+    /// attach to (they then see every socket's traffic, filtered by the slot map).
+    pub fn start(pin_dir: &Path, cgroup_root: &Path) -> Result<Self, ObserverError> {
+        preflight()?;
+        ensure_bpffs(pin_dir)?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| ObserverError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let lock = lock_dir(pin_dir)?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| ObserverError::Map {
+            name: PERCPU_COST_MAP,
+            detail: format!("{what}: {e}"),
+        })?;
+        let percpu_entries = nr_cpus as u32 * SLOTS;
+        let mut ebpf = match load(pin_dir, percpu_entries) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                // Pins from an incompatible build (other map sizes or flags): start over
+                // rather than refuse to run. Billing counters restart from zero.
+                tracing::warn!(
+                    "could not reuse the maps pinned at {}: {e}; removing them and starting fresh",
+                    pin_dir.display()
+                );
+                for name in [
+                    SLOTS_MAP,
+                    PERCPU_COST_MAP,
+                    COST_MAP,
+                    HEALTH_MAP,
+                    SETTINGS_MAP,
+                    dove_ebpf_common::WINDOW_MAP,
+                ] {
+                    let _ = std::fs::remove_file(pin_dir.join(name));
+                }
+                load(pin_dir, percpu_entries)?
+            }
+        };
+        let mut attached = 0;
+        for (name, tracepoint) in [
+            ("dove_softirq_entry", "softirq_entry"),
+            ("dove_softirq_exit", "softirq_exit"),
+        ] {
+            let program: &mut RawTracePoint = program(&mut ebpf, name)?;
+            program.load().map_err(|source| ObserverError::Program {
+                what: format!("loading {name}"),
+                source,
+            })?;
+            program
+                .attach(tracepoint)
+                .map_err(|source| ObserverError::Program {
+                    what: format!("attaching {name} to raw tracepoint {tracepoint}"),
+                    source,
+                })?;
+            attached += 1;
+        }
+        let root =
+            std::fs::File::open(cgroup_root).map_err(|source| ObserverError::CgroupRoot {
+                path: cgroup_root.to_owned(),
+                source,
+            })?;
+        for (name, kind) in [
+            ("dove_ingress", CgroupSkbAttachType::Ingress),
+            ("dove_egress", CgroupSkbAttachType::Egress),
+        ] {
+            let program: &mut CgroupSkb = program(&mut ebpf, name)?;
+            program.load().map_err(|source| ObserverError::Program {
+                what: format!("loading {name}"),
+                source,
+            })?;
+            // `Single` creates a bpf_link, which stacks with other programs here;
+            // AllowMultiple through a link is refused with EINVAL on some kernels.
+            program
+                .attach(&root, kind, CgroupAttachMode::Single)
+                .map_err(|source| ObserverError::Program {
+                    what: format!("attaching {name} at {}", cgroup_root.display()),
+                    source,
+                })?;
+            attached += 1;
+        }
+
+        let percpu = Mapped::new(
+            map_fd(&ebpf, PERCPU_COST_MAP)?,
+            percpu_entries as usize,
+            PERCPU_COST_MAP,
+        )?;
+        let cost = Mapped::new(map_fd(&ebpf, COST_MAP)?, SLOTS as usize, COST_MAP)?;
+        let slots = take(&mut ebpf, SLOTS_MAP, BpfHashMap::try_from)?;
+        let settings = take(&mut ebpf, SETTINGS_MAP, Array::try_from)?;
+        let health = take(&mut ebpf, HEALTH_MAP, PerCpuArray::try_from)?;
+
+        let mut observer = Self {
+            _ebpf: ebpf,
+            _lock: lock,
+            slots,
+            settings,
+            health,
+            percpu,
+            cost,
+            nr_cpus,
+            owned: HashMap::new(),
+            free: (1..SLOTS).collect(),
+            quarantine: Vec::new(),
+            programs_attached: attached,
+            ticks: 0,
+        };
+        observer.adopt_pinned_slots();
+        tracing::info!(
+            programs = attached,
+            cpus = nr_cpus,
+            slots_in_use = observer.owned.len(),
+            pin_dir = %pin_dir.display(),
+            "eBPF observer attached (softirq raw tracepoints, cgroup_skb ingress/egress at {})",
+            cgroup_root.display()
+        );
+        Ok(observer)
+    }
+
+    /// Slots that survived a restart in the pinned map keep their counters.
+    fn adopt_pinned_slots(&mut self) {
+        let entries: Vec<(u64, u32)> = self.slots.iter().filter_map(Result::ok).collect();
+        for (cgroup_id, slot) in entries {
+            if slot == UNATTRIBUTED_SLOT || slot >= SLOTS || !self.free.remove(&slot) {
+                let _ = self.slots.remove(&cgroup_id);
+                continue;
+            }
+            // The level is unknown until the registry reports the container again.
+            self.owned.insert(cgroup_id, (slot, 0));
+        }
+    }
+
+    /// Start charging `cgroup_id` (at cgroup level `level`) to its own slot.
+    pub fn add(&mut self, cgroup_id: u64, level: u32) -> Result<(), ObserverError> {
+        if let Some(entry) = self.owned.get_mut(&cgroup_id) {
+            entry.1 = level;
+            self.update_levels();
+            return Ok(());
+        }
+        let slot = self.take_free_slot()?;
+        // Fresh counters for the new owner before the programs can find the slot.
+        for cpu in 0..self.nr_cpus {
+            // SAFETY: in bounds; no program writes this slot while it is not in the map.
+            unsafe {
+                std::ptr::write_volatile(
+                    self.percpu.at(cpu * SLOTS as usize + slot as usize),
+                    CpuCost::default(),
+                )
+            };
+        }
+        // SAFETY: as above; enforcers key on cgroup_id and see the new owner from here.
+        unsafe {
+            std::ptr::write_volatile(
+                self.cost.at(slot as usize),
+                GlobalCost {
+                    cgroup_id,
+                    ..Default::default()
+                },
+            )
+        };
+        self.slots
+            .insert(cgroup_id, slot, 0)
+            .map_err(|e| ObserverError::Map {
+                name: SLOTS_MAP,
+                detail: e.to_string(),
+            })?;
+        self.owned.insert(cgroup_id, (slot, level));
+        self.update_levels();
+        Ok(())
+    }
+
+    /// Stop charging `cgroup_id`. Its last cost is flushed at the next tick.
+    pub fn remove(&mut self, cgroup_id: u64) {
+        let Some((slot, _)) = self.owned.remove(&cgroup_id) else {
+            return;
+        };
+        let _ = self.slots.remove(&cgroup_id);
+        self.flush_slot(slot);
+        self.quarantine.push((slot, self.ticks + 2));
+        self.update_levels();
+    }
+
+    /// Forget every owner not in `keep` (after the registry reloaded).
+    pub fn retain(&mut self, keep: &BTreeSet<u64>) {
+        let stale: Vec<u64> = self
+            .owned
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        for id in stale {
+            self.remove(id);
+        }
+    }
+
+    fn take_free_slot(&mut self) -> Result<u32, ObserverError> {
+        let ticks = self.ticks;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            self.quarantine.drain(..).partition(|(_, at)| *at <= ticks);
+        self.quarantine = waiting;
+        self.free.extend(ready.into_iter().map(|(slot, _)| slot));
+        self.free
+            .pop_first()
+            .ok_or(ObserverError::SlotsFull(SLOTS - 1))
+    }
+
+    fn update_levels(&mut self) {
+        let mask = self.owned.values().fold(0u64, |m, (_, level)| {
+            if *level > 0 && *level <= dove_ebpf_common::MAX_LEVEL {
+                m | (1u64 << level)
+            } else {
+                m
+            }
+        });
+        let _ = self.settings.set(0, Settings { level_mask: mask }, 0);
+    }
+
+    /// Sum a slot over CPUs and publish it; returns the published cost.
+    fn flush_slot(&mut self, slot: u32) -> Cost {
+        let mut sum = CpuCost::default();
+        for cpu in 0..self.nr_cpus {
+            let c = self.percpu.read(cpu * SLOTS as usize + slot as usize);
+            sum.rx_ns += c.rx_ns;
+            sum.tx_ns += c.tx_ns;
+            sum.rx_packets += c.rx_packets;
+            sum.tx_packets += c.tx_packets;
+        }
+        let total = sum.rx_ns + sum.tx_ns;
+        let global = self.cost.at(slot as usize);
+        // SAFETY: fields of an in-bounds entry; doved is the only writer of these fields.
+        unsafe {
+            let previous = std::ptr::read_volatile(&raw const (*global).total_ns);
+            if total > previous {
+                atomic_field(&raw mut (*global).pending_ns)
+                    .fetch_add(total - previous, Ordering::SeqCst);
+                std::ptr::write_volatile(&raw mut (*global).total_ns, total);
+            }
+            std::ptr::write_volatile(&raw mut (*global).rx_ns, sum.rx_ns);
+            std::ptr::write_volatile(&raw mut (*global).tx_ns, sum.tx_ns);
+            std::ptr::write_volatile(&raw mut (*global).rx_packets, sum.rx_packets);
+            std::ptr::write_volatile(&raw mut (*global).tx_packets, sum.tx_packets);
+        }
+        let g = self.cost.read(slot as usize);
+        Cost {
+            rx_ns: g.rx_ns,
+            tx_ns: g.tx_ns,
+            rx_packets: g.rx_packets,
+            tx_packets: g.tx_packets,
+            total_ns: g.total_ns,
+            pending_ns: g.pending_ns,
+        }
+    }
+
+    /// Aggregate every slot into the global cost map.
+    pub fn tick(&mut self) -> Snapshot {
+        let start = Instant::now();
+        self.ticks += 1;
+        let unattributed = self.flush_slot(UNATTRIBUTED_SLOT);
+        let owned: Vec<(u64, u32)> = self
+            .owned
+            .iter()
+            .map(|(id, (slot, _))| (*id, *slot))
+            .collect();
+        let mut by_cgroup = HashMap::with_capacity(owned.len());
+        for (cgroup_id, slot) in owned {
+            by_cgroup.insert(cgroup_id, self.flush_slot(slot));
+        }
+        let health = self
+            .health
+            .get(&0, 0)
+            .map(|per_cpu| {
+                per_cpu.iter().fold(Health::default(), |mut a, h| {
+                    a.windows += h.windows;
+                    a.packets_in_window += h.packets_in_window;
+                    a.packets_outside_window += h.packets_outside_window;
+                    a.unowned_windows += h.unowned_windows;
+                    a
+                })
+            })
+            .unwrap_or_default();
+        Snapshot {
+            slots_used: by_cgroup.len(),
+            by_cgroup,
+            unattributed,
+            health,
+            programs_attached: self.programs_attached,
+            slots_capacity: SLOTS - 1,
+            tick_duration_ns: start.elapsed().as_nanos() as u64,
+            ticks: self.ticks,
+        }
+    }
+
+    /// The raw fd of the global cost map, for an enforcer.
+    pub fn cost_map_fd(&self) -> Option<i32> {
+        match self._ebpf.map(COST_MAP) {
+            Some(Map::Array(data)) => Some(data.fd().as_fd().as_raw_fd()),
+            _ => None,
+        }
+    }
+}
+
+fn load(pin_dir: &Path, percpu_entries: u32) -> Result<Ebpf, aya::EbpfError> {
+    EbpfLoader::new()
+        .map_pin_path(pin_dir)
+        .set_max_entries(PERCPU_COST_MAP, percpu_entries)
+        .load(OBJECT)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ObserverError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| ObserverError::Program {
+            what: format!("program {name} is missing from the object"),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+    program.try_into().map_err(|source| ObserverError::Program {
+        what: format!("program {name}"),
+        source,
+    })
+}
+
+fn map_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::MapFd, ObserverError> {
+    match ebpf.map(name) {
+        Some(Map::Array(data)) => Ok(data.fd()),
+        _ => Err(ObserverError::Map {
+            name,
+            detail: "missing from the object or not an array".into(),
+        }),
+    }
+}
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, ObserverError> {
+    let map = ebpf.take_map(name).ok_or(ObserverError::Map {
+        name,
+        detail: "missing from the object".into(),
+    })?;
+    convert(map).map_err(|e| ObserverError::Map {
+        name,
+        detail: e.to_string(),
+    })
+}
+
+/// An exclusive, non-blocking lock on the pin directory, held for the daemon's life.
+fn lock_dir(dir: &Path) -> Result<OwnedFd, ObserverError> {
+    let file = std::fs::File::open(dir).map_err(|source| ObserverError::PinDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let fd: OwnedFd = file.into();
+    // SAFETY: flock on a valid fd.
+    let rc = unsafe { nix::libc::flock(fd.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(ObserverError::PinDirBusy(dir.to_owned()));
+    }
+    Ok(fd)
+}
+
+/// Drop every capability: after the programs are attached and the maps mapped, doved
+/// needs none (map updates go through fds it already holds).
+pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
+    for cap in caps::all() {
+        // Shrinking the bounding set needs CAP_SETPCAP, so do it first.
+        let _ = caps::drop(None, caps::CapSet::Bounding, cap);
+    }
+    caps::clear(None, caps::CapSet::Ambient)?;
+    caps::clear(None, caps::CapSet::Inheritable)?;
+    caps::clear(None, caps::CapSet::Effective)?;
+    caps::clear(None, caps::CapSet::Permitted)?;
+    Ok(())
+}
+
+/// The observer as the registry and the tick task share it.
+pub type SharedObserver = std::sync::Arc<std::sync::Mutex<Observer>>;
+
+/// Feeds registry changes into the observer's map of registered cgroups.
+pub struct ObserverMembership(pub SharedObserver);
+
+/// A cgroup's level in the v2 tree: `/` is 0, `/a` is 1, `/a/b` is 2.
+pub fn cgroup_level(path: &str) -> u32 {
+    path.split('/').filter(|c| !c.is_empty()).count() as u32
+}
+
+impl crate::registry::Membership for ObserverMembership {
+    fn added(&self, registration: &dove_proto::Registration) {
+        let mut observer = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = observer.add(
+            registration.cgroup_id,
+            cgroup_level(&registration.cgroup_path),
+        ) {
+            tracing::error!(id = %registration.id, "container's traffic will be unattributed: {e}");
+        }
+    }
+
+    fn removed(&self, registration: &dove_proto::Registration) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(registration.cgroup_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(parse_version("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(parse_version("5.8.0"), Some((5, 8)));
+        assert!(parse_version("6.1.0-18-amd64").unwrap() >= MIN_KERNEL);
+        assert!(parse_version("5.4.0").unwrap() < MIN_KERNEL);
+        assert_eq!(parse_version("garbage"), None);
+    }
+}

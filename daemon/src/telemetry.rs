@@ -1,0 +1,291 @@
+//! What doved knows about cost, in the shapes operators read: `dovectl stats` (JSON)
+//! and the Prometheus endpoint (text format 0.0.4).
+
+use std::fmt::Write as _;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use dove_proto::{ContainerStats, CostCounters, ObserverHealth, Stats};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::observer::{Cost, Snapshot};
+use crate::registry::Registry;
+
+pub struct Telemetry {
+    /// `active`, `disabled` or `failed: …`.
+    pub observer_state: String,
+    pub tick_ms: u64,
+    snapshot: RwLock<Snapshot>,
+}
+
+fn counters(c: &Cost) -> CostCounters {
+    CostCounters {
+        total_ns: c.total_ns,
+        rx_ns: c.rx_ns,
+        tx_ns: c.tx_ns,
+        rx_packets: c.rx_packets,
+        tx_packets: c.tx_packets,
+        pending_ns: c.pending_ns,
+    }
+}
+
+impl Telemetry {
+    pub fn new(observer_state: String, tick_ms: u64) -> Self {
+        Self {
+            observer_state,
+            tick_ms,
+            snapshot: RwLock::new(Snapshot::default()),
+        }
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snapshot;
+    }
+
+    pub fn stats(&self, registry: &Registry) -> Stats {
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        let mut containers: Vec<ContainerStats> = registry
+            .list()
+            .into_iter()
+            .map(|c| ContainerStats {
+                cost: snap
+                    .by_cgroup
+                    .get(&c.registration.cgroup_id)
+                    .map(counters)
+                    .unwrap_or_default(),
+                id: c.registration.id,
+                cgroup_path: c.registration.cgroup_path,
+                cgroup_id: c.registration.cgroup_id,
+            })
+            .collect();
+        containers.sort_by(|a, b| b.cost.total_ns.cmp(&a.cost.total_ns).then(a.id.cmp(&b.id)));
+        let h = &snap.health;
+        Stats {
+            observer: self.observer_state.clone(),
+            tick_ms: self.tick_ms,
+            containers,
+            unattributed: counters(&snap.unattributed),
+            health: ObserverHealth {
+                programs_attached: snap.programs_attached as u64,
+                windows: h.windows,
+                packets_in_window: h.packets_in_window,
+                packets_outside_window: h.packets_outside_window,
+                unowned_windows: h.unowned_windows,
+                slots_used: snap.slots_used as u64,
+                slots_capacity: snap.slots_capacity as u64,
+                ticks: snap.ticks,
+                last_tick_ns: snap.tick_duration_ns,
+            },
+        }
+    }
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// Render the Prometheus text exposition format.
+pub fn render(stats: &Stats, registry: &Registry) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "{name} {value}");
+            } else {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        }
+    };
+    let labels = |c: &ContainerStats| {
+        format!(
+            "container_id=\"{}\",cgroup=\"{}\"",
+            escape(&c.id),
+            escape(&c.cgroup_path)
+        )
+    };
+    let per = |f: &dyn Fn(&ContainerStats) -> String| -> Vec<(String, String)> {
+        stats.containers.iter().map(|c| (labels(c), f(c))).collect()
+    };
+    let per_dir = |rx: &dyn Fn(&ContainerStats) -> String,
+                   tx: &dyn Fn(&ContainerStats) -> String| {
+        let mut v = Vec::new();
+        for c in &stats.containers {
+            v.push((format!("{},direction=\"rx\"", labels(c)), rx(c)));
+            v.push((format!("{},direction=\"tx\"", labels(c)), tx(c)));
+        }
+        v
+    };
+    family(
+        "dove_softirq_seconds_total",
+        "counter",
+        "Softirq (NET_RX/NET_TX) CPU time spent on the container's network traffic.",
+        &per(&|c| seconds(c.cost.total_ns).to_string()),
+    );
+    family(
+        "dove_softirq_direction_seconds_total",
+        "counter",
+        "Softirq CPU time by direction: rx up to deliveries to the container's sockets, tx up to its transmissions.",
+        &per_dir(&|c| seconds(c.cost.rx_ns).to_string(), &|c| seconds(c.cost.tx_ns).to_string()),
+    );
+    family(
+        "dove_softirq_packets_total",
+        "counter",
+        "Packets of the container's sockets processed inside softirq windows.",
+        &per_dir(&|c| c.cost.rx_packets.to_string(), &|c| {
+            c.cost.tx_packets.to_string()
+        }),
+    );
+    family(
+        "dove_softirq_pending_seconds",
+        "gauge",
+        "Softirq time charged but not yet consumed by an enforcer.",
+        &per(&|c| seconds(c.cost.pending_ns).to_string()),
+    );
+    let plain = |v: String| vec![(String::new(), v)];
+    family(
+        "dove_unattributed_softirq_seconds_total",
+        "counter",
+        "Softirq CPU time on traffic with no registered owner (charged to no one).",
+        &plain(seconds(stats.unattributed.total_ns).to_string()),
+    );
+    let h = &stats.health;
+    family(
+        "dove_observer_up",
+        "gauge",
+        "1 when the eBPF observer is loaded and attached.",
+        &plain(((stats.observer == "active") as u8).to_string()),
+    );
+    family(
+        "dove_programs_attached",
+        "gauge",
+        "eBPF programs doved has attached.",
+        &plain(h.programs_attached.to_string()),
+    );
+    family(
+        "dove_softirq_windows_total",
+        "counter",
+        "NET_RX/NET_TX softirq windows observed.",
+        &plain(h.windows.to_string()),
+    );
+    family(
+        "dove_packets_outside_softirq_total",
+        "counter",
+        "Packets seen in process context (already billed to the task; not charged).",
+        &plain(h.packets_outside_window.to_string()),
+    );
+    family(
+        "dove_cost_slots_used",
+        "gauge",
+        "Cost map slots in use (one per registered cgroup).",
+        &plain(h.slots_used.to_string()),
+    );
+    family(
+        "dove_cost_slots_capacity",
+        "gauge",
+        "Cost map slots available.",
+        &plain(h.slots_capacity.to_string()),
+    );
+    family(
+        "dove_tick_duration_seconds",
+        "gauge",
+        "How long the last aggregation tick took.",
+        &plain(seconds(h.last_tick_ns).to_string()),
+    );
+    family(
+        "dove_registered_containers",
+        "gauge",
+        "Containers in the registry.",
+        &plain(registry.len().to_string()),
+    );
+    family(
+        "dove_containers_dropped_vanished_total",
+        "counter",
+        "Registrations dropped because their cgroup disappeared without a poststop.",
+        &plain(
+            registry
+                .dropped_vanished
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .to_string(),
+        ),
+    );
+    family(
+        "dove_registry_persist_failures_total",
+        "counter",
+        "Failed writes of the registry to disk.",
+        &plain(
+            registry
+                .persist_failures
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .to_string(),
+        ),
+    );
+    out
+}
+
+/// Serve `GET /metrics` until the task is dropped.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    telemetry: Arc<Telemetry>,
+    registry: Arc<Registry>,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (telemetry, registry) = (Arc::clone(&telemetry), Arc::clone(&registry));
+        tokio::spawn(async move {
+            let mut request = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&request);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, content_type, body) = match (method, path.split('?').next().unwrap_or(""))
+            {
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    render(&telemetry.stats(&registry), &registry),
+                ),
+                ("GET", "/") => (
+                    "200 OK",
+                    "text/plain; charset=utf-8",
+                    "doved: metrics at /metrics\n".to_owned(),
+                ),
+                _ => (
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "not found: try GET /metrics\n".to_owned(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}

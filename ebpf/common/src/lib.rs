@@ -1,0 +1,114 @@
+//! Map keys and values shared by DOVE's eBPF programs (`ebpf/programs`) and `doved`.
+//!
+//! Every type is `#[repr(C)]`, made of naturally aligned `u64`/`u32` fields with no
+//! implicit padding, so both sides (and the kernel patch, which reads [`GlobalCost`])
+//! agree on the layout. Build with the `user` feature for `aya::Pod` impls.
+//!
+//! Map layout (names are the pinned names under the daemon's bpffs directory):
+//! - [`SLOTS_MAP`]: hash, cgroup v2 ID → slot index, one per registered container.
+//! - [`PERCPU_COST_MAP`]: array of [`CpuCost`], `nr_cpus × SLOTS` entries, mmapable;
+//!   entry `cpu × SLOTS + slot` is written only by programs running on `cpu`.
+//! - [`COST_MAP`]: array of [`GlobalCost`], `SLOTS` entries, mmapable; written by doved
+//!   (totals, and atomic adds to `pending_ns`), consumed by an enforcer (atomic exchange
+//!   of `pending_ns` to zero).
+//! - [`WINDOW_MAP`]: per-CPU [`WindowState`], the softirq window in progress.
+//! - [`HEALTH_MAP`]: per-CPU [`Health`] counters.
+//! - [`SETTINGS_MAP`]: one [`Settings`].
+#![no_std]
+
+/// Slots in the cost maps: one per registered container, slot 0 for unattributed time.
+pub const SLOTS: u32 = 4096;
+/// Slot that collects softirq time with no registered owner.
+pub const UNATTRIBUTED_SLOT: u32 = 0;
+/// Deepest cgroup level at which a registered container is looked for as an ancestor.
+pub const MAX_LEVEL: u32 = 31;
+/// `BPF_F_MMAPABLE`: the array's memory can be mapped into doved.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// softirq vector numbers (`include/linux/interrupt.h`).
+pub const NET_TX_SOFTIRQ: u32 = 2;
+pub const NET_RX_SOFTIRQ: u32 = 3;
+
+pub const SLOTS_MAP: &str = "DOVE_SLOTS";
+pub const PERCPU_COST_MAP: &str = "DOVE_PERCPU_COST";
+pub const COST_MAP: &str = "DOVE_COST";
+pub const WINDOW_MAP: &str = "DOVE_WINDOW";
+pub const HEALTH_MAP: &str = "DOVE_HEALTH";
+pub const SETTINGS_MAP: &str = "DOVE_SETTINGS";
+
+/// Softirq time one CPU spent for one slot. Cumulative, never reset while the slot is
+/// owned; only programs on that CPU write it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuCost {
+    /// Window time up to ingress deliveries (and NET_RX tails) charged to this slot.
+    pub rx_ns: u64,
+    /// Window time up to egress transmissions (and NET_TX tails) charged to this slot.
+    pub tx_ns: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// One slot's cost across all CPUs, as doved publishes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalCost {
+    /// Cost not yet consumed by an enforcer. doved adds with an atomic fetch-add; the
+    /// enforcer takes it with an atomic exchange to zero.
+    pub pending_ns: u64,
+    /// Monotonic total (rx + tx): what a bill reads.
+    pub total_ns: u64,
+    pub rx_ns: u64,
+    pub tx_ns: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// The cgroup v2 ID that owns the slot (0: free), so a reader can tell reuse.
+    pub cgroup_id: u64,
+    /// What an enforcer has deducted so far (written by the enforcer).
+    pub charged_ns: u64,
+}
+
+/// The softirq window in progress on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowState {
+    /// When the current stretch began: the window's start or the last delivery.
+    pub mark_ns: u64,
+    /// Slot of the last packet seen in this window, or `u32::MAX` if none yet.
+    pub last_slot: u32,
+    /// The softirq vector of the open window plus one; 0 when no NET window is open.
+    pub active: u32,
+}
+
+/// Per-CPU counters about the programs themselves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// NET_RX / NET_TX windows seen.
+    pub windows: u64,
+    /// Packets seen inside a window (charged).
+    pub packets_in_window: u64,
+    /// Packets seen outside any window: process context, already in the task's runtime.
+    pub packets_outside_window: u64,
+    /// Windows with no packet of a registered owner in them (wholly unattributed).
+    pub unowned_windows: u64,
+}
+
+/// Knobs doved sets for the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Bit `n` set: some registered container's cgroup is at level `n` (root is 0).
+    pub level_mask: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` integers with no padding; every bit pattern is valid.
+    unsafe impl aya::Pod for CpuCost {}
+    unsafe impl aya::Pod for GlobalCost {}
+    unsafe impl aya::Pod for WindowState {}
+    unsafe impl aya::Pod for Health {}
+    unsafe impl aya::Pod for Settings {}
+}
