@@ -55,6 +55,11 @@ pub enum DaemonError {
 /// Run the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let d = &config.daemon;
+    let activated = server::activated_listener();
+    if activated.is_none() {
+        // Before loading anything: a second daemon must not touch the first one's maps.
+        server::ensure_free(&d.socket)?;
+    }
     let mounts = dove_cgroup::Mounts::discover()?;
     let access = Access::from_config(&d.socket_group).map_err(DaemonError::Access)?;
     let store = Store::open(&d.state_dir)?;
@@ -86,8 +91,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .into(),
         config.observer.tick_ms,
     ));
+    if let Some(o) = &observer {
+        // Serve real numbers from the first request on, not an empty snapshot.
+        telemetry.publish(o.lock().unwrap_or_else(|p| p.into_inner()).tick());
+    }
 
-    let (listener, bound_path) = match server::activated_listener() {
+    let (listener, bound_path) = match activated {
         Some(l) => {
             tracing::info!("using the socket systemd passed (socket activation)");
             (l, None)

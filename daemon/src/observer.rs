@@ -19,8 +19,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, Health, Settings, COST_MAP, HEALTH_MAP, PERCPU_COST_MAP, SETTINGS_MAP,
-    SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT,
+    CpuCost, GlobalCost, Settings, WindowState, COST_MAP, PERCPU_COST_MAP, SETTINGS_MAP, SLOTS,
+    SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
 };
 
 /// The compiled programs (built by build.rs from `ebpf/programs`).
@@ -146,6 +146,15 @@ pub struct Cost {
     pub pending_ns: u64,
 }
 
+/// The programs' own counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Health {
+    pub windows: u64,
+    pub packets_in_window: u64,
+    pub packets_outside_window: u64,
+    pub unowned_windows: u64,
+}
+
 /// What the last tick saw.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -165,7 +174,7 @@ pub struct Observer {
     _lock: OwnedFd,
     slots: BpfHashMap<MapData, u64, u32>,
     settings: Array<MapData, Settings>,
-    health: PerCpuArray<MapData, Health>,
+    windows: PerCpuArray<MapData, WindowState>,
     percpu: Mapped<CpuCost>,
     cost: Mapped<GlobalCost>,
     nr_cpus: usize,
@@ -288,9 +297,8 @@ impl Observer {
                     SLOTS_MAP,
                     PERCPU_COST_MAP,
                     COST_MAP,
-                    HEALTH_MAP,
                     SETTINGS_MAP,
-                    dove_ebpf_common::WINDOW_MAP,
+                    WINDOW_MAP,
                 ] {
                     let _ = std::fs::remove_file(pin_dir.join(name));
                 }
@@ -348,14 +356,14 @@ impl Observer {
         let cost = Mapped::new(map_fd(&ebpf, COST_MAP)?, SLOTS as usize, COST_MAP)?;
         let slots = take(&mut ebpf, SLOTS_MAP, BpfHashMap::try_from)?;
         let settings = take(&mut ebpf, SETTINGS_MAP, Array::try_from)?;
-        let health = take(&mut ebpf, HEALTH_MAP, PerCpuArray::try_from)?;
+        let windows = take(&mut ebpf, WINDOW_MAP, PerCpuArray::try_from)?;
 
         let mut observer = Self {
             _ebpf: ebpf,
             _lock: lock,
             slots,
             settings,
-            health,
+            windows,
             percpu,
             cost,
             nr_cpus,
@@ -526,7 +534,7 @@ impl Observer {
             by_cgroup.insert(cgroup_id, self.flush_slot(slot));
         }
         let health = self
-            .health
+            .windows
             .get(&0, 0)
             .map(|per_cpu| {
                 per_cpu.iter().fold(Health::default(), |mut a, h| {

@@ -106,6 +106,14 @@ pub enum ListenError {
     },
 }
 
+/// Fail early when another daemon already serves `path`.
+pub fn ensure_free(path: &Path) -> Result<(), ListenError> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ListenError::InUse(path.to_owned()));
+    }
+    Ok(())
+}
+
 /// Bind the socket: mode 0600 (0660 with a group), refusing to steal a live daemon's path.
 pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, ListenError> {
     if let Some(dir) = path.parent() {
@@ -115,9 +123,7 @@ pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, ListenError> {
         })?;
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ListenError::InUse(path.to_owned()));
-        }
+        ensure_free(path)?;
         // A stale socket from a daemon that died without cleaning up.
         let _ = std::fs::remove_file(path);
     }

@@ -541,6 +541,17 @@ pub fn remove_cgroup_tree(dir: &Path) -> Result<()> {
     }
 }
 
+/// A child process killed (SIGKILL) and reaped on drop, so a failing test leaves no
+/// stray process behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The result of running `dove-hook` once.
 #[derive(Debug)]
 pub struct HookRun {

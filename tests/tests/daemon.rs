@@ -621,13 +621,23 @@ fn dove_socket_env_and_config_errors() {
     }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("env.sock");
-    let mut doved = Command::new(bin("doved"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("DOVE_SOCKET", &socket)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let registry_only = dir.path().join("registry-only.toml");
+    std::fs::write(
+        &registry_only,
+        "[observer]\nenabled = false\n[metrics]\nlisten = \"\"\n",
+    )
+    .unwrap();
+    let mut doved = KillOnDrop(
+        Command::new(bin("doved"))
+            .arg("--config")
+            .arg(&registry_only)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("DOVE_SOCKET", &socket)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while UnixStream::connect(&socket).is_err() {
         assert!(
@@ -675,6 +685,8 @@ fn dove_socket_env_and_config_errors() {
 
     // A second daemon on the same socket refuses to steal it.
     let second = Command::new(bin("doved"))
+        .arg("--config")
+        .arg(&registry_only)
         .arg("--state-dir")
         .arg(dir.path().join("s2"))
         .env("DOVE_SOCKET", &socket)
@@ -682,8 +694,8 @@ fn dove_socket_env_and_config_errors() {
         .unwrap();
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("already serving"));
-    let _ = kill(Pid::from_raw(doved.id() as i32), Signal::SIGTERM);
-    assert!(doved.wait().unwrap().success(), "clean exit on SIGTERM");
+    let _ = kill(Pid::from_raw(doved.0.id() as i32), Signal::SIGTERM);
+    assert!(doved.0.wait().unwrap().success(), "clean exit on SIGTERM");
     assert!(!socket.exists(), "socket removed on shutdown");
 
     let config = dir.path().join("bad.toml");

@@ -271,7 +271,12 @@ fn restart_mid_traffic_keeps_counters_and_never_double_attaches() {
         daemon.spawn().unwrap();
         let s = daemon.stats();
         seen.push(cost(&s, "steady").total_ns);
-        assert_eq!(s.health.programs_attached, 4, "round {round}");
+        assert_eq!(
+            s.health.programs_attached,
+            4,
+            "round {round}: {s:?}\n{}",
+            daemon.log_text()
+        );
         let attached = attached_dove_programs();
         assert_eq!(
             attached, 2,
@@ -357,4 +362,45 @@ fn metrics_endpoint_is_valid_prometheus_text() {
         .find(|s| s.metric == "dove_observer_up")
         .unwrap();
     assert!(matches!(up.value, prometheus_parse::Value::Gauge(v) if v == 1.0));
+}
+
+#[test]
+fn dovectl_stats_and_top() {
+    if !require_root("dovectl_stats_and_top") {
+        return;
+    }
+    let _serial = serial();
+    let daemon = TempDaemon::with_observer().unwrap();
+    let ctr = TestCgroup::new("dove-test-ctl").unwrap();
+    register(&daemon, &ctr, "ctl");
+    settled(&daemon);
+    let dovectl = |args: &[&str]| {
+        run(std::process::Command::new(bin("dovectl"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args))
+        .unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&dovectl(&["stats", "--json"])).unwrap();
+    assert_eq!(json["observer"], "active");
+    assert_eq!(json["containers"][0]["id"], "ctl");
+    assert_eq!(json["containers"][0]["cgroup_id"], ctr.id());
+    for key in [
+        "total_ns",
+        "rx_ns",
+        "tx_ns",
+        "pending_ns",
+        "rx_packets",
+        "tx_packets",
+    ] {
+        assert!(json["containers"][0][key].is_u64(), "{key}");
+    }
+    assert_eq!(json["health"]["programs_attached"], 4);
+    let top = dovectl(&["top", "--interval", "0.2", "--iterations", "2"]);
+    assert!(
+        top.contains("CONTAINER") && top.contains("ctl") && top.contains("(unattributed)"),
+        "{top}"
+    );
+    let status = dovectl(&["status"]);
+    assert!(status.contains("observer:      active"), "{status}");
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use dove_proto::{Client, Container, Reply, Request, Status, DEFAULT_SOCKET};
+use dove_proto::{Client, Container, Reply, Request, Stats, Status, DEFAULT_SOCKET};
 
 #[derive(Debug, Parser)]
 #[command(name = "dovectl", version, about = "Inspect the DOVE daemon (doved)")]
@@ -35,6 +35,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Softirq cost per container, the unattributed bucket and observer health.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live view of containers sorted by softirq CPU (refreshes until interrupted).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Refresh this many times and exit (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,9 +63,45 @@ fn main() -> ExitCode {
     }
 }
 
+fn stats(client: &mut Client) -> Result<Stats> {
+    match client.call(Request::Stats)? {
+        Reply::Stats(s) => Ok(*s),
+        _ => bail!("doved answered `stats` with something else"),
+    }
+}
+
 fn run(args: &Args) -> Result<()> {
-    let mut client = Client::connect(&args.socket, Duration::from_millis(args.timeout_ms))?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let mut client = Client::connect(&args.socket, timeout)?;
     match &args.command {
+        Command::Stats { json } => {
+            let s = stats(&mut client)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_stats(&s, None);
+            }
+        }
+        Command::Top {
+            interval,
+            iterations,
+        } => {
+            anyhow::ensure!(*interval >= 0.1, "--interval must be at least 0.1 seconds");
+            let mut previous = stats(&mut client)?;
+            let mut n = 0;
+            loop {
+                std::thread::sleep(Duration::from_secs_f64(*interval));
+                // One connection per refresh: a restarted daemon is picked up again.
+                let current = stats(&mut Client::connect(&args.socket, timeout)?)?;
+                print!("\x1b[H\x1b[2J");
+                print_stats(&current, Some((&previous, *interval)));
+                previous = current;
+                n += 1;
+                if *iterations > 0 && n >= *iterations {
+                    break;
+                }
+            }
+        }
         Command::List { json } => {
             let Reply::List { containers } = client.call(Request::List)? else {
                 bail!("doved answered `list` with something else");
@@ -131,6 +182,7 @@ fn print_status(s: &Status) {
         s.cpu_controller_mount.as_deref().unwrap_or("not mounted")
     );
     println!("enforcement:   {}", s.enforcement);
+    println!("observer:      {}", s.observer);
     println!(
         "irq time accounting: {}",
         if s.irq_time_accounting {
@@ -144,4 +196,104 @@ fn print_status(s: &Status) {
         s.dropped_vanished
     );
     println!("registry write failures: {}", s.persist_failures);
+}
+
+/// A table of containers by softirq time; with `previous`, also the CPU share over the
+/// interval (100% = one CPU busy in softirq for this container).
+fn print_stats(s: &Stats, previous: Option<(&Stats, f64)>) {
+    println!(
+        "observer: {}   windows: {}   packets in softirq: {}   in process context: {}   slots: {}/{}",
+        s.observer,
+        s.health.windows,
+        s.health.packets_in_window,
+        s.health.packets_outside_window,
+        s.health.slots_used,
+        s.health.slots_capacity
+    );
+    let rate = |id: &str, total: u64| -> String {
+        let Some((prev, secs)) = previous else {
+            return "-".into();
+        };
+        let before = if id.is_empty() {
+            Some(prev.unattributed.total_ns)
+        } else {
+            prev.containers
+                .iter()
+                .find(|c| c.id == id)
+                .map(|c| c.cost.total_ns)
+        };
+        match before {
+            Some(b) => format!(
+                "{:.2}%",
+                total.saturating_sub(b) as f64 / (secs * 1e9) * 100.0
+            ),
+            None => "-".into(),
+        }
+    };
+    let mut rows: Vec<[String; 7]> = s
+        .containers
+        .iter()
+        .map(|c| {
+            [
+                c.id.clone(),
+                rate(&c.id, c.cost.total_ns),
+                format!("{:.3}", c.cost.total_ns as f64 / 1e9),
+                format!("{:.3}", c.cost.rx_ns as f64 / 1e9),
+                format!("{:.3}", c.cost.tx_ns as f64 / 1e9),
+                (c.cost.rx_packets + c.cost.tx_packets).to_string(),
+                c.cgroup_path.clone(),
+            ]
+        })
+        .collect();
+    if previous.is_some() {
+        let pct = |r: &[String; 7]| r[1].trim_end_matches('%').parse::<f64>().unwrap_or(0.0);
+        rows.sort_by(|a, b| pct(b).total_cmp(&pct(a)));
+    }
+    let u = &s.unattributed;
+    rows.push([
+        "(unattributed)".into(),
+        rate("", u.total_ns),
+        format!("{:.3}", u.total_ns as f64 / 1e9),
+        format!("{:.3}", u.rx_ns as f64 / 1e9),
+        format!("{:.3}", u.tx_ns as f64 / 1e9),
+        (u.rx_packets + u.tx_packets).to_string(),
+        "-".into(),
+    ]);
+    let header = [
+        "CONTAINER",
+        "CPU",
+        "SOFTIRQ s",
+        "RX s",
+        "TX s",
+        "PACKETS",
+        "CGROUP",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 7]| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else if (1..=5).contains(&i) {
+                out.push_str(&format!("{cell:>w$}  "));
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{out}");
+    };
+    line(header);
+    for row in &rows {
+        line(
+            [
+                &row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6],
+            ]
+            .map(String::as_str),
+        );
+    }
 }

@@ -11,8 +11,8 @@
 //! - [`COST_MAP`]: array of [`GlobalCost`], `SLOTS` entries, mmapable; written by doved
 //!   (totals, and atomic adds to `pending_ns`), consumed by an enforcer (atomic exchange
 //!   of `pending_ns` to zero).
-//! - [`WINDOW_MAP`]: per-CPU [`WindowState`], the softirq window in progress.
-//! - [`HEALTH_MAP`]: per-CPU [`Health`] counters.
+//! - [`WINDOW_MAP`]: per-CPU [`WindowState`]: the softirq window in progress and the
+//!   programs' own counters (one lookup per program run serves both).
 //! - [`SETTINGS_MAP`]: one [`Settings`].
 #![no_std]
 
@@ -33,7 +33,6 @@ pub const SLOTS_MAP: &str = "DOVE_SLOTS";
 pub const PERCPU_COST_MAP: &str = "DOVE_PERCPU_COST";
 pub const COST_MAP: &str = "DOVE_COST";
 pub const WINDOW_MAP: &str = "DOVE_WINDOW";
-pub const HEALTH_MAP: &str = "DOVE_HEALTH";
 pub const SETTINGS_MAP: &str = "DOVE_SETTINGS";
 
 /// Softirq time one CPU spent for one slot. Cumulative, never reset while the slot is
@@ -68,7 +67,7 @@ pub struct GlobalCost {
     pub charged_ns: u64,
 }
 
-/// The softirq window in progress on one CPU.
+/// The softirq window in progress on one CPU, and counters about the programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WindowState {
@@ -78,12 +77,6 @@ pub struct WindowState {
     pub last_slot: u32,
     /// The softirq vector of the open window plus one; 0 when no NET window is open.
     pub active: u32,
-}
-
-/// Per-CPU counters about the programs themselves.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Health {
     /// NET_RX / NET_TX windows seen.
     pub windows: u64,
     /// Packets seen inside a window (charged).
@@ -109,6 +102,5 @@ mod user {
     unsafe impl aya::Pod for CpuCost {}
     unsafe impl aya::Pod for GlobalCost {}
     unsafe impl aya::Pod for WindowState {}
-    unsafe impl aya::Pod for Health {}
     unsafe impl aya::Pod for Settings {}
 }

@@ -9,8 +9,9 @@
 //! unattributed slot. Outside a window nothing is charged: that work ran in a task's
 //! own context and is already in its runtime.
 //!
-//! Hot-path cost per packet: one per-CPU array lookup (window), one hash lookup (owner,
-//! plus one per registered ancestor level on a miss), one array lookup (cost), no atomics.
+//! Hot-path cost per packet: one per-CPU array lookup (window state and counters), one
+//! hash lookup (owner, plus one per registered ancestor level on a miss), one array
+//! lookup (cost), no atomics.
 #![no_std]
 #![no_main]
 
@@ -26,7 +27,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, Health, Settings, WindowState, BPF_F_MMAPABLE, MAX_LEVEL,
+    CpuCost, GlobalCost, Settings, WindowState, BPF_F_MMAPABLE, MAX_LEVEL,
     NET_RX_SOFTIRQ, NET_TX_SOFTIRQ, SLOTS, UNATTRIBUTED_SLOT,
 };
 
@@ -43,9 +44,6 @@ static COST: Array<GlobalCost> = Array::pinned(SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "DOVE_WINDOW")]
 static WINDOW: PerCpuArray<WindowState> = PerCpuArray::pinned(1, 0);
-
-#[map(name = "DOVE_HEALTH")]
-static HEALTH: PerCpuArray<Health> = PerCpuArray::pinned(1, 0);
 
 #[map(name = "DOVE_SETTINGS")]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
@@ -94,9 +92,7 @@ pub fn dove_softirq_entry(ctx: RawTracePointContext) -> i32 {
         (*w).mark_ns = bpf_ktime_get_ns();
         (*w).last_slot = NO_SLOT;
         (*w).active = vec + 1;
-    }
-    if let Some(h) = HEALTH.get_ptr_mut(0) {
-        unsafe { (*h).windows += 1 };
+        (*w).windows += 1;
     }
     0
 }
@@ -115,9 +111,7 @@ pub fn dove_softirq_exit(ctx: RawTracePointContext) -> i32 {
         let now = bpf_ktime_get_ns();
         let tail = now.saturating_sub((*w).mark_ns);
         let slot = if (*w).last_slot == NO_SLOT {
-            if let Some(h) = HEALTH.get_ptr_mut(0) {
-                (*h).unowned_windows += 1;
-            }
+            (*w).unowned_windows += 1;
             UNATTRIBUTED_SLOT
         } else {
             (*w).last_slot
@@ -165,9 +159,7 @@ fn on_packet(ctx: &SkBuffContext, rx: bool) {
     };
     unsafe {
         if (*w).active == 0 {
-            if let Some(h) = HEALTH.get_ptr_mut(0) {
-                (*h).packets_outside_window += 1;
-            }
+            (*w).packets_outside_window += 1;
             return;
         }
         let slot = owner(ctx.skb.skb);
@@ -175,9 +167,7 @@ fn on_packet(ctx: &SkBuffContext, rx: bool) {
         charge(slot, now.saturating_sub((*w).mark_ns), rx, true);
         (*w).mark_ns = now;
         (*w).last_slot = slot;
-        if let Some(h) = HEALTH.get_ptr_mut(0) {
-            (*h).packets_in_window += 1;
-        }
+        (*w).packets_in_window += 1;
     }
 }
 

@@ -5,6 +5,7 @@
 //!   dove-traffic udp-send ADDR COUNT SIZE         send COUNT datagrams of SIZE bytes
 //!   dove-traffic tcp-sink ADDR SECONDS            accept one stream, drain it; prints bytes
 //!   dove-traffic tcp-send ADDR BYTES              connect and send BYTES
+//!   dove-traffic udp-flood ADDR SECONDS SIZE      send unpaced for SECONDS; prints datagrams sent
 //!
 //! Sinks print `ready` once bound, and their count when the peer is done or time is up.
 
@@ -65,6 +66,30 @@ fn main() {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
+        }
+        "udp-flood" => {
+            let secs: f64 = arg(2).parse().unwrap();
+            let size: usize = arg(3).parse().unwrap();
+            let local: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .unwrap();
+            let sock = UdpSocket::bind(local).unwrap();
+            sock.connect(addr).unwrap();
+            let payload = vec![0x5au8; size];
+            let deadline = Instant::now() + Duration::from_secs_f64(secs);
+            let mut sent = 0u64;
+            while Instant::now() < deadline {
+                for _ in 0..256 {
+                    if sock.send(&payload).is_ok() {
+                        sent += 1;
+                    }
+                }
+            }
+            println!("{sent}");
         }
         "tcp-sink" => {
             let secs: u64 = arg(2).parse().unwrap();

@@ -1,0 +1,166 @@
+//! Benchmark: what the eBPF observer costs, and what a tick costs.
+//!
+//! 1. A bounded 64-byte UDP flood over a veth pair between two namespaces, the sink in a
+//!    registered cgroup: datagrams/s delivered and CPU ns per delivered datagram (all
+//!    CPUs' busy time from /proc/stat over the run), without doved and with doved,
+//!    interleaved A B A B … (DESIGN.md, "Measuring on these machines").
+//! 2. The per-tick aggregation cost with 0 and with 1,000 registered containers.
+//!
+//! Prints numbers; asserts nothing. Run as root after a release build:
+//!     cargo build --release --workspace --bins && cargo bench -p dove-tests --bench observer_overhead
+//! ROUNDS (default 5) and FLOOD_SECONDS (default 2) tune the flood.
+
+use std::time::Duration;
+
+use dove_proto::{Reply, Request};
+use dove_tests::*;
+
+fn busy_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let idle = cpu[3] + cpu[4];
+    let total: u64 = cpu.iter().take(8).sum();
+    (total - idle, total)
+}
+
+struct Run {
+    pps: f64,
+    cpu_ns_per_packet: f64,
+}
+
+fn flood(net: &NetPair, sink_cgroup: &TestCgroup, port: u16, seconds: f64) -> Run {
+    let addr = format!("{}:{port}", net.addr_b);
+    let sink = net
+        .spawn(&net.b, Some(sink_cgroup), &["udp-sink", &addr, "60"], true)
+        .unwrap();
+    let hz = 100.0; // USER_HZ
+    let (busy0, _) = busy_jiffies();
+    let start = std::time::Instant::now();
+    finish(
+        net.spawn(
+            &net.a,
+            None,
+            &["udp-flood", &addr, &seconds.to_string(), "64"],
+            false,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let elapsed = start.elapsed().as_secs_f64();
+    let (busy1, _) = busy_jiffies();
+    let received = finish(sink).unwrap() as f64;
+    Run {
+        pps: received / elapsed,
+        cpu_ns_per_packet: (busy1 - busy0) as f64 / hz * 1e9 / received,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(0.0, f64::max);
+    format!("{lo:.0}..{hi:.0}")
+}
+
+fn main() {
+    if !require_root("observer_overhead bench") {
+        return;
+    }
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seconds: f64 = std::env::var("FLOOD_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2.0);
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-bench-sink").unwrap();
+    let (mut base_pps, mut base_cpu, mut dove_pps, mut dove_cpu) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let a = flood(&net, &ctr, 6000 + round as u16 * 2, seconds);
+        base_pps.push(a.pps);
+        base_cpu.push(a.cpu_ns_per_packet);
+        let daemon = TempDaemon::with_observer().unwrap();
+        let reg = ctr.registration("sink");
+        assert!(matches!(
+            daemon
+                .client()
+                .call(Request::Register { container: reg })
+                .unwrap(),
+            Reply::Registered { .. }
+        ));
+        let b = flood(&net, &ctr, 6001 + round as u16 * 2, seconds);
+        dove_pps.push(b.pps);
+        dove_cpu.push(b.cpu_ns_per_packet);
+        drop(daemon);
+    }
+    println!("64-byte UDP flood over veth, {rounds} interleaved rounds of {seconds} s each:");
+    println!(
+        "  without DOVE: {:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
+        median(base_pps.clone()),
+        spread(&base_pps),
+        median(base_cpu.clone()),
+        spread(&base_cpu)
+    );
+    println!(
+        "  with DOVE:    {:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
+        median(dove_pps.clone()),
+        spread(&dove_pps),
+        median(dove_cpu.clone()),
+        spread(&dove_cpu)
+    );
+    println!(
+        "  ratio with/without: datagrams/s {:.3}, CPU ns/datagram {:.3}",
+        median(dove_pps) / median(base_pps),
+        median(dove_cpu) / median(base_cpu)
+    );
+
+    // Per-tick aggregation cost.
+    let daemon = TempDaemon::with_observer().unwrap();
+    let tick_cost = |daemon: &TempDaemon| {
+        let mut samples = Vec::new();
+        let mut last = 0;
+        while samples.len() < 20 {
+            std::thread::sleep(Duration::from_millis(30));
+            let h = daemon.stats().health;
+            if h.ticks != last {
+                last = h.ticks;
+                samples.push(h.last_tick_ns as f64 / 1e3);
+            }
+        }
+        median(samples)
+    };
+    let empty = tick_cost(&daemon);
+    let parent = TestCgroup::new("dove-bench-many").unwrap();
+    let cgroups: Vec<TestCgroup> = (0..1000)
+        .map(|i| parent.child(&format!("c{i}")).unwrap())
+        .collect();
+    for (i, cg) in cgroups.iter().enumerate() {
+        daemon
+            .client()
+            .call(Request::Register {
+                container: cg.registration(&format!("c{i}")),
+            })
+            .unwrap();
+    }
+    let full = tick_cost(&daemon);
+    println!("aggregation tick (median of 20 ticks, 2 CPUs):");
+    println!("  0 containers:     {empty:>8.1} µs");
+    println!(
+        "  1,000 containers: {full:>8.1} µs  ({:.1}% of a 100 ms period)",
+        full / 1e3
+    );
+}
