@@ -20,3 +20,4 @@ cargo test --workspace -- --test-threads=4
 echo "== benchmarks (print numbers; no pass/fail thresholds)"
 cargo build --release --workspace --bins
 cargo bench -p dove-tests --bench hook_latency
+cargo bench -p dove-tests --bench observer_overhead
