@@ -15,6 +15,8 @@ packages=(
     runc crun podman busybox-static
     # eBPF: bpftool inspects what is attached (tests)
     bpftool
+    # packaging tests: a fresh Debian root, rpm queries, systemd's unit verifier
+    debootstrap rpm systemd
 )
 
 missing=()

@@ -11,13 +11,13 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "== build"
+echo "== build (debug for the tests; release and the .deb/.rpm for the packaging tests)"
 cargo build --workspace --bins
+bash packaging/build.sh
 
 echo "== tests (unit + integration, as root)"
 cargo test --workspace -- --test-threads=4
 
 echo "== benchmarks (print numbers; no pass/fail thresholds)"
-cargo build --release --workspace --bins
 cargo bench -p dove-tests --bench hook_latency
 cargo bench -p dove-tests --bench observer_overhead

@@ -509,6 +509,15 @@ impl Drop for TestCgroup {
     }
 }
 
+/// The cgroup v2 ID (inode) of the cgroup at hierarchy path `path`, without taking
+/// ownership of it (a [`TestCgroup`] guard would remove it, and kill what runs there).
+pub fn cgroup_id_of(path: &str) -> u64 {
+    let dir = unified_mount().join(path.trim_start_matches('/'));
+    std::fs::metadata(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .ino()
+}
+
 /// Kill every process under `dir` and remove the cgroup tree bottom-up.
 pub fn remove_cgroup_tree(dir: &Path) -> Result<()> {
     if !dir.exists() {
@@ -606,32 +615,38 @@ pub fn state_json(id: &str, pid: Option<u32>, bundle: &Path) -> Vec<u8> {
     serde_json::to_vec(&state).unwrap()
 }
 
-/// A busybox root filesystem shared by every container in this test process (read-only).
+/// A busybox root filesystem shared by every test container (mounted read-only), kept in
+/// the build's `target/tmp` so test runs reuse it and leave nothing in /tmp.
 pub fn busybox_rootfs() -> &'static Path {
-    static ROOTFS: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &ROOTFS
-        .get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("dove-rootfs-")
-                .tempdir()
-                .unwrap();
-            let root = dir.path().join("rootfs");
-            for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
-                std::fs::create_dir_all(root.join(d)).unwrap();
-            }
-            let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-                .into_iter()
-                .find(|p| Path::new(p).exists())
-                .expect("busybox-static is installed (scripts/deps.sh)");
-            std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-            for applet in ["sh", "sleep", "true", "cat", "echo"] {
-                std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-            }
-            std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
-            std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-            (dir, root)
-        })
-        .1
+    static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
+    ROOTFS.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> → target/tmp
+        let target = exe.ancestors().nth(3).expect("target dir");
+        let root = target.join("tmp/dove-rootfs");
+        if root.join("bin/busybox").exists() {
+            return root;
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("busybox-static is installed (scripts/deps.sh)");
+        let staging = target.join(format!("tmp/{}", unique("dove-rootfs-staging")));
+        for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+            std::fs::create_dir_all(staging.join(d)).unwrap();
+        }
+        std::fs::copy(busybox, staging.join("bin/busybox")).unwrap();
+        for applet in ["sh", "sleep", "true", "cat", "echo"] {
+            std::os::unix::fs::symlink("busybox", staging.join("bin").join(applet)).unwrap();
+        }
+        std::fs::write(staging.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+        std::fs::write(staging.join("etc/group"), "root:x:0:\n").unwrap();
+        // Another test process may have won the race; either copy is the same.
+        if std::fs::rename(&staging, &root).is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        root
+    })
 }
 
 /// Hook entries for a bundle's `config.json`.

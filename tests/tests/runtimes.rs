@@ -195,11 +195,11 @@ fn crun_registers_and_unregisters() {
     // was started from. On a unified host crun creates the v2 cgroup itself.
     let expected =
         if dove_cgroup::Mounts::discover().unwrap().layout() == dove_cgroup::Layout::Hybrid {
-            &v2
+            v2.id()
         } else {
-            &TestCgroup::at(&cgroups_path).unwrap()
+            cgroup_id_of(&cgroups_path)
         };
-    assert_eq!(entry.registration.cgroup_id, expected.id());
+    assert_eq!(entry.registration.cgroup_id, expected);
     assert_eq!(entry.registration.runtime.as_deref(), Some("crun"));
 
     crun(root.path(), None, &["kill", &id, "KILL"]).unwrap();

@@ -29,6 +29,9 @@ struct Args {
     /// Print the built-in default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// Check the configuration (--config, or the built-in one) and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             dir.display()
         );
         config.daemon.state_dir = dir;
+    }
+    if args.check_config {
+        match &args.config {
+            Some(path) => println!("{}: ok", path.display()),
+            None => println!("built-in configuration: ok"),
+        }
+        return Ok(());
     }
     let under_systemd =
         std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();

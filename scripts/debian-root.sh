@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Print the path of a cached minimal Debian 12 root filesystem tarball, building it with
+# debootstrap from the mirror apt already uses when it is not cached yet.
+# Cache: $DOVE_CACHE/debootstrap (default /var/cache/dove/debootstrap).
+set -euo pipefail
+cache="${DOVE_CACHE:-/var/cache/dove}/debootstrap"
+tarball="$cache/bookworm-minbase.tar"
+if [ -s "$tarball" ]; then
+    echo "$tarball"
+    exit 0
+fi
+command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+
+mirror=""
+for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    mirror=$(awk '/^URIs:/ {uri=$2} /^Suites:/ && /bookworm( |$)/ && uri !~ /security/ {print uri; exit}' "$f")
+    [ -n "$mirror" ] && break
+done
+if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
+    mirror=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list)
+fi
+mirror="${mirror:-http://deb.debian.org/debian}"
+
+mkdir -p "$cache"
+work=$(mktemp -d "$cache/build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+echo "debian-root.sh: debootstrap bookworm from $mirror (cached afterwards)" >&2
+debootstrap --variant=minbase bookworm "$work/root" "$mirror" >"$work/log" 2>&1 || {
+    tail -n 20 "$work/log" >&2
+    exit 1
+}
+tar -C "$work/root" -cf "$tarball.tmp" .
+mv "$tarball.tmp" "$tarball"
+echo "$tarball"
