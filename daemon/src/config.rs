@@ -13,6 +13,22 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub observer: ObserverConfig,
     pub metrics: MetricsConfig,
+    pub enforcement: EnforcementConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforcementMode {
+    #[default]
+    Auto,
+    Kernel,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnforcementConfig {
+    pub mode: EnforcementMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -203,6 +219,7 @@ mod tests {
             ("[observer]\npin_dir = \"dove\"\n", "observer.pin_dir"),
             ("[metrics]\nlisten = \"everywhere\"\n", "metrics.listen"),
             ("[observer]\nenable = true\n", "enable"),
+            ("[enforcement]\nmode = \"cpumax\"\n", "cpumax"),
         ];
         for (text, key) in cases {
             let msg = Config::parse(text, Path::new("c.toml"))

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::Config;
+use crate::config::{Config, EnforcementMode};
 use crate::observer::{Observer, ObserverMembership, SharedObserver};
 use crate::registry::{Membership, Registry};
 use crate::server::{Access, DaemonInfo, Server};
@@ -71,16 +71,40 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::info!("eBPF observer disabled (observer.enabled = false)");
         None
     };
-    let membership = observer
-        .as_ref()
-        .map(|o| Arc::new(ObserverMembership(Arc::clone(o))) as Arc<dyn Membership>);
+    let kernel_enforcement = match (config.enforcement.mode, &observer) {
+        (EnforcementMode::None, _) | (_, None) => false,
+        (EnforcementMode::Kernel, Some(_)) if !observer::kernel_patched() => {
+            return Err(observer::ObserverError::KernelUnpatched.into());
+        }
+        (EnforcementMode::Auto, Some(_)) if !observer::kernel_patched() => {
+            tracing::info!(
+                "the kernel has no DOVE scheduler patch ({} is missing): measuring only, quotas are not charged",
+                observer::SLOT_SYSCTL
+            );
+            false
+        }
+        (_, Some(_)) => true,
+    };
+    let membership = observer.as_ref().map(|o| {
+        Arc::new(ObserverMembership {
+            observer: Arc::clone(o),
+            enforce_in: if kernel_enforcement {
+                mounts.cpu.clone()
+            } else {
+                None
+            },
+        }) as Arc<dyn Membership>
+    });
     let registry =
         Registry::start(mounts.clone(), store, membership).map_err(DaemonError::Inotify)?;
     if let Some(o) = &observer {
         // Slots pinned by a previous run for containers that are gone now.
-        o.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(&registry.cgroup_ids());
+        let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
+        o.retain(&registry.cgroup_ids());
+        if kernel_enforcement {
+            o.hand_to_kernel()?;
+            tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
+        }
     }
     let telemetry = Arc::new(Telemetry::new(
         if observer.is_some() {
@@ -89,6 +113,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             "disabled"
         }
         .into(),
+        if kernel_enforcement { "kernel" } else { "none" }.into(),
         config.observer.tick_ms,
     ));
     if let Some(o) = &observer {

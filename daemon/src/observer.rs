@@ -19,8 +19,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, Settings, WindowState, COST_MAP, PERCPU_COST_MAP, SETTINGS_MAP, SLOTS,
-    SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
+    CpuCost, GlobalCost, Settings, WindowState, COST_MAP, ENFORCE_MAP, PERCPU_COST_MAP,
+    SETTINGS_MAP, SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
 };
 
 /// The compiled programs (built by build.rs from `ebpf/programs`).
@@ -63,6 +63,45 @@ pub enum ObserverError {
     },
     #[error("all {0} cost slots are in use: raise SLOTS in ebpf/common or unregister containers")]
     SlotsFull(u32),
+    #[error("enforcement.mode = \"kernel\" but this kernel has no DOVE scheduler patch ({SLOT_SYSCTL} is missing): boot a kernel built with kernel-patch/ and CONFIG_SCHED_DOVE=y, or set enforcement.mode = \"auto\" or \"none\"")]
+    KernelUnpatched,
+    #[error("handing the cost maps to the scheduler through {path}: {source}")]
+    KernelHandoff {
+        path: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The sysctls of the DOVE scheduler patch (kernel-patch/).
+pub const SLOT_SYSCTL: &str = "/proc/sys/kernel/sched_dove_slot_map";
+pub const COST_SYSCTL: &str = "/proc/sys/kernel/sched_dove_cost_map";
+
+/// Whether the running kernel carries the DOVE scheduler patch.
+pub fn kernel_patched() -> bool {
+    Path::new(SLOT_SYSCTL).exists() && Path::new(COST_SYSCTL).exists()
+}
+
+/// The nearest cgroup at or above `path` in the `cpu` hierarchy that has a CFS quota,
+/// by its ID: the task group whose runtime the scheduler refills.
+pub fn quota_group(cpu: &dove_cgroup::Hierarchy, path: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut dir = cpu.dir(path).ok()?;
+    loop {
+        let v2 = std::fs::read_to_string(dir.join("cpu.max"))
+            .ok()
+            .map(|s| s.split_whitespace().next() != Some("max"));
+        let v1 = || {
+            std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))
+                .ok()
+                .map(|s| s.trim() != "-1")
+        };
+        if v2.or_else(v1) == Some(true) {
+            return std::fs::metadata(&dir).ok().map(|m| m.ino());
+        }
+        if dir == cpu.mount_point || !dir.pop() {
+            return None;
+        }
+    }
 }
 
 /// A shared mapping of a `BPF_F_MMAPABLE` array.
@@ -173,6 +212,11 @@ pub struct Observer {
     _ebpf: Ebpf,
     _lock: OwnedFd,
     slots: BpfHashMap<MapData, u64, u32>,
+    /// attribution cgroup ID → the quota group it is charged to.
+    enforce_key: HashMap<u64, u64>,
+    /// quota group → the slot the scheduler reads for it. Containers sharing a quota
+    /// group fold their cost into that one slot's pending counter.
+    enforce_slot: HashMap<u64, u32>,
     settings: Array<MapData, Settings>,
     windows: PerCpuArray<MapData, WindowState>,
     percpu: Mapped<CpuCost>,
@@ -355,6 +399,14 @@ impl Observer {
         )?;
         let cost = Mapped::new(map_fd(&ebpf, COST_MAP)?, SLOTS as usize, COST_MAP)?;
         let slots = take(&mut ebpf, SLOTS_MAP, BpfHashMap::try_from)?;
+        {
+            // Rebuilt from the registry as it reloads.
+            let mut enforce = enforce_map(&mut ebpf)?;
+            let stale: Vec<u64> = enforce.keys().filter_map(Result::ok).collect();
+            for key in stale {
+                let _ = enforce.remove(&key);
+            }
+        }
         let settings = take(&mut ebpf, SETTINGS_MAP, Array::try_from)?;
         let windows = take(&mut ebpf, WINDOW_MAP, PerCpuArray::try_from)?;
 
@@ -362,6 +414,8 @@ impl Observer {
             _ebpf: ebpf,
             _lock: lock,
             slots,
+            enforce_key: HashMap::new(),
+            enforce_slot: HashMap::new(),
             settings,
             windows,
             percpu,
@@ -398,11 +452,19 @@ impl Observer {
         }
     }
 
-    /// Start charging `cgroup_id` (at cgroup level `level`) to its own slot.
-    pub fn add(&mut self, cgroup_id: u64, level: u32) -> Result<(), ObserverError> {
+    /// Start charging `cgroup_id` (at cgroup level `level`) to its own slot, and, when
+    /// `quota_group` is given, make its cost deductible from that group's quota.
+    pub fn add(
+        &mut self,
+        cgroup_id: u64,
+        level: u32,
+        quota_group: Option<u64>,
+    ) -> Result<(), ObserverError> {
         if let Some(entry) = self.owned.get_mut(&cgroup_id) {
             entry.1 = level;
+            let slot = entry.0;
             self.update_levels();
+            self.set_quota_group(cgroup_id, slot, quota_group);
             return Ok(());
         }
         let slot = self.take_free_slot()?;
@@ -434,16 +496,106 @@ impl Observer {
             })?;
         self.owned.insert(cgroup_id, (slot, level));
         self.update_levels();
+        self.set_quota_group(cgroup_id, slot, quota_group);
+        Ok(())
+    }
+
+    fn set_quota_group(&mut self, cgroup_id: u64, slot: u32, quota_group: Option<u64>) {
+        if self.enforce_key.get(&cgroup_id).copied() == quota_group {
+            return;
+        }
+        self.clear_quota_group(cgroup_id);
+        let Some(key) = quota_group else {
+            return;
+        };
+        self.enforce_key.insert(cgroup_id, key);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.enforce_slot.entry(key) {
+            e.insert(slot);
+            let inserted = enforce_map(&mut self._ebpf).and_then(|mut m| {
+                m.insert(key, slot, 0).map_err(|e| ObserverError::Map {
+                    name: ENFORCE_MAP,
+                    detail: e.to_string(),
+                })
+            });
+            if let Err(e) = inserted {
+                tracing::error!(cgroup_id, "cost will not be enforced: {e}");
+            }
+        }
+    }
+
+    /// Stop deducting `cgroup_id`'s cost; if its slot was the one the scheduler reads
+    /// for a shared quota group, hand that role to another member.
+    fn clear_quota_group(&mut self, cgroup_id: u64) {
+        let Some(key) = self.enforce_key.remove(&cgroup_id) else {
+            return;
+        };
+        let own_slot = self.owned.get(&cgroup_id).map(|(s, _)| *s);
+        if self.enforce_slot.get(&key).copied() != own_slot {
+            return;
+        }
+        let heir = self
+            .enforce_key
+            .iter()
+            .find(|(_, k)| **k == key)
+            .and_then(|(id, _)| self.owned.get(id).map(|(s, _)| *s));
+        match heir {
+            Some(slot) => {
+                self.enforce_slot.insert(key, slot);
+                if let Ok(mut m) = enforce_map(&mut self._ebpf) {
+                    let _ = m.insert(key, slot, 0);
+                }
+            }
+            None => {
+                self.enforce_slot.remove(&key);
+                if let Ok(mut m) = enforce_map(&mut self._ebpf) {
+                    let _ = m.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The slot whose pending counter `cgroup_id`'s cost is added to.
+    fn pending_slot(&self, cgroup_id: u64, slot: u32) -> u32 {
+        self.enforce_key
+            .get(&cgroup_id)
+            .and_then(|key| self.enforce_slot.get(key))
+            .copied()
+            .unwrap_or(slot)
+    }
+
+    /// Hand the enforcement and cost maps to the patched scheduler.
+    pub fn hand_to_kernel(&self) -> Result<(), ObserverError> {
+        if !kernel_patched() {
+            return Err(ObserverError::KernelUnpatched);
+        }
+        let fd_of = |name: &'static str| -> Result<i32, ObserverError> {
+            match self._ebpf.map(name) {
+                Some(Map::HashMap(data)) | Some(Map::Array(data)) => {
+                    Ok(data.fd().as_fd().as_raw_fd())
+                }
+                _ => Err(ObserverError::Map {
+                    name,
+                    detail: "missing".into(),
+                }),
+            }
+        };
+        let enforce_fd = fd_of(ENFORCE_MAP)?;
+        let cost_fd = fd_of(COST_MAP)?;
+        for (path, fd) in [(SLOT_SYSCTL, enforce_fd), (COST_SYSCTL, cost_fd)] {
+            std::fs::write(path, format!("{fd}\n"))
+                .map_err(|source| ObserverError::KernelHandoff { path, source })?;
+        }
         Ok(())
     }
 
     /// Stop charging `cgroup_id`. Its last cost is flushed at the next tick.
     pub fn remove(&mut self, cgroup_id: u64) {
+        self.clear_quota_group(cgroup_id);
         let Some((slot, _)) = self.owned.remove(&cgroup_id) else {
             return;
         };
         let _ = self.slots.remove(&cgroup_id);
-        self.flush_slot(slot);
+        self.flush_slot(slot, slot);
         self.quarantine.push((slot, self.ticks + 2));
         self.update_levels();
     }
@@ -483,8 +635,10 @@ impl Observer {
         let _ = self.settings.set(0, Settings { level_mask: mask }, 0);
     }
 
-    /// Sum a slot over CPUs and publish it; returns the published cost.
-    fn flush_slot(&mut self, slot: u32) -> Cost {
+    /// Sum a slot over CPUs and publish it; returns the published cost. New cost is
+    /// added to the pending counter of `pending_slot` (the slot itself, or the one the
+    /// scheduler reads for a shared quota group).
+    fn flush_slot(&mut self, slot: u32, pending_slot: u32) -> Cost {
         let mut sum = CpuCost::default();
         for cpu in 0..self.nr_cpus {
             let c = self.percpu.read(cpu * SLOTS as usize + slot as usize);
@@ -495,11 +649,13 @@ impl Observer {
         }
         let total = sum.rx_ns + sum.tx_ns;
         let global = self.cost.at(slot as usize);
-        // SAFETY: fields of an in-bounds entry; doved is the only writer of these fields.
+        let pending = self.cost.at(pending_slot as usize);
+        // SAFETY: fields of in-bounds entries; doved is the only writer of these fields
+        // but pending_ns, which is shared with the scheduler through atomics.
         unsafe {
             let previous = std::ptr::read_volatile(&raw const (*global).total_ns);
             if total > previous {
-                atomic_field(&raw mut (*global).pending_ns)
+                atomic_field(&raw mut (*pending).pending_ns)
                     .fetch_add(total - previous, Ordering::SeqCst);
                 std::ptr::write_volatile(&raw mut (*global).total_ns, total);
             }
@@ -523,7 +679,7 @@ impl Observer {
     pub fn tick(&mut self) -> Snapshot {
         let start = Instant::now();
         self.ticks += 1;
-        let unattributed = self.flush_slot(UNATTRIBUTED_SLOT);
+        let unattributed = self.flush_slot(UNATTRIBUTED_SLOT, UNATTRIBUTED_SLOT);
         let owned: Vec<(u64, u32)> = self
             .owned
             .iter()
@@ -531,7 +687,8 @@ impl Observer {
             .collect();
         let mut by_cgroup = HashMap::with_capacity(owned.len());
         for (cgroup_id, slot) in owned {
-            by_cgroup.insert(cgroup_id, self.flush_slot(slot));
+            let pending_slot = self.pending_slot(cgroup_id, slot);
+            by_cgroup.insert(cgroup_id, self.flush_slot(slot, pending_slot));
         }
         let health = self
             .windows
@@ -565,6 +722,18 @@ impl Observer {
             _ => None,
         }
     }
+}
+
+/// The scheduler's map of quota groups, borrowed from the loaded object.
+fn enforce_map(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, u64, u32>, ObserverError> {
+    let map = ebpf.map_mut(ENFORCE_MAP).ok_or(ObserverError::Map {
+        name: ENFORCE_MAP,
+        detail: "missing from the object".into(),
+    })?;
+    BpfHashMap::try_from(map).map_err(|e| ObserverError::Map {
+        name: ENFORCE_MAP,
+        detail: e.to_string(),
+    })
 }
 
 fn load(pin_dir: &Path, percpu_entries: u32) -> Result<Ebpf, aya::EbpfError> {
@@ -647,8 +816,13 @@ pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
 /// The observer as the registry and the tick task share it.
 pub type SharedObserver = std::sync::Arc<std::sync::Mutex<Observer>>;
 
-/// Feeds registry changes into the observer's map of registered cgroups.
-pub struct ObserverMembership(pub SharedObserver);
+/// Feeds registry changes into the observer's map of registered cgroups (and, when
+/// enforcing, the map of quota groups the scheduler reads).
+pub struct ObserverMembership {
+    pub observer: SharedObserver,
+    /// The `cpu` controller's hierarchy, when enforcement is on.
+    pub enforce_in: Option<dove_cgroup::Hierarchy>,
+}
 
 /// A cgroup's level in the v2 tree: `/` is 0, `/a` is 1, `/a/b` is 2.
 pub fn cgroup_level(path: &str) -> u32 {
@@ -657,17 +831,25 @@ pub fn cgroup_level(path: &str) -> u32 {
 
 impl crate::registry::Membership for ObserverMembership {
     fn added(&self, registration: &dove_proto::Registration) {
-        let mut observer = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let quota = self.enforce_in.as_ref().and_then(|cpu| {
+            let path = registration
+                .cpu_cgroup_path
+                .as_deref()
+                .unwrap_or(&registration.cgroup_path);
+            quota_group(cpu, path)
+        });
+        let mut observer = self.observer.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = observer.add(
             registration.cgroup_id,
             cgroup_level(&registration.cgroup_path),
+            quota,
         ) {
             tracing::error!(id = %registration.id, "container's traffic will be unattributed: {e}");
         }
     }
 
     fn removed(&self, registration: &dove_proto::Registration) {
-        self.0
+        self.observer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(registration.cgroup_id);

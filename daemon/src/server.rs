@@ -379,7 +379,7 @@ impl Server {
                 .cpu
                 .as_ref()
                 .map(|h| h.mount_point.display().to_string()),
-            enforcement: "none".into(),
+            enforcement: info.telemetry.enforcement.clone(),
             observer: info.telemetry.observer_state.clone(),
             irq_time_accounting: Path::new("/proc/pressure/irq").exists(),
             dropped_vanished: self

@@ -15,6 +15,8 @@ use crate::registry::Registry;
 pub struct Telemetry {
     /// `active`, `disabled` or `failed: …`.
     pub observer_state: String,
+    /// `kernel` or `none`.
+    pub enforcement: String,
     pub tick_ms: u64,
     snapshot: RwLock<Snapshot>,
 }
@@ -31,9 +33,10 @@ fn counters(c: &Cost) -> CostCounters {
 }
 
 impl Telemetry {
-    pub fn new(observer_state: String, tick_ms: u64) -> Self {
+    pub fn new(observer_state: String, enforcement: String, tick_ms: u64) -> Self {
         Self {
             observer_state,
+            enforcement,
             tick_ms,
             snapshot: RwLock::new(Snapshot::default()),
         }
@@ -287,5 +290,16 @@ pub async fn serve_metrics(
             );
             let _ = stream.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("x\ny"), "x\\ny");
     }
 }

@@ -125,6 +125,20 @@ impl TempDaemon {
         Ok(daemon)
     }
 
+    /// Register `cgroup` under container ID `id` through the socket protocol.
+    pub fn register(&self, cgroup: &TestCgroup, id: &str) {
+        match self
+            .client()
+            .call(Request::Register {
+                container: cgroup.registration(id),
+            })
+            .expect("register")
+        {
+            Reply::Registered { .. } => {}
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
     /// The daemon's `stats` reply.
     pub fn stats(&self) -> dove_proto::Stats {
         match self.client().call(Request::Stats).expect("stats") {

@@ -50,19 +50,6 @@ impl Drop for Parked {
     }
 }
 
-fn register(daemon: &TempDaemon, cgroup: &TestCgroup, id: &str) {
-    match daemon
-        .client()
-        .call(Request::Register {
-            container: cgroup.registration(id),
-        })
-        .unwrap()
-    {
-        Reply::Registered { .. } => {}
-        other => panic!("{other:?}"),
-    }
-}
-
 #[test]
 fn hook_registers_from_live_pid() {
     if !require_root("hook_registers_from_live_pid") {
@@ -123,7 +110,7 @@ fn bad_state_input_fails_open_fast_and_closed_on_request() {
     }
     let daemon = TempDaemon::start().unwrap();
     let keep = TestCgroup::new("dove-test-keep").unwrap();
-    register(&daemon, &keep, "keep");
+    daemon.register(&keep, "keep");
     let oversized = vec![b'{'; 2 * 1024 * 1024];
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty", b"".to_vec(), "stdin is empty"),
@@ -314,7 +301,7 @@ fn garbage_and_oversized_frames_get_clear_errors() {
     }
     let mut daemon = TempDaemon::start().unwrap();
     let keep = TestCgroup::new("dove-test-keep").unwrap();
-    register(&daemon, &keep, "keep");
+    daemon.register(&keep, "keep");
 
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
         (
@@ -448,7 +435,7 @@ fn kill_9_loses_no_acknowledged_registration() {
         .map(|i| parent.child(&format!("c{i}")).unwrap())
         .collect();
     for (i, cg) in cgroups.iter().take(20).enumerate() {
-        register(&daemon, cg, &format!("steady-{i}"));
+        daemon.register(cg, &format!("steady-{i}"));
     }
     daemon.kill9();
     daemon.spawn().unwrap();
@@ -520,8 +507,8 @@ fn restart_drops_containers_whose_cgroup_vanished_while_down() {
     let mut daemon = TempDaemon::start().unwrap();
     let a = TestCgroup::new("dove-test-a").unwrap();
     let b = TestCgroup::new("dove-test-b").unwrap();
-    register(&daemon, &a, "a");
-    register(&daemon, &b, "b");
+    daemon.register(&a, "a");
+    daemon.register(&b, "b");
     daemon.kill9();
     b.remove().unwrap();
     daemon.spawn().unwrap();

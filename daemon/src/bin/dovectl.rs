@@ -141,27 +141,38 @@ fn print_table(containers: &[Container]) {
             ]
         })
         .collect();
-    let header = ["ID", "CGROUP ID", "PID", "RUNTIME", "REGISTERED", "CGROUP"];
+    print_columns(
+        ["ID", "CGROUP ID", "PID", "RUNTIME", "REGISTERED", "CGROUP"],
+        &rows,
+        &[],
+    );
+}
+
+/// Print aligned columns; the last column is not padded, `right` columns are
+/// right-aligned (numbers).
+fn print_columns<const N: usize>(header: [&str; N], rows: &[[String; N]], right: &[usize]) {
     let mut widths = header.map(str::len);
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
-    let line = |cells: [&str; 6]| {
+    let line = |cells: [&str; N]| {
         let mut out = String::new();
         for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
+            if i + 1 == N {
                 out.push_str(cell);
+            } else if right.contains(&i) {
+                out.push_str(&format!("{cell:>w$}  "));
             } else {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{out}");
+        println!("{}", out.trim_end());
     };
     line(header);
-    for row in &rows {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]].map(String::as_str));
+    for row in rows {
+        line(std::array::from_fn(|i| row[i].as_str()));
     }
 }
 
@@ -259,41 +270,17 @@ fn print_stats(s: &Stats, previous: Option<(&Stats, f64)>) {
         (u.rx_packets + u.tx_packets).to_string(),
         "-".into(),
     ]);
-    let header = [
-        "CONTAINER",
-        "CPU",
-        "SOFTIRQ s",
-        "RX s",
-        "TX s",
-        "PACKETS",
-        "CGROUP",
-    ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: [&str; 7]| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else if (1..=5).contains(&i) {
-                out.push_str(&format!("{cell:>w$}  "));
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{out}");
-    };
-    line(header);
-    for row in &rows {
-        line(
-            [
-                &row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6],
-            ]
-            .map(String::as_str),
-        );
-    }
+    print_columns(
+        [
+            "CONTAINER",
+            "CPU",
+            "SOFTIRQ s",
+            "RX s",
+            "TX s",
+            "PACKETS",
+            "CGROUP",
+        ],
+        &rows,
+        &[1, 2, 3, 4, 5],
+    );
 }

@@ -6,6 +6,8 @@
 //!
 //! Map layout (names are the pinned names under the daemon's bpffs directory):
 //! - [`SLOTS_MAP`]: hash, cgroup v2 ID → slot index, one per registered container.
+//! - [`ENFORCE_MAP`]: hash, ID of the quota-holding cgroup (cgroup v2, or the v1 `cpu`
+//!   hierarchy on hybrid hosts) → slot; read by the patched scheduler (kernel-patch/).
 //! - [`PERCPU_COST_MAP`]: array of [`CpuCost`], `nr_cpus × SLOTS` entries, mmapable;
 //!   entry `cpu × SLOTS + slot` is written only by programs running on `cpu`.
 //! - [`COST_MAP`]: array of [`GlobalCost`], `SLOTS` entries, mmapable; written by doved
@@ -30,6 +32,9 @@ pub const NET_TX_SOFTIRQ: u32 = 2;
 pub const NET_RX_SOFTIRQ: u32 = 3;
 
 pub const SLOTS_MAP: &str = "DOVE_SLOTS";
+/// Hash: ID of the cgroup holding a CFS quota → slot whose pending cost the patched
+/// scheduler deducts from that group (not used by the programs; created with them).
+pub const ENFORCE_MAP: &str = "DOVE_ENFORCE";
 pub const PERCPU_COST_MAP: &str = "DOVE_PERCPU_COST";
 pub const COST_MAP: &str = "DOVE_COST";
 pub const WINDOW_MAP: &str = "DOVE_WINDOW";

@@ -34,6 +34,11 @@ use dove_ebpf_common::{
 #[map(name = "DOVE_SLOTS")]
 static SLOT_OF: HashMap<u64, u32> = HashMap::pinned(SLOTS, 0);
 
+/// Read by the patched scheduler, written by doved; declared here so that it is created
+/// and pinned with the other maps.
+#[map(name = "DOVE_ENFORCE")]
+static ENFORCE: HashMap<u64, u32> = HashMap::pinned(SLOTS, 0);
+
 /// Resized by doved at load time to `nr_cpus × SLOTS`.
 #[map(name = "DOVE_PERCPU_COST")]
 static PERCPU_COST: Array<CpuCost> = Array::pinned(SLOTS, BPF_F_MMAPABLE);

@@ -1,0 +1,133 @@
+#!/bin/sh
+# PID 1 of DOVE's test guest: KUnit results, then the noisy-neighbour scenario with DOVE
+# off and on. Everything the host harness reads is printed as "DOVE-VM ..." lines.
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+mount -t tmpfs tmp /tmp
+mount -t tmpfs run /run
+mkdir -p /sys/fs/cgroup /sys/fs/bpf
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+echo "+cpu +cpuset +pids" > /sys/fs/cgroup/cgroup.subtree_control
+ip link set lo up
+say() { echo "DOVE-VM $*"; }
+finish() { say END; sync; poweroff -f; }
+
+say BOOTED "$(uname -r)" irq_time_accounting=$([ -e /proc/pressure/irq ] && echo yes || echo no)
+
+# KUnit (built in: the suite ran during boot).
+dmesg | grep -E "(not ok|ok) [0-9]+ (dove_|sched_dove)" | sed 's/^\[[^]]*\] *//' | while read -r line; do
+    say KUNIT "$line"
+done
+
+WINDOW=8
+QUOTA=20000
+PERIOD=100000
+
+bundle() { # bundle NAME CGROUP CPU_JSON ARGS_JSON
+    d=/tmp/bundle-$1
+    mkdir -p "$d"
+    cat > "$d/config.json" <<EOF
+{
+  "ociVersion": "1.0.2",
+  "process": {"terminal": false, "user": {"uid": 0, "gid": 0}, "args": $4,
+              "env": ["PATH=/bin"], "cwd": "/"},
+  "root": {"path": "/ctr", "readonly": true},
+  "hostname": "$1",
+  "mounts": [
+    {"destination": "/proc", "type": "proc", "source": "proc"},
+    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+    {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}
+  ],
+  "hooks": {
+    "createRuntime": [{"path": "/bin/dove-hook", "args": ["dove-hook", "createRuntime"]}],
+    "prestart": [{"path": "/bin/dove-hook", "args": ["dove-hook", "prestart"]}],
+    "poststop": [{"path": "/bin/dove-hook", "args": ["dove-hook", "poststop"]}]
+  },
+  "linux": {
+    "cgroupsPath": "$2",
+    "resources": {"cpu": $3},
+    "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]
+  }
+}
+EOF
+    echo "$d"
+}
+
+stat_of() { awk -v k="$2" '$1 == k {print $2}' "/sys/fs/cgroup/$1/cpu.stat"; }
+cpu0_softirq_us() { awk '$1 == "cpu0" {print $8 * 10000}' /proc/stat; }
+attributed_us() { # B's attributed softirq time from dovectl stats --json
+    dovectl stats --json | awk '/"id": "dove-b"/ {found = 1} found && /"total_ns"/ {gsub(/[^0-9]/, ""); print int($0 / 1000); exit}'
+}
+
+scenario() { # scenario off|on
+    mode=$1
+    enforcement=none
+    [ "$mode" = on ] && enforcement=kernel
+    cat > /tmp/doved-$mode.toml <<EOF
+[daemon]
+state_dir = "/tmp/dove-state-$mode"
+[observer]
+pin_dir = "/sys/fs/bpf/dove-$mode"
+[metrics]
+listen = ""
+[enforcement]
+mode = "$enforcement"
+EOF
+    doved --config /tmp/doved-$mode.toml > /tmp/doved-$mode.log 2>&1 &
+    doved_pid=$!
+    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+    say STATUS mode=$mode "$(dovectl status | grep -E 'enforcement|observer' | tr '\n' ' ')"
+
+    ip netns add peer
+    ip link add veth0 type veth peer name veth1
+    ip link set veth1 netns peer
+    ip addr add 10.0.0.1/24 dev veth0
+    ip link set veth0 up
+    ip -n peer addr add 10.0.0.2/24 dev veth1
+    ip -n peer link set veth1 up
+    ip -n peer link set lo up
+    # Receive processing for B's traffic on CPU 0, where A and B run.
+    echo 1 > /sys/class/net/veth0/queues/rx-0/rps_cpus
+
+    a=$(bundle dove-a /dove-a '{"cpus": "0"}' '["sh", "-c", "while :; do :; done"]')
+    b=$(bundle dove-b /dove-b "{\"cpus\": \"0\", \"quota\": $QUOTA, \"period\": $PERIOD}" '["iperf3", "-s", "-1", "-p", "5201"]')
+    runc --root /run/runc create --no-pivot --bundle "$b" dove-b > /tmp/runc-b.log 2>&1 || say ERROR "runc create B: $(cat /tmp/runc-b.log)"
+    runc --root /run/runc start dove-b
+    runc --root /run/runc create --no-pivot --bundle "$a" dove-a > /tmp/runc-a.log 2>&1 || say ERROR "runc create A: $(cat /tmp/runc-a.log)"
+    runc --root /run/runc start dove-a
+    sleep 1
+    say REGISTERED mode=$mode "$(dovectl list | tail -n +2 | awk '{print $1}' | tr '\n' ' ')"
+
+    ip netns exec peer taskset -c 1 iperf3 -c 10.0.0.1 -p 5201 -t $((WINDOW + 4)) > /tmp/iperf-$mode.log 2>&1 &
+    sender=$!
+    sleep 2
+    b0=$(stat_of dove-b usage_usec) a0=$(stat_of dove-a usage_usec) s0=$(cpu0_softirq_us)
+    d0=$(attributed_us) c0=$(stat_of dove-b dove_charged_usec)
+    sleep $WINDOW
+    b1=$(stat_of dove-b usage_usec) a1=$(stat_of dove-a usage_usec) s1=$(cpu0_softirq_us)
+    d1=$(attributed_us) c1=$(stat_of dove-b dove_charged_usec)
+    wait $sender
+    say RESULT mode=$mode window_us=$((WINDOW * 1000000)) quota_us=$((WINDOW * 1000000 * QUOTA / PERIOD)) \
+        b_usage_us=$((b1 - b0)) b_softirq_us=$((${d1:-0} - ${d0:-0})) b_charged_us=$((${c1:-0} - ${c0:-0})) \
+        a_usage_us=$((a1 - a0)) cpu0_softirq_us=$((s1 - s0)) \
+        throughput="$(grep -E 'receiver' /tmp/iperf-$mode.log | awk '{print $7 $8}')"
+
+    runc --root /run/runc kill dove-a KILL
+    runc --root /run/runc kill dove-b KILL 2>/dev/null
+    sleep 0.5
+    runc --root /run/runc delete -f dove-a
+    runc --root /run/runc delete -f dove-b
+    kill $doved_pid
+    wait $doved_pid
+    ip netns del peer
+    sleep 0.5
+}
+
+scenario off
+scenario on
+say DMESG-WARNINGS "$(dmesg | grep -cE 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function called from invalid context')"
+dmesg | grep -E 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function' | head -5 | while read -r l; do say DMESG "$l"; done
+finish
