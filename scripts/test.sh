@@ -18,6 +18,9 @@ bash packaging/build.sh
 echo "== tests (unit + integration, as root)"
 cargo test --workspace -- --test-threads=4
 
+echo "== VM: patched kernel (cached build), KUnit, noisy-neighbour scenario under QEMU"
+bash tests/vm/run.sh
+
 echo "== benchmarks (print numbers; no pass/fail thresholds)"
 cargo bench -p dove-tests --bench hook_latency
 cargo bench -p dove-tests --bench observer_overhead

@@ -590,12 +590,15 @@ impl Observer {
 
     /// Stop charging `cgroup_id`. Its last cost is flushed at the next tick.
     pub fn remove(&mut self, cgroup_id: u64) {
-        self.clear_quota_group(cgroup_id);
-        let Some((slot, _)) = self.owned.remove(&cgroup_id) else {
+        let Some(&(slot, _)) = self.owned.get(&cgroup_id) else {
             return;
         };
         let _ = self.slots.remove(&cgroup_id);
-        self.flush_slot(slot, slot);
+        // The last cost still goes to the quota group it was charged to.
+        let pending_slot = self.pending_slot(cgroup_id, slot);
+        self.flush_slot(slot, pending_slot);
+        self.clear_quota_group(cgroup_id);
+        self.owned.remove(&cgroup_id);
         self.quarantine.push((slot, self.ticks + 2));
         self.update_levels();
     }

@@ -36,8 +36,13 @@ for b in doved dovectl dove-hook; do
 done
 copy_with_libs "$root" "$(command -v runc)"
 copy_with_libs "$root" "$(command -v iperf3)"
-rm -f "$root/bin/ip"
+copy_with_libs "$root" "$(command -v ethtool)"
+# iproute2 (for netns), outside PATH and called by full path: busybox's shell runs its
+# own applet for a bare `ip`, and iproute2 picks a subcommand from any other argv[0].
 copy_with_libs "$root" "$(command -v ip)"
+mkdir -p "$root/usr/sbin"
+mv "$root/bin/ip" "$root/usr/sbin/ip"
+ln -sf busybox "$root/bin/ip"
 # The containers' root filesystem: busybox and iperf3.
 make_busybox_root "$root/ctr"
 copy_with_libs "$root/ctr" "$(command -v iperf3)"
