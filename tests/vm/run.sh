@@ -72,8 +72,13 @@ else:
         failures.append(f"with DOVE off B's total is only {off['ratio']:.2f}x its quota: the scenario shows no escape, so it proves nothing")
     if on["b_charged_us"] <= 0:
         failures.append("with DOVE on the scheduler charged B nothing (cpu.stat dove_charged_usec)")
-    elif abs(on["b_charged_us"] / max(on["b_softirq_us"], 1) - 1) > 0.15:
-        failures.append(f"the scheduler charged {on['b_charged_us']/1e6:.2f}s for {on['b_softirq_us']/1e6:.2f}s of attributed softirq (want within 15%)")
+    else:
+        # No cost is lost: what was attributed was either charged or is still pending
+        # (carried over past the per-period cap).
+        accounted = on["b_charged_us"] + on["b_pending_us"]
+        print(f"cost conservation (DOVE on): attributed {on['b_softirq_us']/1e6:.3f}s = charged {on['b_charged_us']/1e6:.3f}s + pending change {on['b_pending_us']/1e6:+.3f}s -> {accounted/1e6:.3f}s")
+        if abs(accounted / max(on["b_softirq_us"], 1) - 1) > 0.10:
+            failures.append(f"charged + pending ({accounted/1e6:.2f}s) does not match the attributed {on['b_softirq_us']/1e6:.2f}s (want within 10%)")
     if on["ratio"] >= off["ratio"] or on["ratio"] > 1.10:
         failures.append(f"with DOVE on B's total is {on['ratio']:.2f}x its quota (off: {off['ratio']:.2f}x): not held to its quota")
     if on["a_share"] <= off["a_share"]:
