@@ -37,6 +37,7 @@ pub struct ObserverConfig {
     pub enabled: bool,
     pub pin_dir: PathBuf,
     pub tick_ms: u64,
+    pub egress: bool,
 }
 
 impl Default for ObserverConfig {
@@ -45,6 +46,7 @@ impl Default for ObserverConfig {
             enabled: true,
             pin_dir: PathBuf::from("/sys/fs/bpf/dove"),
             tick_ms: 100,
+            egress: true,
         }
     }
 }

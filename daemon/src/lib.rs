@@ -65,7 +65,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let store = Store::open(&d.state_dir)?;
 
     let observer: Option<SharedObserver> = if config.observer.enabled {
-        let o = Observer::start(&config.observer.pin_dir, &mounts.unified.mount_point)?;
+        let o = Observer::start(
+            &config.observer.pin_dir,
+            &mounts.unified.mount_point,
+            config.observer.egress,
+        )?;
         Some(Arc::new(std::sync::Mutex::new(o)))
     } else {
         tracing::info!("eBPF observer disabled (observer.enabled = false)");

@@ -315,7 +315,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), ObserverError> {
 impl Observer {
     /// Load and attach. `cgroup_root` is the cgroup v2 mount the cgroup_skb programs
     /// attach to (they then see every socket's traffic, filtered by the slot map).
-    pub fn start(pin_dir: &Path, cgroup_root: &Path) -> Result<Self, ObserverError> {
+    pub fn start(pin_dir: &Path, cgroup_root: &Path, egress: bool) -> Result<Self, ObserverError> {
         preflight()?;
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir).map_err(|source| ObserverError::PinDir {
@@ -372,10 +372,11 @@ impl Observer {
                 path: cgroup_root.to_owned(),
                 source,
             })?;
-        for (name, kind) in [
-            ("dove_ingress", CgroupSkbAttachType::Ingress),
-            ("dove_egress", CgroupSkbAttachType::Egress),
-        ] {
+        let mut cgroup_programs = vec![("dove_ingress", CgroupSkbAttachType::Ingress)];
+        if egress {
+            cgroup_programs.push(("dove_egress", CgroupSkbAttachType::Egress));
+        }
+        for (name, kind) in cgroup_programs {
             let program: &mut CgroupSkb = program(&mut ebpf, name)?;
             program.load().map_err(|source| ObserverError::Program {
                 what: format!("loading {name}"),

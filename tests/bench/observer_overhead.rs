@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use dove_proto::{Reply, Request};
 use dove_tests::*;
 
 fn busy_jiffies() -> (u64, u64) {
@@ -89,23 +88,22 @@ fn main() {
     let net = NetPair::new().unwrap();
     let ctr = TestCgroup::new("dove-bench-sink").unwrap();
     let (mut base_pps, mut base_cpu, mut dove_pps, mut dove_cpu) = (vec![], vec![], vec![], vec![]);
+    let (mut ingress_pps, mut ingress_cpu) = (vec![], vec![]);
     for round in 0..rounds {
-        let a = flood(&net, &ctr, 6000 + round as u16 * 2, seconds);
+        let port = 6000 + round as u16 * 3;
+        let a = flood(&net, &ctr, port, seconds);
         base_pps.push(a.pps);
         base_cpu.push(a.cpu_ns_per_packet);
-        let daemon = TempDaemon::with_observer().unwrap();
-        let reg = ctr.registration("sink");
-        assert!(matches!(
-            daemon
-                .client()
-                .call(Request::Register { container: reg })
-                .unwrap(),
-            Reply::Registered { .. }
-        ));
-        let b = flood(&net, &ctr, 6001 + round as u16 * 2, seconds);
-        dove_pps.push(b.pps);
-        dove_cpu.push(b.cpu_ns_per_packet);
-        drop(daemon);
+        for (settings, pps, cpu, offset) in [
+            ("", &mut dove_pps, &mut dove_cpu, 1),
+            ("egress = false", &mut ingress_pps, &mut ingress_cpu, 2),
+        ] {
+            let daemon = TempDaemon::with_observer_settings(settings).unwrap();
+            daemon.register(&ctr, "sink");
+            let b = flood(&net, &ctr, port + offset, seconds);
+            pps.push(b.pps);
+            cpu.push(b.cpu_ns_per_packet);
+        }
     }
     println!("64-byte UDP flood over veth, {rounds} interleaved rounds of {seconds} s each:");
     println!(
@@ -123,9 +121,21 @@ fn main() {
         spread(&dove_cpu)
     );
     println!(
+        "  DOVE, no egress:{:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
+        median(ingress_pps.clone()),
+        spread(&ingress_pps),
+        median(ingress_cpu.clone()),
+        spread(&ingress_cpu)
+    );
+    println!(
         "  ratio with/without: datagrams/s {:.3}, CPU ns/datagram {:.3}",
-        median(dove_pps) / median(base_pps),
-        median(dove_cpu) / median(base_cpu)
+        median(dove_pps) / median(base_pps.clone()),
+        median(dove_cpu) / median(base_cpu.clone())
+    );
+    println!(
+        "  ratio without egress/without DOVE: datagrams/s {:.3}, CPU ns/datagram {:.3}",
+        median(ingress_pps) / median(base_pps),
+        median(ingress_cpu) / median(base_cpu)
     );
 
     // Per-tick aggregation cost.
@@ -149,12 +159,7 @@ fn main() {
         .map(|i| parent.child(&format!("c{i}")).unwrap())
         .collect();
     for (i, cg) in cgroups.iter().enumerate() {
-        daemon
-            .client()
-            .call(Request::Register {
-                container: cg.registration(&format!("c{i}")),
-            })
-            .unwrap();
+        daemon.register(cg, &format!("c{i}"));
     }
     let full = tick_cost(&daemon);
     println!("aggregation tick (median of 20 ticks, 2 CPUs):");

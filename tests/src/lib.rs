@@ -92,13 +92,18 @@ impl TempDaemon {
 
     /// A daemon with the eBPF observer (own pin directory) and a metrics endpoint.
     pub fn with_observer() -> Result<Self> {
+        Self::with_observer_settings("")
+    }
+
+    /// As [`Self::with_observer`], with extra `[observer]` keys (TOML lines).
+    pub fn with_observer_settings(observer_extra: &str) -> Result<Self> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("dove-test")));
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let metrics = format!("127.0.0.1:{port}");
         let config = format!(
-            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n[metrics]\nlisten = \"{metrics}\"\n",
+            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n",
             pin_dir.display()
         );
         Self::start_with(&config, Some(pin_dir), Some(metrics))
