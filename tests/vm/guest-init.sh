@@ -28,7 +28,7 @@ done
 # DOVE charges) the default slice loses a slice's worth of runtime in most periods.
 echo 1000 > /proc/sys/kernel/sched_cfs_bandwidth_slice_us
 
-WINDOW=8
+WINDOW=16
 # B is busy (it uses its whole quota on its own) and receives a stream: whatever the
 # kernel spends on that stream in softirq is time B gets beyond its quota.
 QUOTA=20000

@@ -79,15 +79,13 @@ else:
         print(f"cost conservation (DOVE on): attributed {on['b_softirq_us']/1e6:.3f}s = charged {on['b_charged_us']/1e6:.3f}s + pending change {on['b_pending_us']/1e6:+.3f}s -> {accounted/1e6:.3f}s")
         if abs(accounted / max(on["b_softirq_us"], 1) - 1) > 0.10:
             failures.append(f"charged + pending ({accounted/1e6:.2f}s) does not match the attributed {on['b_softirq_us']/1e6:.2f}s (want within 10%)")
-    if on["ratio"] >= off["ratio"] or on["ratio"] > 1.10:
-        failures.append(f"with DOVE on B's total is {on['ratio']:.2f}x its quota (off: {off['ratio']:.2f}x): not held to its quota")
+    if abs(on["ratio"] - 1) > 0.10:
+        failures.append(f"with DOVE on B's total is {on['ratio']:.2f}x its quota (off: {off['ratio']:.2f}x): want within 10%")
     if on["a_share"] <= off["a_share"]:
         failures.append(f"A's share of CPU 0 did not improve ({off['a_share']*100:.1f}% -> {on['a_share']*100:.1f}%)")
-    # The targets, reported as measured (software emulation makes CFS deliver
-    # less than a group's runtime, so these are not yet reliable here; see the README).
-    target_b = abs(on["ratio"] - 1) <= 0.10
+    # The other target, reported as measured: A lands at 77-78%, its fair 80%
+    # less the ~2% of CPU 0 that interrupts and kernel threads take under emulation.
     target_a = on["a_share"] >= 0.78
-    print(f"target: B's total within 10% of its quota with DOVE on: {'met' if target_b else 'NOT met'} ({on['ratio']:.2f}x)")
     print(f"target: A's share of CPU 0 at least 78% with DOVE on: {'met' if target_a else 'NOT met'} ({on['a_share']*100:.1f}%)")
 for f in failures:
     print("vm: FAIL:", f)
