@@ -7,6 +7,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/deps.sh
 
+# doved mounts bpffs when the host has not; leave the host as we found it.
+if ! mountpoint -q /sys/fs/bpf; then
+    trap 'umount /sys/fs/bpf 2>/dev/null || true' EXIT
+fi
+
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
