@@ -8,7 +8,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cache="${DOVE_CACHE:-/var/cache/dove}"
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
-rustup component add rust-src --toolchain nightly >/dev/null
+rustup component add rust-src --toolchain nightly >/dev/null 2>&1
 
 sysroot="$(rustc +nightly --print sysroot)"
 llvm_so="$(ls "$sysroot"/lib/libLLVM.so.* 2>/dev/null | head -n1 || true)"
