@@ -339,6 +339,7 @@ impl Observer {
                 );
                 for name in [
                     SLOTS_MAP,
+                    ENFORCE_MAP,
                     PERCPU_COST_MAP,
                     COST_MAP,
                     SETTINGS_MAP,
@@ -569,27 +570,15 @@ impl Observer {
         if !kernel_patched() {
             return Err(ObserverError::KernelUnpatched);
         }
-        let fd_of = |name: &'static str| -> Result<i32, ObserverError> {
-            match self._ebpf.map(name) {
-                Some(Map::HashMap(data)) | Some(Map::Array(data)) => {
-                    Ok(data.fd().as_fd().as_raw_fd())
-                }
-                _ => Err(ObserverError::Map {
-                    name,
-                    detail: "missing".into(),
-                }),
-            }
-        };
-        let enforce_fd = fd_of(ENFORCE_MAP)?;
-        let cost_fd = fd_of(COST_MAP)?;
-        for (path, fd) in [(SLOT_SYSCTL, enforce_fd), (COST_SYSCTL, cost_fd)] {
+        for (path, name) in [(SLOT_SYSCTL, ENFORCE_MAP), (COST_SYSCTL, COST_MAP)] {
+            let fd = map_fd(&self._ebpf, name)?.as_fd().as_raw_fd();
             std::fs::write(path, format!("{fd}\n"))
                 .map_err(|source| ObserverError::KernelHandoff { path, source })?;
         }
         Ok(())
     }
 
-    /// Stop charging `cgroup_id`. Its last cost is flushed at the next tick.
+    /// Stop charging `cgroup_id`, publishing what it cost up to now.
     pub fn remove(&mut self, cgroup_id: u64) {
         let Some(&(slot, _)) = self.owned.get(&cgroup_id) else {
             return;
@@ -718,14 +707,6 @@ impl Observer {
             ticks: self.ticks,
         }
     }
-
-    /// The raw fd of the global cost map, for an enforcer.
-    pub fn cost_map_fd(&self) -> Option<i32> {
-        match self._ebpf.map(COST_MAP) {
-            Some(Map::Array(data)) => Some(data.fd().as_fd().as_raw_fd()),
-            _ => None,
-        }
-    }
 }
 
 /// The scheduler's map of quota groups, borrowed from the loaded object.
@@ -765,10 +746,10 @@ where
 
 fn map_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::MapFd, ObserverError> {
     match ebpf.map(name) {
-        Some(Map::Array(data)) => Ok(data.fd()),
+        Some(Map::Array(data)) | Some(Map::HashMap(data)) => Ok(data.fd()),
         _ => Err(ObserverError::Map {
             name,
-            detail: "missing from the object or not an array".into(),
+            detail: "missing from the object or not an array or hash".into(),
         }),
     }
 }

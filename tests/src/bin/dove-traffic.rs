@@ -13,6 +13,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+/// An unbound-port UDP socket of `to`'s address family.
+fn udp_sender(to: SocketAddr) -> UdpSocket {
+    let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    UdpSocket::bind(any).expect("binding a UDP socket")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> &str {
@@ -50,14 +56,7 @@ fn main() {
         "udp-send" => {
             let count: u64 = arg(2).parse().unwrap();
             let size: usize = arg(3).parse().unwrap();
-            let local: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            }
-            .parse()
-            .unwrap();
-            let sock = UdpSocket::bind(local).unwrap();
+            let sock = udp_sender(addr);
             let payload = vec![0x5au8; size];
             for i in 0..count {
                 // A full socket buffer on the far side drops; pace lightly so most arrive.
@@ -70,14 +69,7 @@ fn main() {
         "udp-flood" => {
             let secs: f64 = arg(2).parse().unwrap();
             let size: usize = arg(3).parse().unwrap();
-            let local: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            }
-            .parse()
-            .unwrap();
-            let sock = UdpSocket::bind(local).unwrap();
+            let sock = udp_sender(addr);
             sock.connect(addr).unwrap();
             let payload = vec![0x5au8; size];
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
