@@ -26,7 +26,7 @@ start=$(date +%s)
 # the other vCPU and oopsed on a stale int3.
 timeout 900 qemu-system-x86_64 -accel tcg,thread=single -cpu max -smp 2 -m 1536M \
     -kernel "$kernel" -initrd "$work/initramfs.cpio" \
-    -append "console=ttyS0 panic=-1 loglevel=4" \
+    -append "console=ttyS0 panic=-1 loglevel=4 irqaffinity=1" \
     -nographic -no-reboot -nic none > "$log" 2>&1 || true
 echo "vm: guest ran $(( $(date +%s) - start )) s"
 tr -d '\r' < "$log" | grep '^DOVE-VM' > "$work/results" || true
@@ -68,7 +68,7 @@ else:
         print(f"{mode:<5} {r['b_usage_us']/1e6:>8.2f}s {r['b_softirq_us']/1e6:>9.2f}s {total/1e6:>8.2f}s {r['quota_us']/1e6:>6.2f}s {r['ratio']:>8.2f} {r['b_charged_us']/1e6:>7.2f}s {r['cpu0_softirq_us']/1e6:>9.2f}s {r['a_share']*100:>7.1f}%  {r['throughput']}")
     off, on = runs["off"], runs["on"]
     # What must hold for DOVE to be doing its job here (the suite fails otherwise):
-    if off["ratio"] <= 1.10:
+    if off["ratio"] <= 1.15:
         failures.append(f"with DOVE off B's total is only {off['ratio']:.2f}x its quota: the scenario shows no escape, so it proves nothing")
     if on["b_charged_us"] <= 0:
         failures.append("with DOVE on the scheduler charged B nothing (cpu.stat dove_charged_usec)")
@@ -83,10 +83,10 @@ else:
         failures.append(f"with DOVE on B's total is {on['ratio']:.2f}x its quota (off: {off['ratio']:.2f}x): want within 10%")
     if on["a_share"] <= off["a_share"]:
         failures.append(f"A's share of CPU 0 did not improve ({off['a_share']*100:.1f}% -> {on['a_share']*100:.1f}%)")
-    # The other target, reported as measured: A lands at 77-78%, its fair 80%
-    # less the ~2% of CPU 0 that interrupts and kernel threads take under emulation.
-    target_a = on["a_share"] >= 0.78
-    print(f"target: A's share of CPU 0 at least 78% with DOVE on: {'met' if target_a else 'NOT met'} ({on['a_share']*100:.1f}%)")
+    # A keeps its fair 80% of CPU 0 less at most 2 points (the tick, the RPS IPIs and
+    # the per-CPU kernel threads that cannot leave CPU 0).
+    if on["a_share"] < 0.78:
+        failures.append(f"with DOVE on A got {on['a_share']*100:.1f}% of CPU 0: want at least 78%")
 for f in failures:
     print("vm: FAIL:", f)
 print("vm:", "1 passed, 0 failed" if not failures else "0 passed, 1 failed")
