@@ -192,6 +192,7 @@ pub struct Health {
     pub packets_in_window: u64,
     pub packets_outside_window: u64,
     pub unowned_windows: u64,
+    pub owner_lookups: u64,
 }
 
 /// What the last tick saw.
@@ -230,6 +231,8 @@ pub struct Observer {
     quarantine: Vec<(u32, u64)>,
     programs_attached: usize,
     ticks: u64,
+    /// Last [`Settings::generation`] published.
+    generation: u32,
 }
 
 fn kernel_release() -> String {
@@ -409,7 +412,10 @@ impl Observer {
                 let _ = enforce.remove(&key);
             }
         }
-        let settings = take(&mut ebpf, SETTINGS_MAP, Array::try_from)?;
+        let settings: Array<MapData, Settings> = take(&mut ebpf, SETTINGS_MAP, Array::try_from)?;
+        // Continue from the pinned generation: restarting at a value some CPU's owner
+        // cache still holds would let it serve a stale answer.
+        let generation = settings.get(&0, 0).map(|s| s.generation).unwrap_or(0);
         let windows = take(&mut ebpf, WINDOW_MAP, PerCpuArray::try_from)?;
 
         let mut observer = Self {
@@ -428,8 +434,10 @@ impl Observer {
             quarantine: Vec::new(),
             programs_attached: attached,
             ticks: 0,
+            generation,
         };
         observer.adopt_pinned_slots();
+        observer.publish_settings();
         tracing::info!(
             programs = attached,
             cpus = nr_cpus,
@@ -465,7 +473,7 @@ impl Observer {
         if let Some(entry) = self.owned.get_mut(&cgroup_id) {
             entry.1 = level;
             let slot = entry.0;
-            self.update_levels();
+            self.publish_settings();
             self.set_quota_group(cgroup_id, slot, quota_group);
             return Ok(());
         }
@@ -497,7 +505,7 @@ impl Observer {
                 detail: e.to_string(),
             })?;
         self.owned.insert(cgroup_id, (slot, level));
-        self.update_levels();
+        self.publish_settings();
         self.set_quota_group(cgroup_id, slot, quota_group);
         Ok(())
     }
@@ -590,7 +598,7 @@ impl Observer {
         self.clear_quota_group(cgroup_id);
         self.owned.remove(&cgroup_id);
         self.quarantine.push((slot, self.ticks + 2));
-        self.update_levels();
+        self.publish_settings();
     }
 
     /// Forget every owner not in `keep` (after the registry reloaded).
@@ -617,7 +625,9 @@ impl Observer {
             .ok_or(ObserverError::SlotsFull(SLOTS - 1))
     }
 
-    fn update_levels(&mut self) {
+    /// Publish the registered levels, and a new generation so that every CPU's owner
+    /// cache resolves again; called after every change to the owner map.
+    fn publish_settings(&mut self) {
         let mask = self.owned.values().fold(0u64, |m, (_, level)| {
             if *level > 0 && *level <= dove_ebpf_common::MAX_LEVEL {
                 m | (1u64 << level)
@@ -625,7 +635,15 @@ impl Observer {
                 m
             }
         });
-        let _ = self.settings.set(0, Settings { level_mask: mask }, 0);
+        self.generation = self.generation.wrapping_add(1).max(1);
+        let settings = Settings {
+            level_mask: mask,
+            generation: self.generation,
+            _reserved: 0,
+        };
+        if let Err(e) = self.settings.set(0, settings, 0) {
+            tracing::error!("updating {SETTINGS_MAP}: {e}; packets may be charged to stale owners");
+        }
     }
 
     /// Sum a slot over CPUs and publish it; returns the published cost. New cost is
@@ -692,6 +710,7 @@ impl Observer {
                     a.packets_in_window += h.packets_in_window;
                     a.packets_outside_window += h.packets_outside_window;
                     a.unowned_windows += h.unowned_windows;
+                    a.owner_lookups += h.owner_lookups;
                     a
                 })
             })

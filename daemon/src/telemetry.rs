@@ -75,6 +75,7 @@ impl Telemetry {
                 packets_in_window: h.packets_in_window,
                 packets_outside_window: h.packets_outside_window,
                 unowned_windows: h.unowned_windows,
+                owner_lookups: h.owner_lookups,
                 slots_used: snap.slots_used as u64,
                 slots_capacity: snap.slots_capacity as u64,
                 ticks: snap.ticks,
@@ -185,6 +186,12 @@ pub fn render(stats: &Stats, registry: &Registry) -> String {
         "counter",
         "Packets seen in process context (already billed to the task; not charged).",
         &plain(h.packets_outside_window.to_string()),
+    );
+    family(
+        "dove_owner_lookups_total",
+        "counter",
+        "Packet owner resolutions that missed the programs' per-CPU cache.",
+        &plain(h.owner_lookups.to_string()),
     );
     family(
         "dove_cost_slots_used",

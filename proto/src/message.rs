@@ -260,6 +260,9 @@ pub struct ObserverHealth {
     /// Packets seen in process context: already billed to the sending task, not charged.
     pub packets_outside_window: u64,
     pub unowned_windows: u64,
+    /// Owner resolutions that missed the programs' per-CPU cache (hash lookups done).
+    #[serde(default)]
+    pub owner_lookups: u64,
     pub slots_used: u64,
     pub slots_capacity: u64,
     pub ticks: u64,

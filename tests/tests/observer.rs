@@ -389,3 +389,68 @@ fn dovectl_stats_and_top() {
         assert!(status.contains("enforcement:   none"), "{status}");
     }
 }
+
+/// The programs cache each CPU's last owner resolution; a registration or removal must
+/// reach the very next packet of a cgroup whose traffic is already flowing.
+#[test]
+fn registration_changes_reach_flows_already_running() {
+    if !require_root("registration_changes_reach_flows_already_running") {
+        return;
+    }
+    let _serial = serial();
+    let daemon = TempDaemon::with_observer().unwrap();
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-test-late").unwrap();
+    // Every sender (a child of this thread) on one CPU, so that each burst meets the
+    // owner cache the previous one left there.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    // Datagrams delivered to a fresh socket in `ctr`, with the stats around them.
+    let burst = |port: u16| {
+        let addr = format!("{}:{port}", net.addr_b);
+        let sink = net
+            .spawn(&net.b, Some(&ctr), &["udp-sink", &addr, "20"], true)
+            .unwrap();
+        let before = settled(&daemon);
+        finish(
+            net.spawn(&net.a, None, &["udp-send", &addr, "3000", "64"], false)
+                .unwrap(),
+        )
+        .unwrap();
+        let received = finish(sink).unwrap();
+        assert!(received > 1000, "only {received} datagrams arrived");
+        (received, before, settled(&daemon))
+    };
+    let unattributed_packets = |before: &Stats, after: &Stats| {
+        after.unattributed.rx_packets - before.unattributed.rx_packets
+    };
+
+    let (received, before, after) = burst(5301);
+    assert!(!after.containers.iter().any(|c| c.id == "late"));
+    assert!(unattributed_packets(&before, &after) >= received);
+
+    daemon.register(&ctr, "late");
+    let (received, before, after) = burst(5302);
+    let counted = cost(&after, "late").rx_packets - cost(&before, "late").rx_packets;
+    assert!(
+        counted >= received,
+        "after registering, {counted} of {received} datagrams were charged to the container"
+    );
+
+    match daemon
+        .client()
+        .call(dove_proto::Request::Unregister { id: "late".into() })
+        .unwrap()
+    {
+        dove_proto::Reply::Unregistered { existed: true, .. } => {}
+        other => panic!("unexpected reply {other:?}"),
+    }
+    let (received, before, after) = burst(5303);
+    assert!(!after.containers.iter().any(|c| c.id == "late"));
+    let unowned = unattributed_packets(&before, &after);
+    assert!(
+        unowned >= received,
+        "after unregistering, only {unowned} of {received} datagrams were unattributed"
+    );
+}

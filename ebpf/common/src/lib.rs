@@ -90,6 +90,14 @@ pub struct WindowState {
     pub packets_outside_window: u64,
     /// Windows with no packet of a registered owner in them (wholly unattributed).
     pub unowned_windows: u64,
+    /// The last socket cgroup this CPU resolved to an owner, and the answer, valid while
+    /// [`Settings::generation`] equals `owner_cache_generation`: a flow's packets come in
+    /// runs, so most packets skip the hash lookups.
+    pub owner_cache_cgroup: u64,
+    pub owner_cache_slot: u32,
+    pub owner_cache_generation: u32,
+    /// Owner resolutions that missed the cache (hash lookups done).
+    pub owner_lookups: u64,
 }
 
 /// Knobs doved sets for the programs.
@@ -98,6 +106,10 @@ pub struct WindowState {
 pub struct Settings {
     /// Bit `n` set: some registered container's cgroup is at level `n` (root is 0).
     pub level_mask: u64,
+    /// Bumped by doved after every change to the owner map; invalidates the programs'
+    /// per-CPU owner caches. Never 0, which the caches start with.
+    pub generation: u32,
+    pub _reserved: u32,
 }
 
 #[cfg(feature = "user")]

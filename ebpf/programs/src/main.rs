@@ -9,9 +9,11 @@
 //! unattributed slot. Outside a window nothing is charged: that work ran in a task's
 //! own context and is already in its runtime.
 //!
-//! Hot-path cost per packet: one per-CPU array lookup (window state and counters), one
-//! hash lookup (owner, plus one per registered ancestor level on a miss), one array
-//! lookup (cost), no atomics.
+//! Hot-path cost per packet: one per-CPU array lookup (window state, counters and a
+//! one-entry owner cache), one array lookup (settings), one array lookup (cost), no
+//! atomics; the owner's hash lookups (one, plus one per registered ancestor level) only
+//! when the socket cgroup differs from the previous packet's on this CPU or the owner
+//! map changed.
 #![no_std]
 #![no_main]
 
@@ -126,19 +128,39 @@ pub fn dove_softirq_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// The registered container that owns this skb's socket: the socket's own cgroup, or
-/// the nearest ancestor at a level where some container is registered.
+/// The registered container that owns this skb's socket, through this CPU's one-entry
+/// cache: consecutive packets mostly belong to the same socket cgroup.
 #[inline(always)]
-fn owner(skb: *mut __sk_buff) -> u32 {
-    // SAFETY: cgroup_skb programs may call these helpers on their context.
+fn owner(skb: *mut __sk_buff, w: *mut WindowState) -> u32 {
+    // SAFETY: cgroup_skb programs may call this helper on their context.
     let id = unsafe { bpf_skb_cgroup_id(skb) };
+    let Some(settings) = SETTINGS.get(0) else {
+        return UNATTRIBUTED_SLOT;
+    };
+    // Read before resolving: if doved changes the owner map meanwhile, it bumps the
+    // generation after, and the next packet resolves again.
+    let generation = settings.generation;
+    // SAFETY: `w` is this CPU's window state; softirqs do not nest on a CPU.
+    unsafe {
+        if (*w).owner_cache_cgroup == id && (*w).owner_cache_generation == generation {
+            return (*w).owner_cache_slot;
+        }
+        let slot = resolve(skb, id, settings.level_mask);
+        (*w).owner_cache_cgroup = id;
+        (*w).owner_cache_slot = slot;
+        (*w).owner_cache_generation = generation;
+        (*w).owner_lookups += 1;
+        slot
+    }
+}
+
+/// The socket cgroup's own slot, or that of the nearest ancestor at a level where some
+/// container is registered.
+#[inline(always)]
+fn resolve(skb: *mut __sk_buff, id: u64, mask: u64) -> u32 {
     if let Some(slot) = unsafe { SLOT_OF.get(&id) } {
         return *slot;
     }
-    let mask = match SETTINGS.get(0) {
-        Some(s) => s.level_mask,
-        None => 0,
-    };
     if mask == 0 {
         return UNATTRIBUTED_SLOT;
     }
@@ -167,7 +189,7 @@ fn on_packet(ctx: &SkBuffContext, rx: bool) {
             (*w).packets_outside_window += 1;
             return;
         }
-        let slot = owner(ctx.skb.skb);
+        let slot = owner(ctx.skb.skb, w);
         let now = bpf_ktime_get_ns();
         charge(slot, now.saturating_sub((*w).mark_ns), rx, true);
         (*w).mark_ns = now;
