@@ -2,8 +2,11 @@
 //!
 //! 1. A bounded 64-byte UDP flood over a veth pair between two namespaces, the sink in a
 //!    registered cgroup: datagrams/s delivered and CPU ns per delivered datagram (all
-//!    CPUs' busy time from /proc/stat over the run), without doved and with doved,
-//!    interleaved A B A B … (DESIGN.md, "Measuring on these machines").
+//!    CPUs' busy time from /proc/stat over the run), interleaved round by round
+//!    (DESIGN.md, "Measuring on these machines"): without any program; with empty
+//!    programs at DOVE's four hooks (`ebpf/programs/src/floor.rs`: the kernel's dispatch
+//!    cost, the floor under anything attached there); with doved; with doved without its
+//!    egress program.
 //! 2. The per-tick aggregation cost with 0 and with 1,000 registered containers.
 //!
 //! Prints numbers; asserts nothing. Run as root after a release build:
@@ -12,7 +15,36 @@
 
 use std::time::Duration;
 
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use dove_tests::*;
+
+static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dove-floor.bpf.o"));
+
+/// Empty programs attached where DOVE attaches its own; detached on drop.
+fn attach_floor() -> aya::Ebpf {
+    let mut ebpf = aya::Ebpf::load(FLOOR_OBJECT).expect("loading the floor programs");
+    for (name, tracepoint) in [
+        ("floor_softirq_entry", "softirq_entry"),
+        ("floor_softirq_exit", "softirq_exit"),
+    ] {
+        let program: &mut RawTracePoint = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+        program.attach(tracepoint).unwrap();
+    }
+    let root = std::fs::File::open(unified_mount()).unwrap();
+    for (name, kind) in [
+        ("floor_ingress", CgroupSkbAttachType::Ingress),
+        ("floor_egress", CgroupSkbAttachType::Egress),
+    ] {
+        let program: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+        program
+            .attach(&root, kind, CgroupAttachMode::Single)
+            .unwrap();
+    }
+    ebpf
+}
 
 fn busy_jiffies() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();
@@ -89,11 +121,17 @@ fn main() {
     let ctr = TestCgroup::new("dove-bench-sink").unwrap();
     let (mut base_pps, mut base_cpu, mut dove_pps, mut dove_cpu) = (vec![], vec![], vec![], vec![]);
     let (mut ingress_pps, mut ingress_cpu) = (vec![], vec![]);
+    let (mut floor_pps, mut floor_cpu) = (vec![], vec![]);
     for round in 0..rounds {
-        let port = 6000 + round as u16 * 3;
+        let port = 6000 + round as u16 * 4;
         let a = flood(&net, &ctr, port, seconds);
         base_pps.push(a.pps);
         base_cpu.push(a.cpu_ns_per_packet);
+        let floor = attach_floor();
+        let f = flood(&net, &ctr, port + 3, seconds);
+        drop(floor);
+        floor_pps.push(f.pps);
+        floor_cpu.push(f.cpu_ns_per_packet);
         for (settings, pps, cpu, offset) in [
             ("", &mut dove_pps, &mut dove_cpu, 1),
             ("egress = false", &mut ingress_pps, &mut ingress_cpu, 2),
@@ -114,6 +152,13 @@ fn main() {
         spread(&base_cpu)
     );
     println!(
+        "  empty programs at DOVE's hooks: {:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
+        median(floor_pps.clone()),
+        spread(&floor_pps),
+        median(floor_cpu.clone()),
+        spread(&floor_cpu)
+    );
+    println!(
         "  with DOVE:    {:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
         median(dove_pps.clone()),
         spread(&dove_pps),
@@ -129,13 +174,23 @@ fn main() {
     );
     println!(
         "  ratio with/without: datagrams/s {:.3}, CPU ns/datagram {:.3}",
-        median(dove_pps) / median(base_pps.clone()),
-        median(dove_cpu) / median(base_cpu.clone())
+        median(dove_pps.clone()) / median(base_pps.clone()),
+        median(dove_cpu.clone()) / median(base_cpu.clone())
     );
     println!(
         "  ratio without egress/without DOVE: datagrams/s {:.3}, CPU ns/datagram {:.3}",
-        median(ingress_pps) / median(base_pps),
-        median(ingress_cpu) / median(base_cpu)
+        median(ingress_pps) / median(base_pps.clone()),
+        median(ingress_cpu) / median(base_cpu.clone())
+    );
+    println!(
+        "  ratio empty programs/without: datagrams/s {:.3}, CPU ns/datagram {:.3}  (the hooks' own cost)",
+        median(floor_pps.clone()) / median(base_pps),
+        median(floor_cpu.clone()) / median(base_cpu)
+    );
+    println!(
+        "  ratio with DOVE/empty programs: datagrams/s {:.3}, CPU ns/datagram {:.3}  (DOVE's work)",
+        median(dove_pps) / median(floor_pps),
+        median(dove_cpu) / median(floor_cpu)
     );
 
     // Per-tick aggregation cost.
