@@ -85,6 +85,7 @@ busiest_threads() { # busiest_threads BEFORE AFTER: the 8 threads that ran most 
 uptime_us() { awk '{printf "%d", $1 * 1000000}' /proc/uptime; }
 stat_of() { awk -v k="$2" '$1 == k {print $2}' "/sys/fs/cgroup/$1/cpu.stat"; }
 cpu0_softirq_us() { awk '$1 == "cpu0" {print $8 * 10000}' /proc/stat; }
+cpu0_irq_us() { awk '$1 == "cpu0" {print $7 * 10000}' /proc/stat; }
 cpu0_times() { awk '$1 == "cpu0" {printf "user=%d system=%d idle=%d iowait=%d irq=%d softirq=%d", $2*10, $4*10, $5*10, $6*10, $7*10, $8*10}' /proc/stat; }
 unattributed_us() {
     dovectl stats --json | awk '/"unattributed"/ {found = 1} found && /"total_ns"/ {gsub(/[^0-9]/, ""); print int($0 / 1000); exit}'
@@ -149,12 +150,14 @@ EOF
     sender=$!
     sleep 2
     n0=$(stat_of dove-b nr_periods) t0=$(uptime_us) b0=$(stat_of dove-b usage_usec) a0=$(stat_of dove-a usage_usec) s0=$(cpu0_softirq_us)
+    i0=$(cpu0_irq_us)
     d0=$(attributed_us) c0=$(stat_of dove-b dove_charged_usec) u0=$(unattributed_us) p0=$(pending_us)
     say SOFTIRQS-BEFORE mode=$mode "$(softirq_counts)" "$(cpu0_times)"
     thread_times > /tmp/threads-before
     sleep $WINDOW
     thread_times > /tmp/threads-after
     n1=$(stat_of dove-b nr_periods) t1=$(uptime_us) b1=$(stat_of dove-b usage_usec) a1=$(stat_of dove-a usage_usec) s1=$(cpu0_softirq_us)
+    i1=$(cpu0_irq_us)
     d1=$(attributed_us) c1=$(stat_of dove-b dove_charged_usec) u1=$(unattributed_us) p1=$(pending_us)
     say SOFTIRQS-AFTER mode=$mode "$(softirq_counts)" "$(cpu0_times)"
     say THREADS mode=$mode "$(busiest_threads /tmp/threads-before /tmp/threads-after)"
@@ -165,7 +168,7 @@ EOF
     window=$((t1 - t0))
     say RESULT mode=$mode window_us=$window quota_us=$(((n1 - n0) * QUOTA)) periods=$((n1 - n0)) \
         b_usage_us=$((b1 - b0)) b_softirq_us=$((${d1:-0} - ${d0:-0})) b_charged_us=$((${c1:-0} - ${c0:-0})) b_pending_us=$((${p1:-0} - ${p0:-0})) \
-        a_usage_us=$((a1 - a0)) cpu0_softirq_us=$((s1 - s0)) unattributed_us=$((${u1:-0} - ${u0:-0})) \
+        a_usage_us=$((a1 - a0)) cpu0_softirq_us=$((s1 - s0)) cpu0_irq_us=$((i1 - i0)) unattributed_us=$((${u1:-0} - ${u0:-0})) \
         throughput="$(grep -E 'receiver' /tmp/iperf-$mode.log | awk '{print $7 $8}')"
 
     runc --root /run/runc kill dove-a KILL

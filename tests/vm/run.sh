@@ -66,6 +66,12 @@ else:
         r["a_share"] = r["a_usage_us"] / r["window_us"]
         runs[mode] = r
         print(f"{mode:<5} {r['b_usage_us']/1e6:>8.2f}s {r['b_softirq_us']/1e6:>9.2f}s {total/1e6:>8.2f}s {r['quota_us']/1e6:>6.2f}s {r['ratio']:>8.2f} {r['b_charged_us']/1e6:>7.2f}s {r['cpu0_softirq_us']/1e6:>9.2f}s {r['a_share']*100:>7.1f}%  {r['throughput']}")
+    for mode in ("off", "on"):
+        r = runs[mode]
+        share = lambda us: f"{us / r['window_us'] * 100:.1f}%"
+        rest = r["window_us"] - r["a_usage_us"] - r["b_usage_us"] - r["cpu0_softirq_us"] - r["cpu0_irq_us"]
+        print(f"CPU 0, DOVE {mode}: A {share(r['a_usage_us'])}, B {share(r['b_usage_us'])}, "
+              f"softirq {share(r['cpu0_softirq_us'])}, hardirq {share(r['cpu0_irq_us'])}, everything else {share(rest)}")
     off, on = runs["off"], runs["on"]
     # What must hold for DOVE to be doing its job here (the suite fails otherwise):
     if off["ratio"] <= 1.15:
