@@ -21,29 +21,48 @@ use dove_tests::*;
 static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dove-floor.bpf.o"));
 
+/// Which of DOVE's hooks get an empty program.
+#[derive(Clone, Copy)]
+struct Hooks {
+    softirq: bool,
+    cgroup_skb: bool,
+}
+
 /// Empty programs attached where DOVE attaches its own; detached on drop.
-fn attach_floor() -> aya::Ebpf {
+fn attach_floor(hooks: Hooks) -> aya::Ebpf {
     let mut ebpf = aya::Ebpf::load(FLOOR_OBJECT).expect("loading the floor programs");
-    for (name, tracepoint) in [
-        ("floor_softirq_entry", "softirq_entry"),
-        ("floor_softirq_exit", "softirq_exit"),
-    ] {
-        let program: &mut RawTracePoint = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        program.load().unwrap();
-        program.attach(tracepoint).unwrap();
+    if hooks.softirq {
+        for (name, tracepoint) in [
+            ("floor_softirq_entry", "softirq_entry"),
+            ("floor_softirq_exit", "softirq_exit"),
+        ] {
+            let program: &mut RawTracePoint = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap();
+            program.attach(tracepoint).unwrap();
+        }
     }
-    let root = std::fs::File::open(unified_mount()).unwrap();
-    for (name, kind) in [
-        ("floor_ingress", CgroupSkbAttachType::Ingress),
-        ("floor_egress", CgroupSkbAttachType::Egress),
-    ] {
-        let program: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        program.load().unwrap();
-        program
-            .attach(&root, kind, CgroupAttachMode::Single)
-            .unwrap();
+    if hooks.cgroup_skb {
+        let root = std::fs::File::open(unified_mount()).unwrap();
+        for (name, kind) in [
+            ("floor_ingress", CgroupSkbAttachType::Ingress),
+            ("floor_egress", CgroupSkbAttachType::Egress),
+        ] {
+            let program: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap();
+            program
+                .attach(&root, kind, CgroupAttachMode::Single)
+                .unwrap();
+        }
     }
     ebpf
+}
+
+/// What is attached during one flood.
+enum Setup {
+    Nothing,
+    Floor(Hooks),
+    /// doved with these extra `[observer]` settings, the sink registered.
+    Dove(&'static str),
 }
 
 fn busy_jiffies() -> (u64, u64) {
@@ -119,78 +138,69 @@ fn main() {
         .unwrap_or(2.0);
     let net = NetPair::new().unwrap();
     let ctr = TestCgroup::new("dove-bench-sink").unwrap();
-    let (mut base_pps, mut base_cpu, mut dove_pps, mut dove_cpu) = (vec![], vec![], vec![], vec![]);
-    let (mut ingress_pps, mut ingress_cpu) = (vec![], vec![]);
-    let (mut floor_pps, mut floor_cpu) = (vec![], vec![]);
+    let both = Hooks {
+        softirq: true,
+        cgroup_skb: true,
+    };
+    let variants = [
+        ("without DOVE", Setup::Nothing),
+        ("empty programs at all four hooks", Setup::Floor(both)),
+        (
+            "empty programs, softirq tracepoints only",
+            Setup::Floor(Hooks {
+                softirq: true,
+                cgroup_skb: false,
+            }),
+        ),
+        (
+            "empty programs, cgroup_skb only",
+            Setup::Floor(Hooks {
+                softirq: false,
+                cgroup_skb: true,
+            }),
+        ),
+        ("with DOVE", Setup::Dove("")),
+        (
+            "with DOVE, no egress program",
+            Setup::Dove("egress = false"),
+        ),
+    ];
+    let mut pps = vec![Vec::new(); variants.len()];
+    let mut cpu = vec![Vec::new(); variants.len()];
     for round in 0..rounds {
-        let port = 6000 + round as u16 * 4;
-        let a = flood(&net, &ctr, port, seconds);
-        base_pps.push(a.pps);
-        base_cpu.push(a.cpu_ns_per_packet);
-        let floor = attach_floor();
-        let f = flood(&net, &ctr, port + 3, seconds);
-        drop(floor);
-        floor_pps.push(f.pps);
-        floor_cpu.push(f.cpu_ns_per_packet);
-        for (settings, pps, cpu, offset) in [
-            ("", &mut dove_pps, &mut dove_cpu, 1),
-            ("egress = false", &mut ingress_pps, &mut ingress_cpu, 2),
-        ] {
-            let daemon = TempDaemon::with_observer_settings(settings).unwrap();
-            daemon.register(&ctr, "sink");
-            let b = flood(&net, &ctr, port + offset, seconds);
-            pps.push(b.pps);
-            cpu.push(b.cpu_ns_per_packet);
+        for (i, (_, setup)) in variants.iter().enumerate() {
+            let port = 6000 + (round * variants.len() + i) as u16;
+            let _attached: Box<dyn std::any::Any> = match setup {
+                Setup::Nothing => Box::new(()),
+                Setup::Floor(hooks) => Box::new(attach_floor(*hooks)),
+                Setup::Dove(settings) => {
+                    let daemon = TempDaemon::with_observer_settings(settings).unwrap();
+                    daemon.register(&ctr, "sink");
+                    Box::new(daemon)
+                }
+            };
+            let run = flood(&net, &ctr, port, seconds);
+            pps[i].push(run.pps);
+            cpu[i].push(run.cpu_ns_per_packet);
         }
     }
     println!("64-byte UDP flood over veth, {rounds} interleaved rounds of {seconds} s each:");
+    for (i, (label, _)) in variants.iter().enumerate() {
+        println!(
+            "  {label:<42} {:>7.0} datagrams/s (spread {}), {:>5.0} CPU ns/datagram (spread {}); ratio to without: {:.3} datagrams/s, {:.3} CPU ns",
+            median(pps[i].clone()),
+            spread(&pps[i]),
+            median(cpu[i].clone()),
+            spread(&cpu[i]),
+            median(pps[i].clone()) / median(pps[0].clone()),
+            median(cpu[i].clone()) / median(cpu[0].clone()),
+        );
+    }
+    let (floor, dove) = (1, 4);
     println!(
-        "  without DOVE: {:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
-        median(base_pps.clone()),
-        spread(&base_pps),
-        median(base_cpu.clone()),
-        spread(&base_cpu)
-    );
-    println!(
-        "  empty programs at DOVE's hooks: {:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
-        median(floor_pps.clone()),
-        spread(&floor_pps),
-        median(floor_cpu.clone()),
-        spread(&floor_cpu)
-    );
-    println!(
-        "  with DOVE:    {:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
-        median(dove_pps.clone()),
-        spread(&dove_pps),
-        median(dove_cpu.clone()),
-        spread(&dove_cpu)
-    );
-    println!(
-        "  DOVE, no egress:{:>9.0} datagrams/s (spread {}), {:>6.0} CPU ns/datagram (spread {})",
-        median(ingress_pps.clone()),
-        spread(&ingress_pps),
-        median(ingress_cpu.clone()),
-        spread(&ingress_cpu)
-    );
-    println!(
-        "  ratio with/without: datagrams/s {:.3}, CPU ns/datagram {:.3}",
-        median(dove_pps.clone()) / median(base_pps.clone()),
-        median(dove_cpu.clone()) / median(base_cpu.clone())
-    );
-    println!(
-        "  ratio without egress/without DOVE: datagrams/s {:.3}, CPU ns/datagram {:.3}",
-        median(ingress_pps) / median(base_pps.clone()),
-        median(ingress_cpu) / median(base_cpu.clone())
-    );
-    println!(
-        "  ratio empty programs/without: datagrams/s {:.3}, CPU ns/datagram {:.3}  (the hooks' own cost)",
-        median(floor_pps.clone()) / median(base_pps),
-        median(floor_cpu.clone()) / median(base_cpu)
-    );
-    println!(
-        "  ratio with DOVE/empty programs: datagrams/s {:.3}, CPU ns/datagram {:.3}  (DOVE's work)",
-        median(dove_pps) / median(floor_pps),
-        median(dove_cpu) / median(floor_cpu)
+        "  DOVE's own work (with DOVE / empty programs at all four hooks): {:.3} datagrams/s, {:.3} CPU ns",
+        median(pps[dove].clone()) / median(pps[floor].clone()),
+        median(cpu[dove].clone()) / median(cpu[floor].clone())
     );
 
     // Per-tick aggregation cost.
