@@ -233,6 +233,9 @@ pub struct Observer {
     ticks: u64,
     /// Last [`Settings::generation`] published.
     generation: u32,
+    /// Levels a previous doved published, kept until the registry has reported every
+    /// container again ([`Observer::retain`]): adopted slots do not know their level.
+    inherited_levels: u64,
 }
 
 fn kernel_release() -> String {
@@ -331,6 +334,7 @@ impl Observer {
             detail: format!("{what}: {e}"),
         })?;
         let percpu_entries = nr_cpus as u32 * SLOTS;
+        remove_mismatched_pins(pin_dir, percpu_entries);
         let mut ebpf = match load(pin_dir, percpu_entries) {
             Ok(ebpf) => ebpf,
             Err(e) => {
@@ -415,7 +419,7 @@ impl Observer {
         let settings: Array<MapData, Settings> = take(&mut ebpf, SETTINGS_MAP, Array::try_from)?;
         // Continue from the pinned generation: restarting at a value some CPU's owner
         // cache still holds would let it serve a stale answer.
-        let generation = settings.get(&0, 0).map(|s| s.generation).unwrap_or(0);
+        let pinned = settings.get(&0, 0).unwrap_or_default();
         let windows = take(&mut ebpf, WINDOW_MAP, PerCpuArray::try_from)?;
 
         let mut observer = Self {
@@ -434,7 +438,8 @@ impl Observer {
             quarantine: Vec::new(),
             programs_attached: attached,
             ticks: 0,
-            generation,
+            generation: pinned.generation,
+            inherited_levels: pinned.level_mask,
         };
         observer.adopt_pinned_slots();
         observer.publish_settings();
@@ -592,17 +597,23 @@ impl Observer {
             return;
         };
         let _ = self.slots.remove(&cgroup_id);
+        // Invalidate the programs' owner caches before the last flush, so nothing is
+        // added to the slot after it.
+        self.publish_settings();
         // The last cost still goes to the quota group it was charged to.
         let pending_slot = self.pending_slot(cgroup_id, slot);
         self.flush_slot(slot, pending_slot);
         self.clear_quota_group(cgroup_id);
         self.owned.remove(&cgroup_id);
         self.quarantine.push((slot, self.ticks + 2));
+        // And once more for the registered levels, now without this one.
         self.publish_settings();
     }
 
     /// Forget every owner not in `keep` (after the registry reloaded).
     pub fn retain(&mut self, keep: &BTreeSet<u64>) {
+        // Every kept container has been added again, with its level.
+        self.inherited_levels = 0;
         let stale: Vec<u64> = self
             .owned
             .keys()
@@ -612,6 +623,7 @@ impl Observer {
         for id in stale {
             self.remove(id);
         }
+        self.publish_settings();
     }
 
     fn take_free_slot(&mut self) -> Result<u32, ObserverError> {
@@ -628,13 +640,16 @@ impl Observer {
     /// Publish the registered levels, and a new generation so that every CPU's owner
     /// cache resolves again; called after every change to the owner map.
     fn publish_settings(&mut self) {
-        let mask = self.owned.values().fold(0u64, |m, (_, level)| {
-            if *level > 0 && *level <= dove_ebpf_common::MAX_LEVEL {
-                m | (1u64 << level)
-            } else {
-                m
-            }
-        });
+        let mask = self
+            .owned
+            .values()
+            .fold(self.inherited_levels, |m, (_, level)| {
+                if *level > 0 && *level <= dove_ebpf_common::MAX_LEVEL {
+                    m | (1u64 << level)
+                } else {
+                    m
+                }
+            });
         self.generation = self.generation.wrapping_add(1).max(1);
         let settings = Settings {
             level_mask: mask,
@@ -724,6 +739,42 @@ impl Observer {
             slots_capacity: SLOTS - 1,
             tick_duration_ns: start.elapsed().as_nanos() as u64,
             ticks: self.ticks,
+        }
+    }
+}
+
+/// Remove every pin whose key size, value size or capacity is not what this build's
+/// programs expect (an upgrade changed a shared type): aya reuses a pinned map by name
+/// without comparing, and the verifier would then refuse the programs. Pins that still
+/// fit are kept, so an upgrade that changes only the window state keeps the bills.
+fn remove_mismatched_pins(pin_dir: &Path, percpu_entries: u32) {
+    let size = |bytes: usize| bytes as u32;
+    let expected = [
+        (SLOTS_MAP, size(8), size(4), SLOTS),
+        (ENFORCE_MAP, size(8), size(4), SLOTS),
+        (
+            PERCPU_COST_MAP,
+            size(4),
+            size(size_of::<CpuCost>()),
+            percpu_entries,
+        ),
+        (COST_MAP, size(4), size(size_of::<GlobalCost>()), SLOTS),
+        (WINDOW_MAP, size(4), size(size_of::<WindowState>()), 1),
+        (SETTINGS_MAP, size(4), size(size_of::<Settings>()), 1),
+    ];
+    for (name, key_size, value_size, max_entries) in expected {
+        let path = pin_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        if found != (key_size, value_size, max_entries) {
+            tracing::warn!(
+                map = name,
+                "pinned map has key/value/entries {found:?}, this build needs {:?}: removing it and starting that map fresh",
+                (key_size, value_size, max_entries)
+            );
+            let _ = std::fs::remove_file(&path);
         }
     }
 }

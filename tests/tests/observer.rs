@@ -281,6 +281,63 @@ fn restart_mid_traffic_keeps_counters_and_never_double_attaches() {
     assert!(seen.last().unwrap() > seen.first().unwrap());
 }
 
+/// An upgrade that changes a shared type finds pins of the old size: doved replaces those
+/// (the verifier would refuse the programs against them) and keeps the ones that fit,
+/// bills included.
+#[test]
+fn restart_over_pins_of_another_layout_keeps_the_bills() {
+    if !require_root("restart_over_pins_of_another_layout_keeps_the_bills") {
+        return;
+    }
+    let _serial = serial();
+    let mut daemon = TempDaemon::with_observer().unwrap();
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-test-upgrade").unwrap();
+    daemon.register(&ctr, "kept");
+    let udp = format!("{}:5401", net.addr_b);
+    let sink = net
+        .spawn(&net.b, Some(&ctr), &["udp-sink", &udp, "20"], true)
+        .unwrap();
+    finish(
+        net.spawn(&net.a, None, &["udp-send", &udp, "3000", "64"], false)
+            .unwrap(),
+    )
+    .unwrap();
+    finish(sink).unwrap();
+    let before = cost(&settled(&daemon), "kept").total_ns;
+    assert!(before > 0);
+
+    daemon.kill9();
+    // The window state as an older build laid it out: 56 bytes.
+    let window = daemon.pin_dir.clone().unwrap().join("DOVE_WINDOW");
+    std::fs::remove_file(&window).unwrap();
+    run(std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&window)
+        .args([
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "56",
+            "entries",
+            "1",
+            "name",
+            "DOVE_WINDOW",
+        ]))
+    .unwrap();
+    daemon.spawn().unwrap();
+    let s = daemon.stats();
+    assert_eq!(s.observer, "active", "{}", daemon.log_text());
+    assert_eq!(s.health.programs_attached, 4, "{}", daemon.log_text());
+    assert!(
+        cost(&s, "kept").total_ns >= before,
+        "the bill survived the replaced window map"
+    );
+    assert!(daemon.log_text().contains("DOVE_WINDOW"));
+}
+
 /// DOVE's cgroup_skb programs attached at the cgroup v2 root, counted by bpftool.
 fn attached_dove_programs() -> usize {
     let out = run(std::process::Command::new("bpftool")
@@ -403,8 +460,12 @@ fn registration_changes_reach_flows_already_running() {
     let ctr = TestCgroup::new("dove-test-late").unwrap();
     // Every sender (a child of this thread) on one CPU, so that each burst meets the
     // owner cache the previous one left there.
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let first = (0..nix::sched::CpuSet::count())
+        .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .unwrap();
     let mut one_cpu = nix::sched::CpuSet::new();
-    one_cpu.set(0).unwrap();
+    one_cpu.set(first).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
     // Datagrams delivered to a fresh socket in `ctr`, with the stats around them.
     let burst = |port: u16| {
