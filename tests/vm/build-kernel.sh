@@ -24,6 +24,14 @@ fi
 export CCACHE_DIR="$cache/ccache" CCACHE_MAXSIZE=4G
 kmake() { make CC="ccache gcc" "$@"; }
 
+# One build at a time: every build uses the same source tree (for ccache's sake).
+mkdir -p "$cache"
+exec 9>"$cache/lock"
+flock 9
+if [ -s "$out/bzImage" ]; then # built by whoever held the lock before us
+    echo "$out/bzImage"
+    exit 0
+fi
 src="$cache/src"
 rm -rf "$src"
 mkdir -p "$src"

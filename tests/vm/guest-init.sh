@@ -19,7 +19,8 @@ finish() { say END; sync; poweroff -f; }
 # with a housekeeping CPU: this script (so doved, the runtimes and the measurements),
 # every kernel thread that may move (per-CPU ones refuse, which is fine), unbound
 # workqueues, and device interrupts (irqaffinity=1 on the command line).
-for task in /proc/[0-9]*; do taskset -p -c 1 "${task##*/}" >/dev/null 2>&1; done
+housekeep() { for task in /proc/[0-9]*; do taskset -p -c 1 "${task##*/}" >/dev/null 2>&1; done; }
+housekeep
 echo 2 > /sys/devices/virtual/workqueue/cpumask
 # Per-CPU vm statistics folding every 120 s instead of every second.
 echo 120 > /proc/sys/vm/stat_interval
@@ -73,14 +74,15 @@ EOF
 
 thread_times() { # TID NS COMM for every thread, without a process per thread
     for task in /proc/[0-9]*/task/[0-9]*; do
-        read -r ns _ < "$task/schedstat" 2>/dev/null || continue
-        read -r comm < "$task/comm" 2>/dev/null
+        read -r ns _ 2>/dev/null < "$task/schedstat" || continue
+        comm=?
+        read -r comm 2>/dev/null < "$task/comm"
         echo "${task##*/} $ns $comm"
     done
 }
 busiest_threads() { # busiest_threads BEFORE AFTER: the 8 threads that ran most in between
     awk 'NR == FNR {before[$1] = $2; next} {d = $2 - before[$1]; if (d > 20000000) printf "%d %s/%s=%dms\n", d / 1000000, $3, $1, d / 1000000}' "$1" "$2" |
-        sort -rn | head -8 | awk '{printf "%s ", $2}'
+        sort -rn | head -n 8 | awk '{printf "%s ", $2}'
 }
 uptime_us() { awk '{printf "%d", $1 * 1000000}' /proc/uptime; }
 stat_of() { awk -v k="$2" '$1 == k {print $2}' "/sys/fs/cgroup/$1/cpu.stat"; }
@@ -114,6 +116,7 @@ listen = ""
 [enforcement]
 mode = "$enforcement"
 EOF
+    housekeep # kernel threads started since boot too; before the containers exist
     doved --config /tmp/doved-$mode.toml > /tmp/doved-$mode.log 2>&1 &
     doved_pid=$!
     for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
