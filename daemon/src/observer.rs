@@ -762,6 +762,7 @@ fn remove_mismatched_pins(pin_dir: &Path, percpu_entries: u32) {
         (WINDOW_MAP, size(4), size(size_of::<WindowState>()), 1),
         (SETTINGS_MAP, size(4), size(size_of::<Settings>()), 1),
     ];
+    let mut replaced = Vec::new();
     for (name, key_size, value_size, max_entries) in expected {
         let path = pin_dir.join(name);
         let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
@@ -769,6 +770,7 @@ fn remove_mismatched_pins(pin_dir: &Path, percpu_entries: u32) {
         };
         let found = (info.key_size(), info.value_size(), info.max_entries());
         if found != (key_size, value_size, max_entries) {
+            replaced.push(name);
             tracing::warn!(
                 map = name,
                 "pinned map has key/value/entries {found:?}, this build needs {:?}: removing it and starting that map fresh",
@@ -776,6 +778,11 @@ fn remove_mismatched_pins(pin_dir: &Path, percpu_entries: u32) {
             );
             let _ = std::fs::remove_file(&path);
         }
+    }
+    // A fresh settings map restarts the generation, which the owner caches in a kept
+    // window map could still hold: they go too.
+    if replaced.contains(&SETTINGS_MAP) {
+        let _ = std::fs::remove_file(pin_dir.join(WINDOW_MAP));
     }
 }
 
