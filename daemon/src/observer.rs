@@ -750,17 +750,17 @@ impl Observer {
 fn remove_mismatched_pins(pin_dir: &Path, percpu_entries: u32) {
     let size = |bytes: usize| bytes as u32;
     let expected = [
-        (SLOTS_MAP, size(8), size(4), SLOTS),
-        (ENFORCE_MAP, size(8), size(4), SLOTS),
+        (SLOTS_MAP, 8, 4, SLOTS),
+        (ENFORCE_MAP, 8, 4, SLOTS),
         (
             PERCPU_COST_MAP,
-            size(4),
+            4,
             size(size_of::<CpuCost>()),
             percpu_entries,
         ),
-        (COST_MAP, size(4), size(size_of::<GlobalCost>()), SLOTS),
-        (WINDOW_MAP, size(4), size(size_of::<WindowState>()), 1),
-        (SETTINGS_MAP, size(4), size(size_of::<Settings>()), 1),
+        (COST_MAP, 4, size(size_of::<GlobalCost>()), SLOTS),
+        (WINDOW_MAP, 4, size(size_of::<WindowState>()), 1),
+        (SETTINGS_MAP, 4, size(size_of::<Settings>()), 1),
     ];
     let mut replaced = Vec::new();
     for (name, key_size, value_size, max_entries) in expected {

@@ -19,8 +19,8 @@ finish() { say END; sync; poweroff -f; }
 # with a housekeeping CPU: this script (so doved, the runtimes and the measurements),
 # every kernel thread that may move (per-CPU ones refuse, which is fine), unbound
 # workqueues, and device interrupts (irqaffinity=1 on the command line).
+# Each scenario calls this before it starts anything, so late kernel threads move too.
 housekeep() { for task in /proc/[0-9]*; do taskset -p -c 1 "${task##*/}" >/dev/null 2>&1; done; }
-housekeep
 echo 2 > /sys/devices/virtual/workqueue/cpumask
 # Per-CPU vm statistics folding every 120 s instead of every second.
 echo 120 > /proc/sys/vm/stat_interval
@@ -116,7 +116,7 @@ listen = ""
 [enforcement]
 mode = "$enforcement"
 EOF
-    housekeep # kernel threads started since boot too; before the containers exist
+    housekeep # before the containers exist: they must stay on CPU 0
     doved --config /tmp/doved-$mode.toml > /tmp/doved-$mode.log 2>&1 &
     doved_pid=$!
     for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
