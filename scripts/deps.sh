@@ -18,7 +18,7 @@ packages=(
     # packaging tests: a fresh Debian root, rpm queries, systemd's unit verifier
     debootstrap rpm systemd
     # VM test bed: the kernel source and what building it needs, QEMU, guest tools
-    linux-source-6.12 flex bison bc libelf-dev libssl-dev dwarves cpio kmod
+    linux-source-6.12 flex bison bc libelf-dev libssl-dev dwarves cpio kmod ccache
     qemu-system-x86 iperf3 ethtool
 )
 

@@ -22,13 +22,17 @@ if [ -d /run/systemd/system ]; then
     systemctl enable --now doved.service
     systemctl --no-pager status doved.service | head -5
 else
+    # Without systemd the daemon install.sh started is the one in its pid file; a doved
+    # that someone else started on the default socket is left alone.
+    pidfile=/run/dove/doved.pid
+    bash "$(dirname "$0")/stop-doved.sh" "$pidfile"
     if dovectl status >/dev/null 2>&1; then
-        echo "install.sh: doved is already running; restarting it with the new binary"
-        pkill -x doved || true
-        sleep 0.5
+        echo "install.sh: a doved that install.sh did not start serves /run/dove/dove.sock; stop it first" >&2
+        exit 1
     fi
-    install -d /var/log/dove
+    install -d /var/log/dove /run/dove
     setsid /usr/local/bin/doved --config /etc/dove/doved.toml >>/var/log/dove/doved.log 2>&1 < /dev/null &
-    for _ in $(seq 50); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+    echo $! > "$pidfile"
+    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 dovectl status

@@ -336,10 +336,27 @@ impl NetPair {
         args: &[&str],
         wait_ready: bool,
     ) -> Result<Child> {
+        self.spawn_on(None, ns, cgroup, args, wait_ready)
+    }
+
+    /// As [`Self::spawn`], pinned to `cpu` when given. On veth a sender's packets are
+    /// processed in softirq on the sender's CPU, so senders pinned apart never share a
+    /// softirq window.
+    pub fn spawn_on(
+        &self,
+        cpu: Option<usize>,
+        ns: &str,
+        cgroup: Option<&TestCgroup>,
+        args: &[&str],
+        wait_ready: bool,
+    ) -> Result<Child> {
         // Join the cgroup before `ip netns exec`, which remounts /sys for the namespace.
         let mut script = String::new();
         if let Some(cg) = cgroup {
             script.push_str(&format!("echo $$ > {}/cgroup.procs && ", cg.dir.display()));
+        }
+        if let Some(cpu) = cpu {
+            script.push_str(&format!("taskset -pc {cpu} $$ >/dev/null && "));
         }
         script.push_str("exec ip netns exec \"$0\" \"$@\"");
         let mut child = Command::new("sh")

@@ -2,6 +2,7 @@
 //! for containers' networks, cgroups under the unified hierarchy for their cgroups,
 //! registered through the real socket protocol. Bounded traffic only.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,20 @@ fn settled(daemon: &TempDaemon) -> Stats {
             return s;
         }
     }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// Two distinct CPUs this process may run on, if it has two.
+fn two_cpus() -> (usize, usize) {
+    let cpus = allowed_cpus();
+    (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]))
 }
 
 fn ms(ns: u64) -> f64 {
@@ -101,7 +116,12 @@ fn one_owner_takes_at_least_90_percent_of_net_softirq_time() {
     );
     let c = cost(&after, "owner");
     assert!(c.rx_packets >= received, "rx packets counted: {c:?}");
-    assert!(c.pending_ns > 0, "pending accumulates for an enforcer");
+    // Nothing consumes pending on this kernel: every attributed nanosecond must still be
+    // there (the VM test bed showed pending falling behind the bill).
+    assert_eq!(
+        c.pending_ns, c.total_ns,
+        "pending lost cost with no enforcer consuming it: {c:?}"
+    );
 }
 
 #[test]
@@ -127,11 +147,28 @@ fn two_owners_split_three_to_one() {
         .spawn(&net.b, Some(&small), &["udp-sink", &to_small, "20"], true)
         .unwrap();
     let before = settled(&daemon);
+    // Each sender on a CPU of its own, so that every softirq window holds one owner's
+    // packets: the rule judged here is the one-owner window's (a CPU shared by both
+    // flows batches them into mixed windows whenever softirq work is deferred, e.g.
+    // when another observer on the host slows each packet down).
+    let (cpu_big, cpu_small) = two_cpus();
     let send_big = net
-        .spawn(&net.a, None, &["udp-send", &to_big, "30000", "64"], false)
+        .spawn_on(
+            Some(cpu_big),
+            &net.a,
+            None,
+            &["udp-send", &to_big, "30000", "64"],
+            false,
+        )
         .unwrap();
     let send_small = net
-        .spawn(&net.a, None, &["udp-send", &to_small, "10000", "64"], false)
+        .spawn_on(
+            Some(cpu_small),
+            &net.a,
+            None,
+            &["udp-send", &to_small, "10000", "64"],
+            false,
+        )
         .unwrap();
     finish(send_big).unwrap();
     finish(send_small).unwrap();
@@ -151,6 +188,151 @@ fn two_owners_split_three_to_one() {
         (2.55..=3.45).contains(&ratio),
         "split {ratio:.2} is not 3:1 within 15%"
     );
+}
+
+/// The pending contract, with this test in the scheduler's place (this kernel has no
+/// DOVE patch): a consumer that wakes rarely, takes pending with an atomic exchange, keeps
+/// at most a cap and gives the rest back, as `sched_dove_take` does at each CFS refill.
+/// Whatever doved attributed must end up either taken or still pending, to the nanosecond.
+#[test]
+fn slow_capped_consumer_loses_no_cost() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !require_root("slow_capped_consumer_loses_no_cost") {
+        return;
+    }
+    let _serial = serial();
+    let daemon = TempDaemon::with_observer().unwrap();
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-test-consumer").unwrap();
+    daemon.register(&ctr, "consumed");
+    let costs = MappedCosts::open(
+        &daemon
+            .pin_dir
+            .clone()
+            .unwrap()
+            .join(dove_ebpf_common::COST_MAP),
+    );
+    let slot = costs
+        .slot_of(ctr.id())
+        .expect("doved gave the container a slot in DOVE_COST");
+    let pending = costs.field(
+        slot,
+        std::mem::offset_of!(dove_ebpf_common::GlobalCost, pending_ns),
+    );
+
+    let udp = format!("{}:5201", net.addr_b);
+    let sink = net
+        .spawn(&net.b, Some(&ctr), &["udp-sink", &udp, "20"], true)
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    let (taken, rounds) = std::thread::scope(|s| {
+        let consumer = s.spawn(|| {
+            // Slower than doved's 50 ms tick and capped well below what arrives per round,
+            // so pending carries over from round to round, as on a slow period timer.
+            let (mut taken, mut rounds) = (0u64, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(170));
+                let all = pending.swap(0, Ordering::SeqCst);
+                let take = all.min(2_000_000);
+                pending.fetch_add(all - take, Ordering::SeqCst);
+                taken += take;
+                rounds += 1;
+            }
+            (taken, rounds)
+        });
+        finish(
+            net.spawn(&net.a, None, &["udp-send", &udp, "100000", "64"], false)
+                .unwrap(),
+        )
+        .unwrap();
+        finish(sink).unwrap();
+        settled(&daemon);
+        stop.store(true, Ordering::Relaxed);
+        consumer.join().unwrap()
+    });
+    // Both written by doved at its last flush; nothing consumes any more.
+    let after = settled(&daemon);
+    let c = cost(&after, "consumed");
+    eprintln!(
+        "consumer took {:.2} ms in {rounds} rounds; pending {:.2} ms; attributed {:.2} ms",
+        ms(taken),
+        ms(c.pending_ns),
+        ms(c.total_ns)
+    );
+    assert!(
+        taken > 0 && c.pending_ns > 0,
+        "the cap made pending carry over: {c:?}"
+    );
+    assert_eq!(
+        taken + c.pending_ns,
+        c.total_ns,
+        "attributed cost was neither taken nor left pending"
+    );
+}
+
+/// doved's `DOVE_COST` array, mapped from its pin as the patched scheduler sees it.
+struct MappedCosts {
+    base: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+    _map: aya::maps::MapData,
+}
+
+impl MappedCosts {
+    fn open(pin: &std::path::Path) -> Self {
+        use std::os::fd::AsFd;
+        let map = aya::maps::MapData::from_pin(pin).unwrap();
+        let len = dove_ebpf_common::SLOTS as usize * size_of::<dove_ebpf_common::GlobalCost>();
+        // SAFETY: a shared mapping of an mmapable BPF array of `len` bytes.
+        let base = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(len).unwrap(),
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                map.fd().as_fd(),
+                0,
+            )
+        }
+        .unwrap();
+        Self {
+            base,
+            len,
+            _map: map,
+        }
+    }
+
+    fn entry(&self, slot: usize) -> *mut dove_ebpf_common::GlobalCost {
+        assert!((slot + 1) * size_of::<dove_ebpf_common::GlobalCost>() <= self.len);
+        // SAFETY: in bounds of the mapping.
+        unsafe {
+            self.base
+                .as_ptr()
+                .cast::<dove_ebpf_common::GlobalCost>()
+                .add(slot)
+        }
+    }
+
+    fn slot_of(&self, cgroup_id: u64) -> Option<usize> {
+        (1..dove_ebpf_common::SLOTS as usize).find(|&slot| {
+            // SAFETY: in bounds; doved writes the field before the slot is used.
+            unsafe {
+                std::ptr::read_volatile(&raw const (*self.entry(slot)).cgroup_id) == cgroup_id
+            }
+        })
+    }
+
+    /// A u64 field of an entry, shared with doved through atomics.
+    fn field(&self, slot: usize, offset: usize) -> &AtomicU64 {
+        // SAFETY: an 8-byte aligned u64 inside the mapping, which lives as long as `self`.
+        unsafe { AtomicU64::from_ptr(self.entry(slot).cast::<u8>().add(offset).cast()) }
+    }
+}
+
+impl Drop for MappedCosts {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `open` mapped.
+        let _ = unsafe { nix::sys::mman::munmap(self.base, self.len) };
+    }
 }
 
 #[test]
@@ -264,7 +446,7 @@ fn restart_mid_traffic_keeps_counters_and_never_double_attaches() {
             "round {round}: {s:?}\n{}",
             daemon.log_text()
         );
-        let attached = attached_dove_programs();
+        let attached = attached_dove_programs(&daemon);
         assert_eq!(
             attached, 2,
             "round {round}: cgroup_skb programs at the root: {attached}"
@@ -338,22 +520,34 @@ fn restart_over_pins_of_another_layout_keeps_the_bills() {
     assert!(daemon.log_text().contains("DOVE_WINDOW"));
 }
 
-/// DOVE's cgroup_skb programs attached at the cgroup v2 root, counted by bpftool.
-fn attached_dove_programs() -> usize {
-    let out = run(std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(unified_mount()))
-    .unwrap();
-    let progs: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or(serde_json::json!([]));
-    progs
+/// `daemon`'s cgroup_skb programs attached at the cgroup v2 root, counted by bpftool.
+/// A DOVE installed on the host attaches programs of the same names there too; this
+/// daemon's are the ones that use the window map pinned in its own directory.
+fn attached_dove_programs(daemon: &TempDaemon) -> usize {
+    let json = |args: &[&str], path: Option<&std::path::Path>| -> serde_json::Value {
+        let mut cmd = std::process::Command::new("bpftool");
+        cmd.arg("-j").args(args);
+        if let Some(p) = path {
+            cmd.arg(p);
+        }
+        serde_json::from_str(run(&mut cmd).unwrap().trim()).unwrap_or(serde_json::Value::Null)
+    };
+    let window = daemon.pin_dir.as_ref().unwrap().join("DOVE_WINDOW");
+    let window_id = json(&["map", "show", "pinned"], Some(&window))["id"]
+        .as_u64()
+        .expect("the test daemon pinned its window map");
+    let attached = json(&["cgroup", "show"], Some(&unified_mount()));
+    attached
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("dove_")))
-                .count()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .filter(|id| {
+            json(&["prog", "show", "id", &id.to_string()], None)["map_ids"]
+                .as_array()
+                .is_some_and(|maps| maps.iter().any(|m| m.as_u64() == Some(window_id)))
         })
-        .unwrap_or(0)
+        .count()
 }
 
 #[test]
@@ -460,10 +654,7 @@ fn registration_changes_reach_flows_already_running() {
     let ctr = TestCgroup::new("dove-test-late").unwrap();
     // Every sender (a child of this thread) on one CPU, so that each burst meets the
     // owner cache the previous one left there.
-    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
-    let first = (0..nix::sched::CpuSet::count())
-        .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
-        .unwrap();
+    let first = allowed_cpus()[0];
     let mut one_cpu = nix::sched::CpuSet::new();
     one_cpu.set(first).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();

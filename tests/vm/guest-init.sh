@@ -10,10 +10,11 @@ mount -t tmpfs run /run
 mkdir -p /sys/fs/cgroup /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
+mount -t tracefs tracefs /sys/kernel/tracing
 echo "+cpu +cpuset +pids" > /sys/fs/cgroup/cgroup.subtree_control
 /usr/sbin/ip link set lo up
 say() { echo "DOVE-VM $*"; }
-finish() { say END; sync; poweroff -f; }
+finish() { say END; sync; reboot -f; } # QEMU runs with -no-reboot: a reboot ends it
 
 # CPU 0 is where A and B compete; everything else keeps house on CPU 1, as on a host
 # with a housekeeping CPU: this script (so doved, the runtimes and the measurements),
@@ -38,9 +39,16 @@ echo 1000 > /proc/sys/kernel/sched_cfs_bandwidth_slice_us
 
 WINDOW=16
 # B is busy (it uses its whole quota on its own) and receives a stream: whatever the
-# kernel spends on that stream in softirq is time B gets beyond its quota.
-QUOTA=20000
+# kernel spends on that stream in softirq is time B gets beyond its quota. The scheduler
+# deducts at most half a quota per period, so B's softirq cost must stay below 20% of
+# CPU 0 for any quota to hold it (beyond that is early drop's job).
+QUOTA=40000
 PERIOD=100000
+# The stream's size is set in CPU, not in bits per second: the sender may use this share
+# of CPU 1. Under emulation the sender and the receiving softirq slow down together, so
+# B's softirq share of CPU 0 does not depend on how fast this machine's TCG is, as a
+# fixed rate would.
+SENDER_QUOTA=${SENDER_QUOTA:-7000}
 
 bundle() { # bundle NAME CGROUP CPU_JSON ARGS_JSON
     d=/tmp/bundle-$1
@@ -84,25 +92,83 @@ busiest_threads() { # busiest_threads BEFORE AFTER: the 8 threads that ran most 
     awk 'NR == FNR {before[$1] = $2; next} {d = $2 - before[$1]; if (d > 20000000) printf "%d %s/%s=%dms\n", d / 1000000, $3, $1, d / 1000000}' "$1" "$2" |
         sort -rn | head -n 8 | awk '{printf "%s ", $2}'
 }
-uptime_us() { awk '{printf "%d", $1 * 1000000}' /proc/uptime; }
-stat_of() { awk -v k="$2" '$1 == k {print $2}' "/sys/fs/cgroup/$1/cpu.stat"; }
-cpu0_softirq_us() { awk '$1 == "cpu0" {print $8 * 10000}' /proc/stat; }
-cpu0_irq_us() { awk '$1 == "cpu0" {print $7 * 10000}' /proc/stat; }
-cpu0_times() { awk '$1 == "cpu0" {printf "user=%d system=%d idle=%d iowait=%d irq=%d softirq=%d", $2*10, $4*10, $5*10, $6*10, $7*10, $8*10}' /proc/stat; }
-unattributed_us() {
-    dovectl stats --json | awk '/"unattributed"/ {found = 1} found && /"total_ns"/ {gsub(/[^0-9]/, ""); print int($0 / 1000); exit}'
+ksoftirqd_us() { # run time of every ksoftirqd thread (softirq work /proc/stat samples by tick)
+    t=0
+    for task in /proc/[0-9]*; do
+        read -r comm 2>/dev/null < "$task/comm" || continue
+        case "$comm" in ksoftirqd/*) read -r ns _ < "$task/schedstat"; t=$((t + ns / 1000)) ;; esac
+    done
+    echo $t
 }
+cpu0_times() { awk '$1 == "cpu0" {printf "user=%d system=%d idle=%d iowait=%d irq=%d softirq=%d", $2*10, $4*10, $5*10, $6*10, $7*10, $8*10}' /proc/stat; }
 softirq_counts() { # CPU 0's NET_RX TIMER SCHED RCU counts
     awk '$1 ~ /^(NET_RX|TIMER|SCHED|RCU|NET_TX):$/ {printf "%s=%s ", $1, $2}' /proc/softirqs
 }
-pending_us() { # B's cost not yet taken by the scheduler
-    dovectl stats --json | awk '/"id": "dove-b"/ {found = 1} found && /"pending_ns"/ {gsub(/[^0-9]/, ""); print int($0 / 1000); exit}'
+# The kernel's own instruments, through tracefs, between the trace markers measure()
+# writes: refills of B's CFS bandwidth (a kprobe on the refill itself) and the NET_TX and
+# NET_RX softirq windows per CPU (the irq tracepoints). The period timer refills once per
+# run even when it counts several elapsed periods in nr_periods, and may run without
+# refilling, so neither nr_periods nor the timer's expiries are the quota CFS granted.
+# Tracing starts before B exists: the first refill traced is the one runc's write of
+# B's cpu.max makes, which names B's bandwidth pool (the sender's pool has a quota too).
+T=/sys/kernel/tracing
+echo 'p:dove_refill __refill_cfs_bandwidth_runtime cfs_b=%di:x64' >> $T/kprobe_events
+echo 16384 > $T/buffer_size_kb
+echo 'vec == 2 || vec == 3' > $T/events/irq/softirq_entry/filter
+echo 'vec == 2 || vec == 3' > $T/events/irq/softirq_exit/filter
+trace_events() { for e in kprobes/dove_refill irq/softirq_entry irq/softirq_exit; do echo $1 > $T/events/$e/enable; done; }
+trace_start() { echo > $T/trace; trace_events 1; }
+refills() { # refills MODE: refills of B's pool between the begin and end markers
+    awk -v b="DOVE-$1-begin" -v e="DOVE-$1-end" '
+        /dove_refill:/ && pool == "" {pool = $NF}
+        index($0, b) {on = 1} index($0, e) {on = 0}
+        on && /dove_refill:/ && $NF == pool {n++}
+        END {print n + 0}' $T/trace
 }
-attributed_us() { # B's attributed softirq time from dovectl stats --json
-    dovectl stats --json | awk '/"id": "dove-b"/ {found = 1} found && /"total_ns"/ {gsub(/[^0-9]/, ""); print int($0 / 1000); exit}'
+net_softirq_us() { # net_softirq_us MODE: NET softirq time per CPU between the markers
+    awk -v b="DOVE-$1-begin" -v e="DOVE-$1-end" '
+        index($0, b) {on = 1} index($0, e) {on = 0}
+        on && / softirq_(entry|exit): / {
+            match($0, /\[[0-9]+\]/); cpu = substr($0, RSTART + 1, RLENGTH - 2) + 0
+            match($0, /[0-9]+\.[0-9]+: softirq/); ts = substr($0, RSTART, RLENGTH - 9) * 1000000
+            if (index($0, "softirq_entry:")) start[cpu] = ts
+            else if (cpu in start) {t[cpu] += ts - start[cpu]; delete start[cpu]}
+        }
+        END {printf "cpu0_us=%d cpu1_us=%d", t[0], t[1]}' $T/trace
 }
 
-scenario() { # scenario off|on
+measure() { # measure MODE AT: every counter the criteria read, as one SAMPLE line
+    # The trace marker bounds the refill count; the counters that move fast are read by
+    # one process right after it, so they describe the same instant (under emulation a
+    # process start takes a good fraction of a second).
+    echo "DOVE-$1-$2" > $T/trace_marker
+    fast=$(awk '
+        FILENAME == "/proc/uptime" {printf "t=%d ", $1 * 1000000}
+        FILENAME ~ /dove-b/ && $1 == "nr_periods" {printf "periods=%s ", $2}
+        FILENAME ~ /dove-b/ && $1 == "usage_usec" {printf "b_usage=%s ", $2}
+        FILENAME ~ /dove-b/ && $1 == "dove_charged_usec" {printf "b_charged=%s ", $2}
+        FILENAME ~ /dove-a/ && $1 == "usage_usec" {printf "a_usage=%s ", $2}
+        FILENAME == "/proc/stat" && $1 == "cpu" {printf "sirq=%d ", $8 * 10000}
+        FILENAME == "/proc/stat" && $1 == "cpu0" {printf "cpu0_sirq=%d cpu0_irq=%d ", $8 * 10000, $7 * 10000}
+    ' /proc/uptime /sys/fs/cgroup/dove-b/cpu.stat /sys/fs/cgroup/dove-a/cpu.stat /proc/stat)
+    dovectl stats --json > /tmp/stats.json 2>/dev/null
+    say SAMPLE mode=$1 at=$2 $fast $(dove_counters /tmp/stats.json) ksoftirqd=$(ksoftirqd_us)
+}
+dove_counters() { # DOVE's counters (us) from a `dovectl stats --json` file, as key=value
+    field() { # field ID NAME
+        awk -v id="$1" -v f="\"$2\"" '
+            id == "unattributed" && /"unattributed"/ {found = 1}
+            id != "unattributed" && index($0, "\"id\": \"" id "\"") {found = 1}
+            found && index($0, f) {gsub(/[^0-9]/, ""); print int($0 / 1000); exit}' "$3"
+    }
+    echo "b_attr=$(field dove-b total_ns "$1") b_pending=$(field dove-b pending_ns "$1")" \
+        "a_attr=$(field dove-a total_ns "$1") unattr=$(field unattributed total_ns "$1")"
+}
+charged_us() { awk '$1 == "dove_charged_usec" {print $2}' /sys/fs/cgroup/dove-b/cpu.stat; }
+
+scenario() { # scenario ref|off|on
+    # ref: B burns exactly its quota with no traffic (what fair is in this boot);
+    # off: B also receives a stream, DOVE measures only; on: DOVE charges B's quota.
     mode=$1
     enforcement=none
     [ "$mode" = on ] && enforcement=kernel
@@ -122,24 +188,31 @@ EOF
     for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
     say STATUS mode=$mode "$(dovectl status | grep -E 'enforcement|observer' | tr '\n' ' ')"
 
-    /usr/sbin/ip netns add peer
-    /usr/sbin/ip link add veth0 type veth peer name veth1
-    /usr/sbin/ip link set veth1 netns peer
-    /usr/sbin/ip addr add 10.0.0.1/24 dev veth0
-    /usr/sbin/ip link set veth0 up
-    /usr/sbin/ip -n peer addr add 10.0.0.2/24 dev veth1
-    /usr/sbin/ip -n peer link set veth1 up
-    /usr/sbin/ip -n peer link set lo up
-    # Receive processing for B's traffic on CPU 0, where A and B run; the sender's (its
-    # ACKs) on CPU 1 with the sender, as if the peer were another host.
-    echo 1 > /sys/class/net/veth0/queues/rx-0/rps_cpus
-    /usr/sbin/ip netns exec peer sh -c 'echo 2 > /sys/class/net/veth1/queues/rx-0/rps_cpus'
-    # No segmentation offload on the sender's side: B's segments cross veth one by one,
-    # as from a real NIC without LRO, so the per-packet kernel work is real.
-    /usr/sbin/ip netns exec peer ethtool -K veth1 tso off gso off > /dev/null
+    b_cmd='["sh", "-c", "while :; do :; done"]'
+    if [ "$mode" != ref ]; then
+        /usr/sbin/ip netns add peer
+        /usr/sbin/ip link add veth0 type veth peer name veth1
+        /usr/sbin/ip link set veth1 netns peer
+        /usr/sbin/ip addr add 10.0.0.1/24 dev veth0
+        /usr/sbin/ip link set veth0 up
+        /usr/sbin/ip -n peer addr add 10.0.0.2/24 dev veth1
+        /usr/sbin/ip -n peer link set veth1 up
+        /usr/sbin/ip -n peer link set lo up
+        # Receive processing for B's traffic on CPU 0, where A and B run; the sender's (its
+        # ACKs) on CPU 1 with the sender, as if the peer were another host.
+        echo 1 > /sys/class/net/veth0/queues/rx-0/rps_cpus
+        /usr/sbin/ip netns exec peer sh -c 'echo 2 > /sys/class/net/veth1/queues/rx-0/rps_cpus'
+        # No segmentation offload on the sender's side: B's segments cross veth one by one,
+        # as from a real NIC without LRO, so the per-packet kernel work is real.
+        /usr/sbin/ip netns exec peer ethtool -K veth1 tso off gso off > /dev/null
+        mkdir -p /sys/fs/cgroup/peer
+        echo "$SENDER_QUOTA $PERIOD" > /sys/fs/cgroup/peer/cpu.max
+        b_cmd='["sh", "-c", "while :; do :; done & exec iperf3 -s -1 -B 10.0.0.1 -p 5201"]'
+    fi
 
+    trace_start
     a=$(bundle dove-a /dove-a '{"cpus": "0"}' '["sh", "-c", "while :; do :; done"]')
-    b=$(bundle dove-b /dove-b "{\"cpus\": \"0\", \"quota\": $QUOTA, \"period\": $PERIOD}" '["sh", "-c", "while :; do :; done & exec iperf3 -s -1 -p 5201"]')
+    b=$(bundle dove-b /dove-b "{\"cpus\": \"0\", \"quota\": $QUOTA, \"period\": $PERIOD}" "$b_cmd")
     runc --root /run/runc create --no-pivot --bundle "$b" dove-b > /tmp/runc-b.log 2>&1 || say ERROR "runc create B: $(cat /tmp/runc-b.log)"
     runc --root /run/runc start dove-b
     runc --root /run/runc create --no-pivot --bundle "$a" dove-a > /tmp/runc-a.log 2>&1 || say ERROR "runc create A: $(cat /tmp/runc-a.log)"
@@ -147,32 +220,53 @@ EOF
     sleep 1
     say REGISTERED mode=$mode "$(dovectl list | tail -n +2 | awk '{print $1}' | tr '\n' ' ')"
 
-    # A bounded stream: enough that B's softirq cost is a good part of its quota,
-    # not so much that it exceeds it (then no quota can hold B; that is early drop's job).
-    /usr/sbin/ip netns exec peer taskset -c 1 iperf3 -c 10.0.0.1 -p 5201 -b ${RATE:-45M} -t $((WINDOW + 4)) > /tmp/iperf-$mode.log 2>&1 &
-    sender=$!
-    sleep 2
-    n0=$(stat_of dove-b nr_periods) t0=$(uptime_us) b0=$(stat_of dove-b usage_usec) a0=$(stat_of dove-a usage_usec) s0=$(cpu0_softirq_us)
-    i0=$(cpu0_irq_us)
-    d0=$(attributed_us) c0=$(stat_of dove-b dove_charged_usec) u0=$(unattributed_us) p0=$(pending_us)
+    sender=
+    if [ "$mode" != ref ]; then
+        # A bounded stream (the sender's CPU quota), at the lowest priority: on CPU 1 it
+        # must not delay doved's tick and the measurements. It runs past the window and
+        # is stopped after it.
+        # The window opens once the stream flows (the client reports a second of it);
+        # a client that never gets going is replaced once.
+        for attempt in 1 2; do
+            sh -c 'echo $$ > /sys/fs/cgroup/peer/cgroup.procs && exec /usr/sbin/ip netns exec peer taskset -c 1 iperf3 --forceflush -c 10.0.0.1 -p 5201 -t $0' \
+                $((WINDOW + 60)) > /tmp/iperf-$mode.log 2>&1 &
+            sender=$!
+            renice -n 19 -p $sender > /dev/null # the same process once sh, ip and taskset exec
+            for _ in $(seq 20); do
+                [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 2 ] && break 2
+                sleep 1
+            done
+            say ERROR "attempt $attempt: no stream after 20 s: $(tail -n 2 /tmp/iperf-$mode.log | tr '\n' ' ')"
+            kill $sender 2>/dev/null
+            wait $sender
+        done
+    fi
+    sleep 1
+    measure $mode begin
     say SOFTIRQS-BEFORE mode=$mode "$(softirq_counts)" "$(cpu0_times)"
     thread_times > /tmp/threads-before
     sleep $WINDOW
     thread_times > /tmp/threads-after
-    n1=$(stat_of dove-b nr_periods) t1=$(uptime_us) b1=$(stat_of dove-b usage_usec) a1=$(stat_of dove-a usage_usec) s1=$(cpu0_softirq_us)
-    i1=$(cpu0_irq_us)
-    d1=$(attributed_us) c1=$(stat_of dove-b dove_charged_usec) u1=$(unattributed_us) p1=$(pending_us)
+    measure $mode end
+    trace_events 0
+    say REFILLS mode=$mode refills=$(refills $mode)
+    say NETSOFTIRQ mode=$mode $(net_softirq_us $mode)
     say SOFTIRQS-AFTER mode=$mode "$(softirq_counts)" "$(cpu0_times)"
     say THREADS mode=$mode "$(busiest_threads /tmp/threads-before /tmp/threads-after)"
-    wait $sender
-    # The window as the guest's clock measured it, not as asked of sleep; B's quota for it
-    # is what CFS granted: one quota per bandwidth period that elapsed (under emulation
-    # the period timer runs late, so there are fewer periods than window / 100 ms).
-    window=$((t1 - t0))
-    say RESULT mode=$mode window_us=$window quota_us=$(((n1 - n0) * QUOTA)) periods=$((n1 - n0)) \
-        b_usage_us=$((b1 - b0)) b_softirq_us=$((${d1:-0} - ${d0:-0})) b_charged_us=$((${c1:-0} - ${c0:-0})) b_pending_us=$((${p1:-0} - ${p0:-0})) \
-        a_usage_us=$((a1 - a0)) cpu0_softirq_us=$((s1 - s0)) cpu0_irq_us=$((i1 - i0)) unattributed_us=$((${u1:-0} - ${u0:-0})) \
-        throughput="$(grep -E 'receiver' /tmp/iperf-$mode.log | awk '{print $7 $8}')"
+    if [ -n "$sender" ]; then
+        kill -INT $sender # iperf3 prints its summary on SIGINT; B's server then exits
+        wait $sender
+        say THROUGHPUT mode=$mode "$(grep -E ' sender$' /tmp/iperf-$mode.log | tail -n 1 | awk '{print $7 $8}')"
+        grep -qE 'sender|receiver' /tmp/iperf-$mode.log || say ERROR "iperf3: $(tail -n 3 /tmp/iperf-$mode.log | tr '\n' ' ')"
+        # Conservation over B's whole life, read when nothing moves any more: the stream
+        # is over, B's server (its init) has exited and its busy loop with it, a tick has
+        # flushed the last cost. Charged is read before and after DOVE's counters, so a
+        # refill between the reads shows.
+        sleep 1
+        c0=$(charged_us)
+        dovectl stats --json > /tmp/stats-final.json 2>/dev/null
+        say FINAL mode=$mode $(dove_counters /tmp/stats-final.json) b_charged=$c0 b_charged_after=$(charged_us)
+    fi
 
     runc --root /run/runc kill dove-a KILL
     runc --root /run/runc kill dove-b KILL 2>/dev/null
@@ -181,10 +275,11 @@ EOF
     runc --root /run/runc delete -f dove-b
     kill $doved_pid
     wait $doved_pid
-    /usr/sbin/ip netns del peer
+    [ "$mode" = ref ] || { /usr/sbin/ip netns del peer; rmdir /sys/fs/cgroup/peer; }
     sleep 0.5
 }
 
+scenario ref
 scenario off
 scenario on
 say DMESG-WARNINGS "$(dmesg | grep -cE 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function called from invalid context')"
