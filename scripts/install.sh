@@ -25,7 +25,7 @@ else
     # Without systemd the daemon install.sh started is the one in its pid file; a doved
     # that someone else started on the default socket is left alone.
     pidfile=/run/dove/doved.pid
-    bash "$(dirname "$0")/stop-doved.sh" "$pidfile"
+    bash scripts/stop-doved.sh "$pidfile"
     if dovectl status >/dev/null 2>&1; then
         echo "install.sh: a doved that install.sh did not start serves /run/dove/dove.sock; stop it first" >&2
         exit 1

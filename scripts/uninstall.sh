@@ -7,7 +7,7 @@ if [ -d /run/systemd/system ] && [ -f /etc/systemd/system/doved.service ]; then
     rm -f /etc/systemd/system/doved.service
     systemctl daemon-reload
 else
-    bash "$(dirname "$0")/stop-doved.sh" /run/dove/doved.pid
+    bash "$(cd "$(dirname "$0")" && pwd)/stop-doved.sh" /run/dove/doved.pid
 fi
 rm -f /usr/local/bin/doved /usr/local/bin/dovectl /usr/local/bin/dove-hook
 rm -f /usr/share/containers/oci/hooks.d/dove.json

@@ -103,7 +103,9 @@ impl TempDaemon {
             .port();
         let metrics = format!("127.0.0.1:{port}");
         let config = format!(
-            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n",
+            // Never `auto`: on a patched kernel a test daemon would take the scheduler's
+            // cost maps from a DOVE installed on the host.
+            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"none\"\n",
             pin_dir.display()
         );
         Self::start_with(&config, Some(pin_dir), Some(metrics))

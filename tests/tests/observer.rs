@@ -527,7 +527,11 @@ fn attached_dove_programs(daemon: &TempDaemon) -> usize {
         if let Some(p) = path {
             cmd.arg(p);
         }
-        serde_json::from_str(run(&mut cmd).unwrap().trim()).unwrap_or(serde_json::Value::Null)
+        // A program listed a moment ago may be gone (a daemon restarting): no answer.
+        run(&mut cmd)
+            .ok()
+            .and_then(|out| serde_json::from_str(out.trim()).ok())
+            .unwrap_or(serde_json::Value::Null)
     };
     let window = daemon.pin_dir.as_ref().unwrap().join("DOVE_WINDOW");
     let window_id = json(&["map", "show", "pinned"], Some(&window))["id"]

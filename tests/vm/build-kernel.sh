@@ -12,17 +12,20 @@ here="$(cd "$(dirname "$0")/../.." && pwd)"
 cache="${DOVE_CACHE:-/var/cache/dove}/kernel"
 tarball=/usr/src/linux-source-6.12.tar.xz
 
-key=$(cat "$here"/kernel-patch/*.patch "$here/kernel-patch/dove.config" "$0" | sha256sum | cut -c1-16)
+if [ ! -f "$tarball" ] || ! command -v pahole >/dev/null || ! command -v ccache >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev dwarves cpio ccache >/dev/null
+fi
+# The source package's version and the compiler are part of what is built.
+key=$( (cat "$here"/kernel-patch/*.patch "$here/kernel-patch/dove.config" "$0"
+    dpkg-query -W -f='${Version}' linux-source-6.12 2>/dev/null; gcc --version | head -n 1) |
+    sha256sum | cut -c1-16)
 out="$cache/$key"
 if [ -s "$out/bzImage" ]; then
     echo "$out/bzImage"
     exit 0
 fi
 
-if [ ! -f "$tarball" ] || ! command -v pahole >/dev/null || ! command -v ccache >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev dwarves cpio ccache >/dev/null
-fi
 # Depend mode: a cold build does not run the preprocessor twice per file.
 export CCACHE_DIR="$cache/ccache" CCACHE_MAXSIZE=4G CCACHE_DEPEND=1
 # BTF needs DWARF types but not where each variable lives: variable tracking is the
@@ -44,7 +47,7 @@ echo "build-kernel.sh: building $key (cold build; cached afterwards)" >&2
 tar -xJf "$tarball" -C "$src" --strip-components=1
 cd "$src"
 for p in "$here"/kernel-patch/*.patch; do
-    patch -p1 --quiet --forward < "$p"
+    patch -p1 --quiet --forward --fuzz=0 < "$p"
 done
 kmake -s allnoconfig KCONFIG_ALLCONFIG="$here/kernel-patch/dove.config" >/dev/null
 # Every option the fragment asks for must have survived dependency resolution.

@@ -33,7 +33,7 @@ dmesg | grep -E "(not ok|ok) [0-9]+ (dove_|sched_dove)" | sed 's/^\[[^]]*\] *//'
     say KUNIT "$line"
 done
 
-# Hand out CFS bandwidth in 1 ms slices instead of 5 ms: with a 20 ms quota (less what
+# Hand out CFS bandwidth in 1 ms slices instead of 5 ms: with a small quota (less what
 # DOVE charges) the default slice loses a slice's worth of runtime in most periods.
 echo 1000 > /proc/sys/kernel/sched_cfs_bandwidth_slice_us
 
@@ -205,9 +205,10 @@ EOF
         # No segmentation offload on the sender's side: B's segments cross veth one by one,
         # as from a real NIC without LRO, so the per-packet kernel work is real.
         /usr/sbin/ip netns exec peer ethtool -K veth1 tso off gso off > /dev/null
-        mkdir -p /sys/fs/cgroup/peer
-        echo "$SENDER_QUOTA $PERIOD" > /sys/fs/cgroup/peer/cpu.max
-        b_cmd='["sh", "-c", "while :; do :; done & exec iperf3 -s -1 -B 10.0.0.1 -p 5201"]'
+        # B's busy loop yields to its server inside B (nice 19): the server drains its
+        # socket as a container's main job would, instead of the stream piling up in a
+        # receive queue the kernel then prunes and collapses in softirq.
+        b_cmd='["sh", "-c", "while :; do :; done & renice -n 19 -p $! > /dev/null; exec iperf3 -s -1 -B 10.0.0.1 -p 5201"]'
     fi
 
     trace_start
@@ -222,16 +223,16 @@ EOF
 
     sender=
     if [ "$mode" != ref ]; then
-        # A bounded stream (the sender's CPU quota), at the lowest priority: on CPU 1 it
-        # must not delay doved's tick and the measurements. It runs past the window and
-        # is stopped after it.
+        # A bounded stream: the sender's own CPU quota (given only now, so that the first
+        # refill traced was B's). It runs past the window and is stopped after it.
+        mkdir -p /sys/fs/cgroup/peer
+        echo "$SENDER_QUOTA $PERIOD" > /sys/fs/cgroup/peer/cpu.max
         # The window opens once the stream flows (the client reports a second of it);
         # a client that never gets going is replaced once.
         for attempt in 1 2; do
             sh -c 'echo $$ > /sys/fs/cgroup/peer/cgroup.procs && exec /usr/sbin/ip netns exec peer taskset -c 1 iperf3 --forceflush -c 10.0.0.1 -p 5201 -t $0' \
                 $((WINDOW + 60)) > /tmp/iperf-$mode.log 2>&1 &
             sender=$!
-            renice -n 19 -p $sender > /dev/null # the same process once sh, ip and taskset exec
             for _ in $(seq 20); do
                 [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 2 ] && break 2
                 sleep 1
@@ -275,7 +276,8 @@ EOF
     runc --root /run/runc delete -f dove-b
     kill $doved_pid
     wait $doved_pid
-    [ "$mode" = ref ] || { /usr/sbin/ip netns del peer; rmdir /sys/fs/cgroup/peer; }
+    # veth0 first: rtnl removes it at once, a namespace's devices go asynchronously.
+    [ "$mode" = ref ] || { /usr/sbin/ip link del veth0; /usr/sbin/ip netns del peer; rmdir /sys/fs/cgroup/peer; }
     sleep 0.5
 }
 
