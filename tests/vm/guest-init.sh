@@ -223,10 +223,11 @@ EOF
 
     sender=
     if [ "$mode" != ref ]; then
-        # A bounded stream: the sender's own CPU quota (given only now, so that the first
-        # refill traced was B's). It runs past the window and is stopped after it.
+        # A bounded stream: the sender's own CPU quota, given once the stream flows (under
+        # emulation and 7% of a CPU, starting iperf3 alone took longer than 20 s) and
+        # after B exists (so that the first refill traced was B's). It runs past the
+        # window and is stopped after it.
         mkdir -p /sys/fs/cgroup/peer
-        echo "$SENDER_QUOTA $PERIOD" > /sys/fs/cgroup/peer/cpu.max
         # The window opens once the stream flows (the client reports a second of it);
         # a client that never gets going is replaced once.
         for attempt in 1 2; do
@@ -234,7 +235,10 @@ EOF
                 $((WINDOW + 60)) > /tmp/iperf-$mode.log 2>&1 &
             sender=$!
             for _ in $(seq 20); do
-                [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 2 ] && break 2
+                if [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 2 ]; then
+                    echo "$SENDER_QUOTA $PERIOD" > /sys/fs/cgroup/peer/cpu.max
+                    break 2
+                fi
                 sleep 1
             done
             say ERROR "attempt $attempt: no stream after 20 s: $(tail -n 2 /tmp/iperf-$mode.log | tr '\n' ' ')"
@@ -242,7 +246,7 @@ EOF
             wait $sender
         done
     fi
-    sleep 1
+    sleep 2 # the sender settles on its quota
     measure $mode begin
     say SOFTIRQS-BEFORE mode=$mode "$(softirq_counts)" "$(cpu0_times)"
     thread_times > /tmp/threads-before
