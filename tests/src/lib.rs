@@ -341,9 +341,8 @@ impl NetPair {
         self.spawn_on(None, ns, cgroup, args, wait_ready)
     }
 
-    /// As [`Self::spawn`], pinned to `cpu` when given. On veth a sender's packets are
-    /// processed in softirq on the sender's CPU, so senders pinned apart never share a
-    /// softirq window.
+    /// As [`Self::spawn`], pinned to `cpu` when given (on veth a sender's packets are
+    /// processed in softirq on the sender's CPU).
     pub fn spawn_on(
         &self,
         cpu: Option<usize>,

@@ -147,28 +147,18 @@ fn two_owners_split_three_to_one() {
     // windows whenever softirq work is deferred (e.g. when another observer on the host
     // slows each packet down); senders on different CPUs pay different per-packet costs.
     let cpu = allowed_cpus()[0];
-    finish(
-        net.spawn_on(
-            Some(cpu),
-            &net.a,
-            None,
-            &["udp-send", &to_big, "30000", "64"],
-            false,
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    finish(
-        net.spawn_on(
-            Some(cpu),
-            &net.a,
-            None,
-            &["udp-send", &to_small, "10000", "64"],
-            false,
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    for (to, count) in [(&to_big, "30000"), (&to_small, "10000")] {
+        let sender = net
+            .spawn_on(
+                Some(cpu),
+                &net.a,
+                None,
+                &["udp-send", to, count, "64"],
+                false,
+            )
+            .unwrap();
+        finish(sender).unwrap();
+    }
     let (got_big, got_small) = (finish(sink_big).unwrap(), finish(sink_small).unwrap());
     let after = settled(&daemon);
     let b = cost(&after, "big").total_ns - cost(&before, "big").total_ns;
