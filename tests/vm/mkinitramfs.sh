@@ -36,7 +36,6 @@ for b in doved dovectl dove-hook; do
 done
 copy_with_libs "$root" "$(command -v runc)"
 copy_with_libs "$root" "$(command -v iperf3)"
-copy_with_libs "$root" "$(command -v ethtool)"
 # iproute2 (for netns), outside PATH and called by full path: busybox's shell runs its
 # own applet for a bare `ip`, and iproute2 picks a subcommand from any other argv[0].
 copy_with_libs "$root" "$(command -v ip)"

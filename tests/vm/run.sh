@@ -9,8 +9,8 @@ repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
 export PATH="$HOME/.cargo/bin:$PATH"
 
-command -v qemu-system-x86_64 >/dev/null && command -v iperf3 >/dev/null && command -v ethtool >/dev/null || \
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 iperf3 ethtool cpio >/dev/null
+command -v qemu-system-x86_64 >/dev/null && command -v iperf3 >/dev/null || \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 iperf3 cpio >/dev/null
 
 kernel=$(bash tests/vm/build-kernel.sh)
 cargo build --release -q -p dove-daemon -p dove-hook
