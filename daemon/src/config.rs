@@ -14,6 +14,19 @@ pub struct Config {
     pub observer: ObserverConfig,
     pub metrics: MetricsConfig,
     pub enforcement: EnforcementConfig,
+    pub bills: BillsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillsConfig {
+    pub retention_days: u64,
+}
+
+impl Default for BillsConfig {
+    fn default() -> Self {
+        Self { retention_days: 7 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -55,12 +68,14 @@ impl Default for ObserverConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     pub listen: String,
+    pub removed_grace_s: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9477".into(),
+            removed_grace_s: 600,
         }
     }
 }
@@ -163,6 +178,15 @@ impl Config {
                 "must be an address:port such as \"127.0.0.1:9477\", or \"\" to disable",
             ));
         }
+        if !(1..=3650).contains(&self.bills.retention_days) {
+            return Err(bad("bills.retention_days", "must be between 1 and 3650"));
+        }
+        if self.metrics.removed_grace_s > 86_400 {
+            return Err(bad(
+                "metrics.removed_grace_s",
+                "must be at most 86400 (a day); the ledger keeps bills longer",
+            ));
+        }
         if d.log_level.trim().is_empty()
             || tracing_subscriber::EnvFilter::try_new(&d.log_level).is_err()
         {
@@ -222,6 +246,11 @@ mod tests {
             ("[metrics]\nlisten = \"everywhere\"\n", "metrics.listen"),
             ("[observer]\nenable = true\n", "enable"),
             ("[enforcement]\nmode = \"cpumax\"\n", "cpumax"),
+            ("[bills]\nretention_days = 0\n", "bills.retention_days"),
+            (
+                "[metrics]\nremoved_grace_s = 100000\n",
+                "metrics.removed_grace_s",
+            ),
         ];
         for (text, key) in cases {
             let msg = Config::parse(text, Path::new("c.toml"))

@@ -1,10 +1,12 @@
 //! `doved`, the DOVE daemon, as a library; `src/bin/doved.rs` is a thin `main`.
 //!
-//! This crate owns the container registry (fed by `dove-hook` over the socket, kept on
-//! disk, pruned by inotify when a cgroup vanishes) and serves the socket protocol from
-//! `dove-proto`. Later stages (the eBPF observer, enforcers, metrics) hang off the
-//! registry here.
+//! The registry (fed by `dove-hook` over the socket, kept in a file beside it, pruned by
+//! inotify when a cgroup vanishes) publishes events; the accounting thread applies them
+//! to the eBPF observer, aggregates its counters every tick and turns removals into
+//! bills in the ledger; telemetry serves the snapshots. `run()` only composes them.
 
+pub mod accounting;
+pub mod bills;
 pub mod config;
 pub mod observer;
 pub mod registry;
@@ -13,14 +15,17 @@ pub mod store;
 pub mod telemetry;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::accounting::Accounting;
+use crate::bills::Ledger;
 use crate::config::{Config, EnforcementMode};
-use crate::observer::{Observer, ObserverMembership, SharedObserver};
-use crate::registry::{Membership, Registry};
+use crate::observer::Observer;
+use crate::registry::Registry;
 use crate::server::{Access, DaemonInfo, Server};
 use crate::store::Store;
 use crate::telemetry::Telemetry;
@@ -31,6 +36,10 @@ pub enum DaemonError {
     Cgroup(#[from] dove_cgroup::CgroupError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Ledger(#[from] bills::LedgerError),
+    #[error("starting the accounting thread: {0}")]
+    Thread(std::io::Error),
     #[error(transparent)]
     Listen(#[from] server::ListenError),
     #[error("{0}")]
@@ -62,15 +71,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let mounts = dove_cgroup::Mounts::discover()?;
     let access = Access::from_config(&d.socket_group).map_err(DaemonError::Access)?;
-    let store = Store::open(&d.state_dir)?;
+    // The registry beside the socket (it must not outlive a reboot), the bills in the
+    // state directory (they must).
+    let run_dir = d
+        .socket
+        .parent()
+        .unwrap_or(std::path::Path::new("/run/dove"));
+    let store = Store::open(&run_dir.join("registry"), Some(&d.state_dir))?;
+    let ledger = Arc::new(Ledger::open(
+        &store::ensure_dir(&d.state_dir)?,
+        Duration::from_secs(config.bills.retention_days * 86400),
+    )?);
 
-    let observer: Option<SharedObserver> = if config.observer.enabled {
-        let o = Observer::start(
+    let observer = if config.observer.enabled {
+        Some(Observer::start(
             &config.observer.pin_dir,
             &mounts.unified.mount_point,
             config.observer.egress,
-        )?;
-        Some(Arc::new(std::sync::Mutex::new(o)))
+        )?)
     } else {
         tracing::info!("eBPF observer disabled (observer.enabled = false)");
         None
@@ -89,27 +107,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
         (_, Some(_)) => true,
     };
-    let membership = observer.as_ref().map(|o| {
-        Arc::new(ObserverMembership {
-            observer: Arc::clone(o),
-            enforce_in: if kernel_enforcement {
-                mounts.cpu.clone()
-            } else {
-                None
-            },
-        }) as Arc<dyn Membership>
-    });
+    // Removals wait for a bill only when something computes bills.
     let registry =
-        Registry::start(mounts.clone(), store, membership).map_err(DaemonError::Inotify)?;
-    if let Some(o) = &observer {
-        // Slots pinned by a previous run for containers that are gone now.
-        let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
-        o.retain(&registry.cgroup_ids());
-        if kernel_enforcement {
-            o.hand_to_kernel()?;
-            tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
-        }
-    }
+        Registry::start(mounts.clone(), store, observer.is_some()).map_err(DaemonError::Inotify)?;
     let telemetry = Arc::new(Telemetry::new(
         if observer.is_some() {
             "active"
@@ -119,11 +119,33 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .into(),
         if kernel_enforcement { "kernel" } else { "none" }.into(),
         config.observer.tick_ms,
+        Arc::clone(&ledger),
+        Duration::from_secs(config.metrics.removed_grace_s),
     ));
-    if let Some(o) = &observer {
-        // Serve real numbers from the first request on, not an empty snapshot.
-        telemetry.publish(o.lock().unwrap_or_else(|p| p.into_inner()).tick());
-    }
+    let stop_accounting = Arc::new(AtomicBool::new(false));
+    let accounting = match observer {
+        Some(observer) => {
+            let subscription = registry.subscribe();
+            let accounting = Accounting::start(
+                observer,
+                &subscription,
+                Arc::clone(&registry),
+                Arc::clone(&ledger),
+                Arc::clone(&telemetry),
+                if kernel_enforcement {
+                    mounts.cpu.clone()
+                } else {
+                    None
+                },
+            );
+            if kernel_enforcement {
+                accounting.observer().hand_to_kernel()?;
+                tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
+            }
+            Some((accounting, subscription))
+        }
+        None => None,
+    };
 
     let (listener, bound_path) = match activated {
         Some(l) => {
@@ -149,19 +171,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     observer::drop_capabilities().map_err(|e| DaemonError::Capabilities(e.to_string()))?;
     tracing::info!("all capabilities dropped");
 
-    if let Some(o) = &observer {
-        let (o, telemetry) = (Arc::clone(o), Arc::clone(&telemetry));
-        let every = Duration::from_millis(config.observer.tick_ms);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tick.tick().await;
-                let snapshot = o.lock().unwrap_or_else(|p| p.into_inner()).tick();
-                telemetry.publish(snapshot);
-            }
-        });
-    }
+    let accounting = match accounting {
+        Some((accounting, subscription)) => Some(
+            accounting
+                .spawn(
+                    subscription,
+                    Duration::from_millis(config.observer.tick_ms),
+                    Arc::clone(&stop_accounting),
+                )
+                .map_err(DaemonError::Thread)?,
+        ),
+        None => None,
+    };
     if let Some(listener) = metrics {
         tokio::spawn(telemetry::serve_metrics(
             listener,
@@ -215,9 +236,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     serving.abort();
-    if let Some(o) = &observer {
-        // Publish the last counts before the links go away with this process.
-        telemetry.publish(o.lock().unwrap_or_else(|p| p.into_inner()).tick());
+    if let Some(thread) = accounting {
+        // It publishes the last counts before the links go away with this process.
+        stop_accounting.store(true, Ordering::Release);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     registry.persist_now().await;
     if let Some(path) = bound_path {

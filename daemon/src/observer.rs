@@ -591,23 +591,23 @@ impl Observer {
         Ok(())
     }
 
-    /// Stop charging `cgroup_id`, publishing what it cost up to now.
-    pub fn remove(&mut self, cgroup_id: u64) {
-        let Some(&(slot, _)) = self.owned.get(&cgroup_id) else {
-            return;
-        };
+    /// Stop charging `cgroup_id`; returns what it cost over its life (its final bill),
+    /// or None when it had no slot.
+    pub fn remove(&mut self, cgroup_id: u64) -> Option<Cost> {
+        let &(slot, _) = self.owned.get(&cgroup_id)?;
         let _ = self.slots.remove(&cgroup_id);
         // Invalidate the programs' owner caches before the last flush, so nothing is
         // added to the slot after it.
         self.publish_settings();
         // The last cost still goes to the quota group it was charged to.
         let pending_slot = self.pending_slot(cgroup_id, slot);
-        self.flush_slot(slot, pending_slot);
+        let last = self.flush_slot(slot, pending_slot);
         self.clear_quota_group(cgroup_id);
         self.owned.remove(&cgroup_id);
         self.quarantine.push((slot, self.ticks + 2));
         // And once more for the registered levels, now without this one.
         self.publish_settings();
+        Some(last)
     }
 
     /// Forget every owner not in `keep` (after the registry reloaded).
@@ -621,6 +621,8 @@ impl Observer {
             .copied()
             .collect();
         for id in stale {
+            // Slots a previous run left for cgroups nobody registered now: no container
+            // to bill them to.
             self.remove(id);
         }
         self.publish_settings();
@@ -875,47 +877,9 @@ pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
     Ok(())
 }
 
-/// The observer as the registry and the tick task share it.
-pub type SharedObserver = std::sync::Arc<std::sync::Mutex<Observer>>;
-
-/// Feeds registry changes into the observer's map of registered cgroups (and, when
-/// enforcing, the map of quota groups the scheduler reads).
-pub struct ObserverMembership {
-    pub observer: SharedObserver,
-    /// The `cpu` controller's hierarchy, when enforcement is on.
-    pub enforce_in: Option<dove_cgroup::Hierarchy>,
-}
-
 /// A cgroup's level in the v2 tree: `/` is 0, `/a` is 1, `/a/b` is 2.
 pub fn cgroup_level(path: &str) -> u32 {
     path.split('/').filter(|c| !c.is_empty()).count() as u32
-}
-
-impl crate::registry::Membership for ObserverMembership {
-    fn added(&self, registration: &dove_proto::Registration) {
-        let quota = self.enforce_in.as_ref().and_then(|cpu| {
-            let path = registration
-                .cpu_cgroup_path
-                .as_deref()
-                .unwrap_or(&registration.cgroup_path);
-            quota_group(cpu, path)
-        });
-        let mut observer = self.observer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = observer.add(
-            registration.cgroup_id,
-            cgroup_level(&registration.cgroup_path),
-            quota,
-        ) {
-            tracing::error!(id = %registration.id, "container's traffic will be unattributed: {e}");
-        }
-    }
-
-    fn removed(&self, registration: &dove_proto::Registration) {
-        self.observer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(registration.cgroup_id);
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,16 @@
 //! The registry: which containers exist, where their cgroups are, and the machinery that
-//! keeps it true — durable writes (group-committed, so many concurrent registrations
-//! share one fsync) and inotify watches that drop a container whose cgroup disappears
-//! without a poststop.
+//! keeps it true: a file beside the socket rewritten atomically after every change
+//! (group-committed, so a burst of registrations shares one write), and inotify watches
+//! that drop a container whose cgroup disappears without a poststop.
+//!
+//! It publishes what changes as [`RegistryEvent`]s to subscribers (the observer today,
+//! enforcers and the NRI plugin next). Publishing never waits: each subscriber has an
+//! unbounded channel of its own, and [`Registry::subscribe`] hands a new one the current
+//! state and its channel atomically, so nothing is missed or seen twice.
+//!
+//! A removed container is not forgotten until its bill is recorded: it stays in the
+//! file as a departure until a consumer calls [`Registry::settle`], so a `kill -9` between
+//! the removal and the bill leaves the departure for the next start to bill.
 //!
 //! cgroupfs does not deliver `IN_DELETE_SELF` for a removed cgroup (measured on 6.18), but
 //! it does deliver `IN_DELETE` on the parent directory, so the watches are on parents:
@@ -13,14 +22,16 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dove_cgroup::Mounts;
-use dove_proto::{Container, Registration};
+use dove_proto::{Container, Registration, RemovalReason};
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::{watch, Notify};
 
+pub use crate::store::Departure;
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +69,31 @@ struct Entry {
     watch: Watch,
 }
 
+/// What subscribers are told, in the order it happened.
+#[derive(Debug, Clone)]
+pub enum RegistryEvent {
+    /// A container joined, or re-registered (same ID; the cgroup may be the same one).
+    Registered(Container),
+    /// A container left; its bill is owed until [`Registry::settle`].
+    Removed(Departure),
+}
+
+/// What a new subscriber starts from.
+pub struct Subscription {
+    pub containers: Vec<Container>,
+    /// Removals whose bills are not recorded yet (from before a restart, or before this
+    /// subscriber came).
+    pub departures: Vec<Departure>,
+    pub events: mpsc::Receiver<RegistryEvent>,
+}
+
 #[derive(Default)]
 struct Inner {
     entries: BTreeMap<String, Entry>,
+    departures: Vec<Departure>,
+    subscribers: Vec<mpsc::Sender<RegistryEvent>>,
+    /// Whether removals wait for a bill (false when nothing computes bills).
+    billing: bool,
     /// parent watch → child cgroup name → container IDs. One cgroup may carry several
     /// IDs (re-registration under a new ID after a runtime crash).
     watched: HashMap<WatchDescriptor, HashMap<String, BTreeSet<String>>>,
@@ -68,6 +101,22 @@ struct Inner {
 }
 
 impl Inner {
+    fn publish(&mut self, event: RegistryEvent) {
+        self.subscribers.retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    fn depart(&mut self, container: Container, reason: RemovalReason) {
+        let departure = Departure {
+            container,
+            reason,
+            removed_at: now_rfc3339(),
+        };
+        if self.billing {
+            self.departures.push(departure.clone());
+        }
+        self.publish(RegistryEvent::Removed(departure));
+    }
+
     fn add_watched(&mut self, watch: &Watch, id: &str) {
         self.watched
             .entry(watch.parent.clone())
@@ -85,15 +134,11 @@ struct PersistState {
     error: String,
 }
 
-/// Told of every container that joins or leaves the registry (the eBPF observer's map
-/// of registered cgroups). Called with the registry locked, so calls arrive in order.
-pub trait Membership: Send + Sync {
-    fn added(&self, registration: &Registration);
-    fn removed(&self, registration: &Registration);
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 pub struct Registry {
-    membership: Option<Arc<dyn Membership>>,
     inner: Mutex<Inner>,
     mounts: Mounts,
     watches: Mutex<Watches>,
@@ -111,18 +156,17 @@ fn removal_mask() -> WatchMask {
 
 impl Registry {
     /// Build the registry from disk, dropping entries whose cgroup is gone, and start the
-    /// persister and the removal watcher on the current tokio runtime.
-    pub fn start(
-        mounts: Mounts,
-        store: Store,
-        membership: Option<Arc<dyn Membership>>,
-    ) -> io::Result<Arc<Self>> {
+    /// persister and the removal watcher on the current tokio runtime. With `billing`,
+    /// removals are kept as departures until a subscriber settles their bills.
+    pub fn start(mounts: Mounts, store: Store, billing: bool) -> io::Result<Arc<Self>> {
         let inotify = Inotify::init()?;
         let watches = inotify.watches();
         let events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
         let registry = Arc::new(Self {
-            membership,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                billing,
+                ..Inner::default()
+            }),
             mounts,
             watches: Mutex::new(watches),
             store,
@@ -142,29 +186,33 @@ impl Registry {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("{e}");
-                Vec::new()
+                Default::default()
             }
         };
-        let total = loaded.len();
+        let total = loaded.containers.len();
         let mut dropped = 0;
         let mut inner = self.lock();
-        for container in loaded {
+        if inner.billing {
+            inner.departures = loaded.departures;
+        }
+        for container in loaded.containers {
             let id = container.registration.id.clone();
             match self.attach(&mut inner, &container.registration) {
                 Ok(watch) => {
                     inner.add_watched(&watch, &id);
-                    self.joined(&container.registration);
                     inner.entries.insert(id, Entry { container, watch });
                 }
                 Err(e) => {
                     dropped += 1;
                     tracing::info!(%id, "dropped at startup: {e}");
+                    inner.depart(container, RemovalReason::CgroupRemoved);
                 }
             }
         }
         tracing::info!(
             kept = total - dropped,
             dropped,
+            unbilled = inner.departures.len(),
             path = %self.store.path().display(),
             "registry loaded"
         );
@@ -174,21 +222,31 @@ impl Registry {
         }
     }
 
-    fn joined(&self, registration: &Registration) {
-        if let Some(m) = &self.membership {
-            m.added(registration);
+    /// The current containers, unbilled departures, and every change from now on.
+    pub fn subscribe(&self) -> Subscription {
+        let (tx, rx) = mpsc::channel();
+        let mut inner = self.lock();
+        inner.subscribers.push(tx);
+        Subscription {
+            containers: inner
+                .entries
+                .values()
+                .map(|e| e.container.clone())
+                .collect(),
+            departures: inner.departures.clone(),
+            events: rx,
         }
     }
 
-    /// Tell the membership listener `registration` left, unless another entry still
-    /// holds the same cgroup.
-    fn left(&self, inner: &Inner, registration: &Registration) {
-        let shared = inner
-            .entries
-            .values()
-            .any(|e| e.container.registration.cgroup_id == registration.cgroup_id);
-        if let (Some(m), false) = (&self.membership, shared) {
-            m.removed(registration);
+    /// `departure`'s bill is recorded: forget it.
+    pub fn settle(&self, departure: &Departure) {
+        let mut inner = self.lock();
+        let before = inner.departures.len();
+        inner.departures.retain(|d| d != departure);
+        if inner.departures.len() != before {
+            inner.generation += 1;
+            drop(inner);
+            self.persist_wanted.notify_one();
         }
     }
 
@@ -275,16 +333,14 @@ impl Registry {
             let mut inner = self.lock();
             let watch = self.attach(&mut inner, &reg)?;
             let id = reg.id.clone();
-            self.joined(&reg);
             let container = Container {
                 registration: reg,
-                registered_at: humantime::format_rfc3339_millis(std::time::SystemTime::now())
-                    .to_string(),
+                registered_at: now_rfc3339(),
             };
             let old = inner.entries.insert(
                 id.clone(),
                 Entry {
-                    container,
+                    container: container.clone(),
                     watch: watch.clone(),
                 },
             );
@@ -293,8 +349,11 @@ impl Registry {
                 if old.watch != watch {
                     self.detach(&mut inner, &id, &old.watch);
                 }
-                self.left(&inner, &old.container.registration);
+                if old.container.registration.cgroup_id != container.registration.cgroup_id {
+                    inner.depart(old.container, RemovalReason::Replaced);
+                }
             }
+            inner.publish(RegistryEvent::Registered(container));
             inner.add_watched(&watch, &id);
             inner.generation += 1;
             generation = inner.generation;
@@ -314,7 +373,7 @@ impl Registry {
                 return Ok(false);
             };
             self.detach(&mut inner, id, &entry.watch);
-            self.left(&inner, &entry.container.registration);
+            inner.depart(entry.container, RemovalReason::Unregistered);
             inner.generation += 1;
             inner.generation
         };
@@ -379,21 +438,22 @@ impl Registry {
 
     /// Write the current registry and report the outcome to waiters.
     pub async fn persist_now(&self) {
-        let (generation, snapshot) = {
+        let (generation, containers, departures) = {
             let inner = self.lock();
-            let snapshot: Vec<Container> = inner
+            let containers: Vec<Container> = inner
                 .entries
                 .values()
                 .map(|e| e.container.clone())
                 .collect();
-            (inner.generation, snapshot)
+            (inner.generation, containers, inner.departures.clone())
         };
         let store = self.store.clone();
-        let result =
-            tokio::task::spawn_blocking(move || store.save_bytes(&Store::encode(snapshot)))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+        let result = tokio::task::spawn_blocking(move || {
+            store.save_bytes(&Store::encode(containers, departures))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match result {
             Ok(()) => self
                 .persisted
@@ -482,7 +542,7 @@ impl Registry {
             }
             Err(e) => {
                 if let Some(entry) = inner.entries.remove(id) {
-                    self.left(inner, &entry.container.registration);
+                    inner.depart(entry.container, RemovalReason::CgroupRemoved);
                 }
                 self.dropped_vanished.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%id, "dropped: {e}");
@@ -515,7 +575,7 @@ impl Registry {
         );
         let watch = entry.watch.clone();
         if let Some(entry) = inner.entries.remove(id) {
-            self.left(inner, &entry.container.registration);
+            inner.depart(entry.container, RemovalReason::CgroupRemoved);
         }
         self.detach(inner, id, &watch);
         self.dropped_vanished.fetch_add(1, Ordering::Relaxed);

@@ -359,6 +359,9 @@ impl Server {
             Request::Stats => ResponseEnvelope::ok(Reply::Stats(Box::new(
                 self.info.telemetry.stats(&self.registry),
             ))),
+            Request::Bills => ResponseEnvelope::ok(Reply::Bills {
+                bills: self.info.telemetry.ledger().list(),
+            }),
         }
     }
 

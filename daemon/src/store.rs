@@ -1,17 +1,23 @@
-//! The registry's on-disk copy: one JSON file replaced atomically, so a crash at any
-//! moment leaves either the old or the new registry, never a torn one.
+//! The registry's file: one JSON document replaced atomically (a unique temp file renamed
+//! over it), so a crash at any moment leaves either the old or the new registry, never a
+//! torn one, and two writers never share a temp file.
+//!
+//! It lives beside the socket (`/run/dove`, a tmpfs): it describes containers, which do
+//! not outlive a reboot, and it must outlive a daemon crash, which the page cache gives
+//! without an fsync. What must outlive a reboot (the bills) is fsynced by the ledger.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use dove_proto::Container;
+use dove_proto::{Container, RemovalReason};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "registry.json";
-const TEMP: &str = "registry.json.tmp";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
+/// Format 1 had no departures; it is read as format 2 with none.
+const FORMAT_WITHOUT_DEPARTURES: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,10 +35,41 @@ pub enum StoreError {
     },
 }
 
+/// A container that left the registry and whose bill is not recorded yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departure {
+    pub container: Container,
+    pub reason: RemovalReason,
+    /// RFC 3339.
+    pub removed_at: String,
+}
+
 #[derive(Serialize, Deserialize)]
 struct OnDisk {
     format: u32,
     containers: Vec<Container>,
+    #[serde(default)]
+    departures: Vec<Departure>,
+}
+
+/// What a load found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    pub containers: Vec<Container>,
+    pub departures: Vec<Departure>,
+}
+
+/// Create `dir` (mode 0700) if it is missing.
+pub fn ensure_dir(dir: &Path) -> Result<PathBuf, StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    Ok(dir.to_owned())
 }
 
 #[derive(Debug, Clone)]
@@ -41,19 +78,25 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open (creating, mode 0700) the state directory.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| StoreError::Dir {
-                path: dir.to_owned(),
-                source,
-            })?;
-        Ok(Self {
-            dir: dir.to_owned(),
-        })
+    /// Open (creating, mode 0700) the directory. A registry that an older doved kept in
+    /// `legacy_dir` is moved here.
+    pub fn open(dir: &Path, legacy_dir: Option<&Path>) -> Result<Self, StoreError> {
+        let store = Self {
+            dir: ensure_dir(dir)?,
+        };
+        if let Some(legacy) = legacy_dir.map(|d| d.join(FILE)) {
+            if legacy != store.path() && legacy.exists() && !store.path().exists() {
+                match fs::copy(&legacy, store.path()).and_then(|_| fs::remove_file(&legacy)) {
+                    Ok(()) => {
+                        tracing::info!(from = %legacy.display(), to = %store.path().display(), "registry moved")
+                    }
+                    Err(e) => {
+                        tracing::warn!(from = %legacy.display(), "could not move the old registry: {e}")
+                    }
+                }
+            }
+        }
+        Ok(store)
     }
 
     pub fn path(&self) -> PathBuf {
@@ -63,15 +106,20 @@ impl Store {
     /// Load the registry. A missing file is an empty registry. An unreadable one is moved
     /// aside (never silently overwritten) and reported through `Err(Corrupt)` after which
     /// the caller starts empty.
-    pub fn load(&self) -> Result<Vec<Container>, StoreError> {
+    pub fn load(&self) -> Result<Loaded, StoreError> {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::default()),
             Err(source) => return Err(StoreError::Read { path, source }),
         };
         let detail = match serde_json::from_slice::<OnDisk>(&bytes) {
-            Ok(d) if d.format == FORMAT => return Ok(d.containers),
+            Ok(d) if d.format == FORMAT || d.format == FORMAT_WITHOUT_DEPARTURES => {
+                return Ok(Loaded {
+                    containers: d.containers,
+                    departures: d.departures,
+                })
+            }
             Ok(d) => format!("format {} where {FORMAT} was expected", d.format),
             Err(e) => e.to_string(),
         };
@@ -92,37 +140,30 @@ impl Store {
     }
 
     /// Serialise outside any lock; `save_bytes` does the I/O.
-    pub fn encode(containers: Vec<Container>) -> Vec<u8> {
+    pub fn encode(containers: Vec<Container>, departures: Vec<Departure>) -> Vec<u8> {
         serde_json::to_vec(&OnDisk {
             format: FORMAT,
             containers,
+            departures,
         })
         .expect("registry entries are plain data and always serialise")
     }
 
-    /// Replace the registry file: write a temp file, fsync it, rename it over the old one,
-    /// fsync the directory so the rename itself is durable.
+    /// Replace the registry file: write a temp file of its own (mode 0600) and rename it
+    /// over the old one. No fsync: see the module documentation.
     pub fn save_bytes(&self, bytes: &[u8]) -> Result<(), StoreError> {
-        let temp = self.dir.join(TEMP);
-        let write_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Write { path, source }
-        };
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(write_err(&temp))?;
-        file.write_all(bytes).map_err(write_err(&temp))?;
-        file.sync_all().map_err(write_err(&temp))?;
-        drop(file);
         let path = self.path();
-        fs::rename(&temp, &path).map_err(write_err(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err(&self.dir))?;
+        let write_err = |source| StoreError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut temp = tempfile::Builder::new()
+            .prefix(".registry.json.")
+            .permissions(fs::Permissions::from_mode(0o600))
+            .tempfile_in(&self.dir)
+            .map_err(write_err)?;
+        temp.write_all(bytes).map_err(write_err)?;
+        temp.persist(&path).map_err(|e| write_err(e.error))?;
         Ok(())
     }
 }
@@ -153,19 +194,66 @@ mod tests {
     #[test]
     fn round_trip_and_missing_file() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state")).unwrap();
-        assert!(store.load().unwrap().is_empty());
+        let store = Store::open(&dir.path().join("state"), None).unwrap();
+        assert_eq!(store.load().unwrap(), Loaded::default());
+        let gone = Departure {
+            container: container("c"),
+            reason: RemovalReason::Unregistered,
+            removed_at: "2026-01-01T00:00:01Z".into(),
+        };
         store
-            .save_bytes(&Store::encode(vec![container("a"), container("b")]))
+            .save_bytes(&Store::encode(
+                vec![container("a"), container("b")],
+                vec![gone.clone()],
+            ))
             .unwrap();
         let loaded = store.load().unwrap();
-        assert_eq!(loaded, vec![container("a"), container("b")]);
+        assert_eq!(loaded.containers, vec![container("a"), container("b")]);
+        assert_eq!(loaded.departures, vec![gone]);
+    }
+
+    #[test]
+    fn concurrent_saves_never_tear_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|n| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let many: Vec<Container> =
+                        (0..200).map(|i| container(&format!("c{n}-{i}"))).collect();
+                    for _ in 0..20 {
+                        store
+                            .save_bytes(&Store::encode(many.clone(), vec![]))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!(store.load().unwrap().containers.len(), 200);
+        let leftovers = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "temp files left behind");
+    }
+
+    #[test]
+    fn format_1_registries_still_load_and_old_locations_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("var-lib-dove");
+        fs::create_dir(&legacy).unwrap();
+        let v1 = serde_json::json!({"format": 1, "containers": [container("a")]});
+        fs::write(legacy.join(FILE), v1.to_string()).unwrap();
+        let store = Store::open(&dir.path().join("run"), Some(&legacy)).unwrap();
+        assert_eq!(store.load().unwrap().containers, vec![container("a")]);
+        assert!(!legacy.join(FILE).exists());
     }
 
     #[test]
     fn corrupt_file_is_moved_aside_not_overwritten() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
         fs::write(store.path(), b"{\"format\":1,\"contain").unwrap();
         match store.load() {
             Err(StoreError::Corrupt { moved, .. }) => {
@@ -173,6 +261,6 @@ mod tests {
             }
             other => panic!("expected Corrupt, got {other:?}"),
         }
-        assert!(store.load().unwrap().is_empty());
+        assert_eq!(store.load().unwrap(), Loaded::default());
     }
 }

@@ -5,10 +5,11 @@ use std::fmt::Write as _;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use dove_proto::{ContainerStats, CostCounters, ObserverHealth, Stats};
+use dove_proto::{Bill, ContainerStats, CostCounters, ObserverHealth, Stats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::bills::Ledger;
 use crate::observer::{Cost, Snapshot};
 use crate::registry::Registry;
 
@@ -19,6 +20,9 @@ pub struct Telemetry {
     pub enforcement: String,
     pub tick_ms: u64,
     snapshot: RwLock<Snapshot>,
+    ledger: Arc<Ledger>,
+    /// How long a removed container's final counters stay in the metrics.
+    removed_grace: Duration,
 }
 
 fn counters(c: &Cost) -> CostCounters {
@@ -33,12 +37,32 @@ fn counters(c: &Cost) -> CostCounters {
 }
 
 impl Telemetry {
-    pub fn new(observer_state: String, enforcement: String, tick_ms: u64) -> Self {
+    pub fn new(
+        observer_state: String,
+        enforcement: String,
+        tick_ms: u64,
+        ledger: Arc<Ledger>,
+        removed_grace: Duration,
+    ) -> Self {
         Self {
             observer_state,
             enforcement,
             tick_ms,
             snapshot: RwLock::new(Snapshot::default()),
+            ledger,
+            removed_grace,
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Final bills of containers removed within the grace period, for the metrics.
+    fn recently_removed(&self) -> Vec<Bill> {
+        match std::time::SystemTime::now().checked_sub(self.removed_grace) {
+            Some(since) if !self.removed_grace.is_zero() => self.ledger.removed_since(since),
+            _ => Vec::new(),
         }
     }
 
@@ -96,9 +120,33 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-/// Render the Prometheus text exposition format.
-pub fn render(stats: &Stats, registry: &Registry) -> String {
+/// Render the Prometheus text exposition format. `removed` are final bills of containers
+/// removed recently: their counters are exported at their final values for a while, so
+/// that the scrape after a removal still sees everything the container cost.
+pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
     let mut out = String::new();
+    let mut containers = stats.containers.clone();
+    for bill in removed {
+        let registered = containers
+            .iter()
+            .any(|c| c.id == bill.id && c.cgroup_path == bill.cgroup_path);
+        if !registered {
+            containers.push(ContainerStats {
+                id: bill.id.clone(),
+                cgroup_path: bill.cgroup_path.clone(),
+                cgroup_id: bill.cgroup_id,
+                cost: CostCounters {
+                    total_ns: bill.total_ns,
+                    rx_ns: bill.rx_ns,
+                    tx_ns: bill.tx_ns,
+                    rx_packets: bill.rx_packets,
+                    tx_packets: bill.tx_packets,
+                    pending_ns: 0,
+                },
+            });
+        }
+    }
+    let containers = &containers;
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -118,12 +166,12 @@ pub fn render(stats: &Stats, registry: &Registry) -> String {
         )
     };
     let per = |f: &dyn Fn(&ContainerStats) -> String| -> Vec<(String, String)> {
-        stats.containers.iter().map(|c| (labels(c), f(c))).collect()
+        containers.iter().map(|c| (labels(c), f(c))).collect()
     };
     let per_dir = |rx: &dyn Fn(&ContainerStats) -> String,
                    tx: &dyn Fn(&ContainerStats) -> String| {
         let mut v = Vec::new();
-        for c in &stats.containers {
+        for c in containers {
             v.push((format!("{},direction=\"rx\"", labels(c)), rx(c)));
             v.push((format!("{},direction=\"tx\"", labels(c)), tx(c)));
         }
@@ -278,7 +326,11 @@ pub async fn serve_metrics(
                 ("GET", "/metrics") => (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
-                    render(&telemetry.stats(&registry), &registry),
+                    render(
+                        &telemetry.stats(&registry),
+                        &registry,
+                        &telemetry.recently_removed(),
+                    ),
                 ),
                 ("GET", "/") => (
                     "200 OK",

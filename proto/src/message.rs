@@ -26,6 +26,8 @@ pub enum Request {
     Status,
     /// Softirq cost per container, the unattributed bucket, and observer health.
     Stats,
+    /// The final bills of containers removed within the retention period, oldest first.
+    Bills,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +230,50 @@ pub enum Reply {
     },
     Status(Box<Status>),
     Stats(Box<Stats>),
+    Bills {
+        bills: Vec<Bill>,
+    },
+}
+
+/// Why a container left the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemovalReason {
+    /// Its runtime said so (the poststop hook).
+    Unregistered,
+    /// Its cgroup disappeared without a poststop (runtime crash, missed hook, or while
+    /// doved was down).
+    CgroupRemoved,
+    /// A registration with the same ID named another cgroup.
+    Replaced,
+}
+
+impl RemovalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemovalReason::Unregistered => "unregistered",
+            RemovalReason::CgroupRemoved => "cgroup_removed",
+            RemovalReason::Replaced => "replaced",
+        }
+    }
+}
+
+/// A removed container's final softirq cost: what it owes for its whole registered life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bill {
+    pub id: String,
+    pub cgroup_path: String,
+    pub cgroup_id: u64,
+    /// RFC 3339, as in [`Container::registered_at`].
+    pub registered_at: String,
+    /// RFC 3339.
+    pub removed_at: String,
+    pub reason: RemovalReason,
+    pub rx_ns: u64,
+    pub tx_ns: u64,
+    pub total_ns: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
 }
 
 /// Softirq cost counters. `*_ns` and `*_packets` are cumulative and monotonic while the

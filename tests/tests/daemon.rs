@@ -471,7 +471,11 @@ fn kill_9_loses_no_acknowledged_registration() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(15));
+    // Kill it once registrations are being acknowledged, or the test would test nothing.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while acked.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     daemon.kill9();
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -492,6 +496,10 @@ fn kill_9_loses_no_acknowledged_registration() {
     for i in 0..20 {
         assert!(after.contains(&format!("steady-{i}")));
     }
+    assert!(
+        !acked.lock().unwrap().is_empty(),
+        "no registration was acknowledged before the kill: the test tested nothing"
+    );
     eprintln!(
         "acknowledged before kill -9: {}; present after restart: {}",
         acked.lock().unwrap().len(),

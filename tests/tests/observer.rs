@@ -697,3 +697,110 @@ fn registration_changes_reach_flows_already_running() {
         "after unregistering, only {unowned} of {received} datagrams were unattributed"
     );
 }
+
+/// A removed container's final bill, as `dovectl bills --json` shows it.
+fn bills(daemon: &TempDaemon) -> Vec<serde_json::Value> {
+    let out = run(std::process::Command::new(bin("dovectl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["bills", "--json"]))
+    .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+fn assert_billed_once(
+    bills: &[serde_json::Value],
+    id: &str,
+    reason: &str,
+    last: &dove_proto::CostCounters,
+) {
+    let mine: Vec<_> = bills.iter().filter(|b| b["id"] == id).collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "{id} billed {} times: {bills:#?}",
+        mine.len()
+    );
+    let b = mine[0];
+    assert_eq!(b["reason"], reason, "{b:#?}");
+    for (key, want) in [
+        ("total_ns", last.total_ns),
+        ("rx_ns", last.rx_ns),
+        ("tx_ns", last.tx_ns),
+        ("rx_packets", last.rx_packets),
+        ("tx_packets", last.tx_packets),
+    ] {
+        assert_eq!(
+            b[key], want,
+            "{id}: bill's {key} differs from its last counters: {b:#?}"
+        );
+    }
+}
+
+/// Removal turns the last counters into a durable bill: one removed through the socket
+/// right before `kill -9`, one whose cgroup went while doved was down. Each is billed
+/// exactly its last counters, once, across two restarts.
+#[test]
+fn removed_containers_are_billed_exactly_once_across_kill_9() {
+    if !require_root("removed_containers_are_billed_exactly_once_across_kill_9") {
+        return;
+    }
+    let _serial = serial();
+    let mut daemon = TempDaemon::with_observer().unwrap();
+    let net = NetPair::new().unwrap();
+    let unregistered = TestCgroup::new("dove-test-bill-a").unwrap();
+    let vanished = TestCgroup::new("dove-test-bill-b").unwrap();
+    daemon.register(&unregistered, "bill-a");
+    daemon.register(&vanished, "bill-b");
+    for (n, ctr) in [(5101, &unregistered), (5102, &vanished)] {
+        let addr = format!("{}:{n}", net.addr_b);
+        let sink = net
+            .spawn(&net.b, Some(ctr), &["udp-sink", &addr, "10"], true)
+            .unwrap();
+        finish(
+            net.spawn(&net.a, None, &["udp-send", &addr, "5000", "64"], false)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(finish(sink).unwrap() > 1000, "traffic arrived");
+    }
+    let last = settled(&daemon);
+    let (last_a, last_b) = (cost(&last, "bill-a"), cost(&last, "bill-b"));
+    assert!(last_a.total_ns > 0 && last_b.total_ns > 0, "{last:#?}");
+
+    match daemon
+        .client()
+        .call(dove_proto::Request::Unregister {
+            id: "bill-a".into(),
+        })
+        .unwrap()
+    {
+        dove_proto::Reply::Unregistered { existed: true, .. } => {}
+        other => panic!("unexpected reply {other:?}"),
+    }
+    daemon.kill9();
+    vanished.remove().unwrap();
+    daemon.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = bills(&daemon);
+    while seen.len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        seen = bills(&daemon);
+    }
+    assert_billed_once(&seen, "bill-a", "unregistered", &last_a);
+    assert_billed_once(&seen, "bill-b", "cgroup_removed", &last_b);
+    assert!(daemon.list().is_empty(), "{:#?}", daemon.list());
+
+    // Recorded is recorded: another crash and restart bills nothing twice.
+    daemon.kill9();
+    daemon.spawn().unwrap();
+    let again = bills(&daemon);
+    assert_billed_once(&again, "bill-a", "unregistered", &last_a);
+    assert_billed_once(&again, "bill-b", "cgroup_removed", &last_b);
+    // And the last scrape after a removal still has the whole bill.
+    let metrics = daemon.scrape().unwrap();
+    assert!(
+        metrics.contains("dove_softirq_seconds_total{container_id=\"bill-a\""),
+        "{metrics}"
+    );
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use dove_proto::{Client, Container, Reply, Request, Stats, Status, DEFAULT_SOCKET};
+use dove_proto::{Bill, Client, Container, Reply, Request, Stats, Status, DEFAULT_SOCKET};
 
 #[derive(Debug, Parser)]
 #[command(name = "dovectl", version, about = "Inspect the DOVE daemon (doved)")]
@@ -38,6 +38,12 @@ enum Command {
     /// Softirq cost per container, the unattributed bucket and observer health.
     Stats {
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Final bills of removed containers (kept for bills.retention_days), oldest first.
+    Bills {
+        /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -112,6 +118,16 @@ fn run(args: &Args) -> Result<()> {
                 print_table(&containers);
             }
         }
+        Command::Bills { json } => {
+            let Reply::Bills { bills } = client.call(Request::Bills)? else {
+                bail!("doved answered `bills` with something else");
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&bills)?);
+            } else {
+                print_bills(&bills);
+            }
+        }
         Command::Status { json } => {
             let Reply::Status(status) = client.call(Request::Status)? else {
                 bail!("doved answered `status` with something else");
@@ -145,6 +161,39 @@ fn print_table(containers: &[Container]) {
         ["ID", "CGROUP ID", "PID", "RUNTIME", "REGISTERED", "CGROUP"],
         &rows,
         &[],
+    );
+}
+
+fn print_bills(bills: &[Bill]) {
+    let seconds = |ns: u64| format!("{:.6}", ns as f64 / 1e9);
+    let rows: Vec<[String; 8]> = bills
+        .iter()
+        .map(|b| {
+            [
+                b.id.clone(),
+                b.registered_at.clone(),
+                b.removed_at.clone(),
+                b.reason.as_str().into(),
+                seconds(b.rx_ns),
+                seconds(b.tx_ns),
+                seconds(b.total_ns),
+                b.cgroup_path.clone(),
+            ]
+        })
+        .collect();
+    print_columns(
+        [
+            "ID",
+            "REGISTERED",
+            "REMOVED",
+            "REASON",
+            "RX s",
+            "TX s",
+            "SOFTIRQ s",
+            "CGROUP",
+        ],
+        &rows,
+        &[4, 5, 6],
     );
 }
 

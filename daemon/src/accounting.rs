@@ -1,0 +1,205 @@
+//! The observer's own thread: the only place the eBPF maps are changed and read.
+//!
+//! It applies the registry's events to the observer (a slot per registered cgroup), runs
+//! the aggregation tick, publishes each snapshot to telemetry, and turns every removal
+//! into a bill in the ledger before settling it with the registry. Nothing else holds
+//! the observer, so no lock is held across components and neither registration nor the
+//! async runtime waits for a tick.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dove_proto::{Bill, Container};
+
+use crate::bills::Ledger;
+use crate::observer::{cgroup_level, quota_group, Cost, Observer};
+use crate::registry::{Departure, Registry, RegistryEvent, Subscription};
+use crate::telemetry::Telemetry;
+
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+pub struct Accounting {
+    observer: Observer,
+    registry: Arc<Registry>,
+    ledger: Arc<Ledger>,
+    telemetry: Arc<Telemetry>,
+    /// The `cpu` controller's hierarchy, when the kernel charges quotas.
+    enforce_in: Option<dove_cgroup::Hierarchy>,
+    /// cgroup ID → the container IDs registered with it (one cgroup may carry several
+    /// IDs after a runtime re-registered it under a new one).
+    holders: HashMap<u64, BTreeSet<String>>,
+    /// Bills the ledger could not take yet (disk full): retried every tick.
+    unrecorded: Vec<(Departure, Bill)>,
+}
+
+impl Accounting {
+    /// Bring the observer in line with the registry (bill what left while doved was
+    /// down, add every container, release slots nobody holds) and publish the first
+    /// snapshot, so that the daemon serves real numbers from its first request.
+    pub fn start(
+        observer: Observer,
+        subscription: &Subscription,
+        registry: Arc<Registry>,
+        ledger: Arc<Ledger>,
+        telemetry: Arc<Telemetry>,
+        enforce_in: Option<dove_cgroup::Hierarchy>,
+    ) -> Self {
+        let mut this = Self {
+            observer,
+            registry,
+            ledger,
+            telemetry,
+            enforce_in,
+            holders: HashMap::new(),
+            unrecorded: Vec::new(),
+        };
+        // Departures first: their slots survived the restart in the pinned maps.
+        for departure in &subscription.departures {
+            this.removed(departure.clone());
+        }
+        for container in &subscription.containers {
+            this.registered(container);
+        }
+        let keep = this.holders.keys().copied().collect();
+        this.observer.retain(&keep);
+        this.publish();
+        this
+    }
+
+    pub fn observer(&self) -> &Observer {
+        &self.observer
+    }
+
+    /// Run on a thread of its own until `stop`, then publish a last snapshot.
+    pub fn spawn(
+        mut self,
+        subscription: Subscription,
+        tick: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("dove-accounting".into())
+            .spawn(move || {
+                let events = subscription.events;
+                let mut next_tick = Instant::now() + tick;
+                let mut next_prune = Instant::now() + PRUNE_EVERY;
+                while !stop.load(Ordering::Acquire) {
+                    match events.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+                        Ok(RegistryEvent::Registered(c)) => self.registered(&c),
+                        Ok(RegistryEvent::Removed(d)) => self.removed(d),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        // The registry is gone: only the shutdown is left to wait for.
+                        Err(RecvTimeoutError::Disconnected) => std::thread::sleep(tick),
+                    }
+                    let now = Instant::now();
+                    if now >= next_tick {
+                        self.retry_unrecorded();
+                        self.publish();
+                        next_tick = (next_tick + tick).max(now);
+                    }
+                    if now >= next_prune {
+                        if let Err(e) = self.ledger.prune(false) {
+                            tracing::error!("{e}");
+                        }
+                        next_prune = now + PRUNE_EVERY;
+                    }
+                }
+                self.publish();
+            })
+    }
+
+    fn publish(&mut self) {
+        self.telemetry.publish(self.observer.tick());
+    }
+
+    fn registered(&mut self, container: &Container) {
+        let reg = &container.registration;
+        self.holders
+            .entry(reg.cgroup_id)
+            .or_default()
+            .insert(reg.id.clone());
+        let quota = self.enforce_in.as_ref().and_then(|cpu| {
+            quota_group(
+                cpu,
+                reg.cpu_cgroup_path.as_deref().unwrap_or(&reg.cgroup_path),
+            )
+        });
+        if let Err(e) = self
+            .observer
+            .add(reg.cgroup_id, cgroup_level(&reg.cgroup_path), quota)
+        {
+            tracing::error!(id = %reg.id, "container's traffic will be unattributed: {e}");
+        }
+    }
+
+    fn removed(&mut self, departure: Departure) {
+        let reg = &departure.container.registration;
+        if let Some(ids) = self.holders.get_mut(&reg.cgroup_id) {
+            ids.remove(&reg.id);
+            if !ids.is_empty() {
+                // The cgroup's cost goes on with the IDs still registered to it.
+                tracing::info!(id = %reg.id, cgroup = %reg.cgroup_path, "removed; its cgroup stays registered under another ID, which the cost goes on with");
+                self.registry.settle(&departure);
+                return;
+            }
+            self.holders.remove(&reg.cgroup_id);
+        }
+        let Some(cost) = self.observer.remove(reg.cgroup_id) else {
+            tracing::warn!(id = %reg.id, "removed with no bill: its traffic was never measured (no observer slot)");
+            self.registry.settle(&departure);
+            return;
+        };
+        let bill = bill(&departure, &cost);
+        tracing::info!(
+            target: "dove::bill",
+            id = %bill.id,
+            cgroup = %bill.cgroup_path,
+            cgroup_id = bill.cgroup_id,
+            registered_at = %bill.registered_at,
+            removed_at = %bill.removed_at,
+            reason = bill.reason.as_str(),
+            rx_ns = bill.rx_ns,
+            tx_ns = bill.tx_ns,
+            total_ns = bill.total_ns,
+            "final bill"
+        );
+        self.record(departure, bill);
+    }
+
+    fn record(&mut self, departure: Departure, bill: Bill) {
+        match self.ledger.record(&bill) {
+            Ok(_) => self.registry.settle(&departure),
+            Err(e) => {
+                tracing::error!(id = %bill.id, "{e}; the bill is kept in memory and retried");
+                self.unrecorded.push((departure, bill));
+            }
+        }
+    }
+
+    fn retry_unrecorded(&mut self) {
+        for (departure, bill) in std::mem::take(&mut self.unrecorded) {
+            self.record(departure, bill);
+        }
+    }
+}
+
+fn bill(departure: &Departure, cost: &Cost) -> Bill {
+    let reg = &departure.container.registration;
+    Bill {
+        id: reg.id.clone(),
+        cgroup_path: reg.cgroup_path.clone(),
+        cgroup_id: reg.cgroup_id,
+        registered_at: departure.container.registered_at.clone(),
+        removed_at: departure.removed_at.clone(),
+        reason: departure.reason,
+        rx_ns: cost.rx_ns,
+        tx_ns: cost.tx_ns,
+        total_ns: cost.total_ns,
+        rx_packets: cost.rx_packets,
+        tx_packets: cost.tx_packets,
+    }
+}
