@@ -10,6 +10,7 @@ pub mod bills;
 pub mod config;
 pub mod observer;
 pub mod registry;
+pub mod replay;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -194,6 +195,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
+    // What hooks could not deliver while doved was down, before serving new requests.
+    let spool = dove_proto::spool::spool_dir(&d.socket);
+    if let Err(e) = dove_proto::spool::ensure_spool_dir(&spool) {
+        tracing::warn!(dir = %spool.display(), "cannot create the hook's spool directory: {e}");
+    }
+    let replayed = replay::replay_spool(&registry, &spool).await;
+    if replayed > 0 {
+        tracing::info!(
+            replayed,
+            "replayed requests hooks spooled while doved was unreachable"
+        );
+    }
     if d.sweep_interval_s > 0 {
         let registry = Arc::clone(&registry);
         let every = Duration::from_secs(d.sweep_interval_s);
@@ -203,6 +216,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             loop {
                 tick.tick().await;
                 registry.sweep();
+                // Requests spooled while doved was stuck rather than down.
+                replay::replay_spool(&registry, &spool).await;
             }
         });
     }

@@ -392,6 +392,10 @@ impl Registry {
             .collect()
     }
 
+    pub fn find(&self, id: &str) -> Option<Container> {
+        self.lock().entries.get(id).map(|e| e.container.clone())
+    }
+
     /// The cgroup v2 IDs of every registered container.
     pub fn cgroup_ids(&self) -> BTreeSet<u64> {
         self.lock()

@@ -11,12 +11,15 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use dove_cgroup::{cgroups_path_to_hierarchy_path, Mounts, Resolved};
-use dove_proto::{Client, Registration, Reply, Request, DEFAULT_SOCKET, MAX_ANNOTATION_BYTES};
+use dove_proto::{
+    Client, ClientError, ErrorCode, Registration, Reply, Request, DEFAULT_SOCKET,
+    MAX_ANNOTATION_BYTES,
+};
 
 use crate::state::{read_state, HookState};
 
@@ -62,8 +65,9 @@ impl Stage {
     about = "OCI hook: registers a container's cgroups with doved at create, unregisters it at poststop",
     long_about = "OCI hook: registers a container's cgroups with doved at create, unregisters it at poststop.\n\n\
 Reads the OCI runtime state JSON on stdin. Fail-open by default: if doved is down, slow or the input is bad, \
-the reason is logged (journald, else stderr) and the hook exits 0 so the container still starts. \
-With --fail-closed those cases exit 1 with the reason on stderr."
+the reason is logged (journald, else stderr) and the hook exits 0 so the container still starts; \
+a request doved could not take is left in the spool beside its socket, which doved replays when it starts. \
+With --fail-closed those cases exit 1 with the reason on stderr. One deadline (--timeout-ms) bounds the whole run."
 )]
 struct Args {
     /// doved's socket.
@@ -72,7 +76,7 @@ struct Args {
     /// Exit non-zero (blocking the container) when registration fails.
     #[arg(long)]
     fail_closed: bool,
-    /// How long to wait for doved, per socket operation.
+    /// The deadline for the whole hook: reading the state, connecting, asking doved.
     #[arg(long, default_value_t = 500, value_name = "MS")]
     timeout_ms: u64,
     /// Stages at which the container is registered (comma-separated).
@@ -86,6 +90,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => {
@@ -109,7 +114,8 @@ fn main() -> ExitCode {
         }
     };
     dove_logging::init("dove-hook", &args.log_level, dove_logging::Target::Auto);
-    match run(&args) {
+    let deadline = started + Duration::from_millis(args.timeout_ms);
+    match run(&args, deadline) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if args.fail_closed => {
             tracing::error!(stage = args.stage.name(), "{e:#}");
@@ -126,7 +132,40 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<()> {
+/// Send `request`; when doved cannot be reached (and the hook fails open), leave it in
+/// the spool for doved to replay at its next start.
+fn deliver(args: &Args, deadline: Instant, request: Request) -> Result<Reply> {
+    let result =
+        Client::connect_until(&args.socket, deadline).and_then(|mut c| c.call(request.clone()));
+    let error = match result {
+        Ok(reply) => return Ok(reply),
+        Err(e) => e,
+    };
+    let unreachable = matches!(
+        &error,
+        ClientError::NotRunning(_)
+            | ClientError::Timeout { .. }
+            | ClientError::QueueFull { .. }
+            | ClientError::Closed { .. }
+            | ClientError::Io { .. }
+    ) || matches!(&error, ClientError::Daemon(e) if e.code == ErrorCode::Busy);
+    if !unreachable || args.fail_closed {
+        return Err(error.into());
+    }
+    let dir = dove_proto::spool::spool_dir(&args.socket);
+    match dove_proto::spool::spool(&dir, &request) {
+        Ok(path) => Err(anyhow::Error::new(error).context(format!(
+            "request spooled to {}; doved replays it when it starts",
+            path.display()
+        ))),
+        Err(e) => Err(anyhow::Error::new(error).context(format!(
+            "and it could not be spooled in {}: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+fn run(args: &Args, deadline: Instant) -> Result<()> {
     let mut input = Vec::new();
     std::io::stdin()
         .lock()
@@ -134,7 +173,6 @@ fn run(args: &Args) -> Result<()> {
         .read_to_end(&mut input)
         .context("reading the OCI state from stdin")?;
     let state = read_state(&input)?;
-    let timeout = Duration::from_millis(args.timeout_ms);
     let stage = match (args.stage, state.status.as_deref()) {
         (Stage::Auto, Some("stopped")) => Stage::Poststop,
         (Stage::Auto, Some("creating" | "created")) => Stage::CreateRuntime,
@@ -146,10 +184,13 @@ fn run(args: &Args) -> Result<()> {
     };
 
     if stage == Stage::Poststop {
-        let mut client = Client::connect(&args.socket, timeout)?;
-        match client.call(Request::Unregister {
-            id: state.id.clone(),
-        })? {
+        match deliver(
+            args,
+            deadline,
+            Request::Unregister {
+                id: state.id.clone(),
+            },
+        )? {
             Reply::Unregistered { existed, .. } => {
                 tracing::info!(id = %state.id, existed, "unregistered");
             }
@@ -176,10 +217,13 @@ fn run(args: &Args) -> Result<()> {
         bundle: Some(state.bundle.display().to_string()),
     };
     let (id, cgroup_id) = (registration.id.clone(), registration.cgroup_id);
-    let mut client = Client::connect(&args.socket, timeout)?;
-    match client.call(Request::Register {
-        container: registration,
-    })? {
+    match deliver(
+        args,
+        deadline,
+        Request::Register {
+            container: registration,
+        },
+    )? {
         Reply::Registered { replaced, .. } => {
             tracing::info!(%id, cgroup_id, replaced, "registered");
             Ok(())

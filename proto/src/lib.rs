@@ -9,6 +9,7 @@
 mod client;
 mod frame;
 mod message;
+pub mod spool;
 
 pub use client::{Client, ClientError};
 pub use frame::{check_frame_len, decode_frame, encode_frame, read_frame, write_frame, FrameError};

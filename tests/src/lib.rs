@@ -620,6 +620,23 @@ pub fn run_hook(socket: &Path, args: &[&str], stdin: &[u8]) -> HookRun {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn dove-hook");
+    // A hook that hangs (the defect its deadline exists for) fails the test instead of
+    // hanging the suite.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let finished = std::sync::Arc::clone(&finished);
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if finished.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        })
+    };
     // The hook may exit before reading everything (oversized input): ignore EPIPE.
     let _ = child.stdin.take().unwrap().write_all(stdin);
     let mut stderr = String::new();
@@ -630,6 +647,8 @@ pub fn run_hook(socket: &Path, args: &[&str], stdin: &[u8]) -> HookRun {
         .read_to_string(&mut stderr)
         .unwrap();
     let status = child.wait().unwrap();
+    finished.store(true, std::sync::atomic::Ordering::Release);
+    let _ = watchdog.join();
     HookRun {
         code: status.code().unwrap_or(-1),
         stderr,

@@ -712,3 +712,114 @@ fn dove_socket_env_and_config_errors() {
         );
     }
 }
+
+#[test]
+fn hooks_run_while_doved_is_down_are_replayed_when_it_starts() {
+    if !require_root("hooks_run_while_doved_is_down_are_replayed_when_it_starts") {
+        return;
+    }
+    let mut daemon = TempDaemon::start().unwrap();
+    let kept = Parked::new();
+    let gone = Parked::new();
+    let removed_later = Parked::new();
+    let bundle = tempfile::tempdir().unwrap();
+    daemon.register(&removed_later.cgroup, "removed-later");
+    daemon.kill9();
+
+    // doved is down: each hook fails open, leaving its request in the spool.
+    for (id, parked) in [("kept", &kept), ("gone", &gone)] {
+        let run = run_hook(
+            &daemon.socket,
+            &["createRuntime"],
+            &state_json(id, Some(parked.pid()), bundle.path()),
+        );
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert!(run.stderr.contains("spooled"), "{}", run.stderr);
+    }
+    let run = run_hook(
+        &daemon.socket,
+        &["poststop"],
+        &state_json("removed-later", None, bundle.path()),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("spooled"), "{}", run.stderr);
+    // A container that came and went while doved was down: its registration must not
+    // come back.
+    drop(gone);
+
+    daemon.spawn().unwrap();
+    let ids: Vec<String> = daemon
+        .list()
+        .into_iter()
+        .map(|c| c.registration.id)
+        .collect();
+    assert_eq!(ids, vec!["kept".to_string()], "{}", daemon.log_text());
+    let spool = daemon.socket.parent().unwrap().join("spool");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "replayed requests are deleted"
+    );
+    assert_eq!(
+        std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+}
+
+#[test]
+fn a_full_accept_queue_never_holds_the_hook_past_its_deadline() {
+    if !require_root("a_full_accept_queue_never_holds_the_hook_past_its_deadline") {
+        return;
+    }
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let mut daemon = TempDaemon::start().unwrap();
+    let parked = Parked::new();
+    let bundle = tempfile::tempdir().unwrap();
+    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGSTOP).unwrap();
+    // Fill the stopped daemon's accept queue with idle connections.
+    let addr = UnixAddr::new(&daemon.socket).unwrap();
+    let mut idle = Vec::new();
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+            Ok(()) => idle.push(fd),
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(e) => panic!("connect: {e}"),
+        }
+        assert!(idle.len() < 100_000, "the accept queue never filled");
+    }
+    let run = run_hook(
+        &daemon.socket,
+        &["--timeout-ms", "500", "createRuntime"],
+        &state_json("queued", Some(parked.pid()), bundle.path()),
+    );
+    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGCONT).unwrap();
+    eprintln!(
+        "{} idle connections queued; hook exited {} after {:?}",
+        idle.len(),
+        run.code,
+        run.elapsed
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.elapsed < Duration::from_millis(1500),
+        "the hook took {:?} with a 500 ms deadline",
+        run.elapsed
+    );
+    assert!(
+        run.stderr.contains("queue is full") && run.stderr.contains("spooled"),
+        "{}",
+        run.stderr
+    );
+    drop(idle);
+    // The spooled registration is not lost: the next start replays it.
+    daemon.kill9();
+    daemon.spawn().unwrap();
+    assert!(daemon.find("queued").is_some(), "{}", daemon.log_text());
+}
