@@ -134,6 +134,17 @@ struct PersistState {
     error: String,
 }
 
+/// Whether two cgroup paths name one container: equal, or one nested in the other (a
+/// runtime may put the container's processes in a child of the cgroup it was given).
+fn same_container(a: &str, b: &str) -> bool {
+    let nested = |outer: &str, inner: &str| {
+        inner
+            .strip_prefix(outer.trim_end_matches('/'))
+            .is_some_and(|rest| rest.starts_with('/'))
+    };
+    a == b || nested(a, b) || nested(b, a)
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
@@ -366,12 +377,29 @@ impl Registry {
     }
 
     /// Remove a container; returns whether it was registered, once the change is on disk.
-    pub async fn unregister(&self, id: &str) -> Result<bool, RegisterError> {
+    /// With `cgroup_path`, only a registration of that cgroup (or of one nested in it, or
+    /// holding it) is removed: another container may have registered the same ID since.
+    pub async fn unregister(
+        &self,
+        id: &str,
+        cgroup_path: Option<&str>,
+    ) -> Result<bool, RegisterError> {
         let generation = {
             let mut inner = self.lock();
-            let Some(entry) = inner.entries.remove(id) else {
+            let Some(entry) = inner.entries.get(id) else {
                 return Ok(false);
             };
+            let registered = entry.container.registration.cgroup_path.as_str();
+            if let Some(named) = cgroup_path.filter(|named| !same_container(registered, named)) {
+                tracing::warn!(
+                    %id,
+                    registered,
+                    named,
+                    "unregistration names another cgroup than the registered one: left alone (another container reused the ID)"
+                );
+                return Ok(false);
+            }
+            let entry = inner.entries.remove(id).expect("looked up above");
             self.detach(&mut inner, id, &entry.watch);
             inner.depart(entry.container, RemovalReason::Unregistered);
             inner.generation += 1;
@@ -599,5 +627,20 @@ impl Registry {
             drop(inner);
             self.persist_wanted.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_container;
+
+    #[test]
+    fn cgroups_of_one_container() {
+        assert!(same_container("/a/b", "/a/b"));
+        assert!(same_container("/a/b", "/a/b/container"));
+        assert!(same_container("/a/b/container", "/a/b"));
+        assert!(!same_container("/a/b", "/a/bc"));
+        assert!(!same_container("/a/b", "/a/c"));
+        assert!(!same_container("/machine.slice/libpod-1.scope", "/1"));
     }
 }

@@ -60,12 +60,12 @@ async fn apply(registry: &Registry, entry: &SpoolEntry) -> bool {
                 }
             }
         }
-        Request::Unregister { id } => {
+        Request::Unregister { id, cgroup_path } => {
             if registered_after(registry, id, entry.spooled_at()) {
                 tracing::info!(%id, %spooled_at, "spool: unregistration skipped, the ID was registered again after it");
                 return false;
             }
-            match registry.unregister(id).await {
+            match registry.unregister(id, cgroup_path.as_deref()).await {
                 Ok(existed) => {
                     tracing::info!(%id, %spooled_at, existed, "spool: unregistered a container the hook could not deliver");
                     existed

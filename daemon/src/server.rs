@@ -340,11 +340,11 @@ impl Server {
                     }
                 }
             }
-            Request::Unregister { id } => {
+            Request::Unregister { id, cgroup_path } => {
                 if let Err(e) = dove_proto::validate_id(&id) {
                     return ResponseEnvelope::error(ErrorCode::InvalidContainer, e.to_string());
                 }
-                match self.registry.unregister(&id).await {
+                match self.registry.unregister(&id, cgroup_path.as_deref()).await {
                     Ok(existed) => {
                         tracing::info!(%id, existed, "unregistered");
                         ResponseEnvelope::ok(Reply::Unregistered { id, existed })

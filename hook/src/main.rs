@@ -189,6 +189,7 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
             deadline,
             Request::Unregister {
                 id: state.id.clone(),
+                cgroup_path: configured_cgroup_path(&state),
             },
         )? {
             Reply::Unregistered { existed, .. } => {
@@ -230,6 +231,19 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
         }
         other => anyhow::bail!("doved answered register with {other:?}"),
     }
+}
+
+/// The container's cgroup as its bundle configures it, when the bundle is still readable:
+/// it tells doved which of two containers with the same ID (from two runtimes or roots)
+/// this poststop is about.
+fn configured_cgroup_path(state: &HookState) -> Option<String> {
+    let spec = oci_spec::runtime::Spec::load(state.bundle.join("config.json")).ok()?;
+    let cgroups_path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned());
+    cgroups_path_to_hierarchy_path(cgroups_path.as_deref(), &state.id).ok()
 }
 
 /// Where the container's processes are accounted: from the live pid when there is one,

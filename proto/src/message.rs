@@ -21,6 +21,11 @@ pub enum Request {
     },
     Unregister {
         id: String,
+        /// The container's cgroup as its runtime configured it, when the client knows it.
+        /// Container IDs are unique per runtime and root only: with it, an unregistration
+        /// never removes another container that registered the same ID.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup_path: Option<String>,
     },
     List,
     Status,
@@ -398,7 +403,10 @@ mod tests {
 
     #[test]
     fn request_wire_shape() {
-        let env = RequestEnvelope::new(Request::Unregister { id: "x".into() });
+        let env = RequestEnvelope::new(Request::Unregister {
+            id: "x".into(),
+            cgroup_path: None,
+        });
         let json = serde_json::to_string(&env).unwrap();
         assert_eq!(
             json,

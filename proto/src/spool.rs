@@ -154,8 +154,14 @@ mod tests {
     fn spooled_requests_come_back_in_order_and_junk_is_refused() {
         let dir = tempfile_dir();
         let spool = dir.join("spool");
-        let first = Request::Unregister { id: "a".into() };
-        let second = Request::Unregister { id: "b".into() };
+        let first = Request::Unregister {
+            id: "a".into(),
+            cgroup_path: None,
+        };
+        let second = Request::Unregister {
+            id: "b".into(),
+            cgroup_path: Some("/b".into()),
+        };
         spool_write(&spool, &first);
         spool_write(&spool, &second);
         fs::write(spool.join("junk.json"), b"{\"version\": 1").unwrap();

@@ -211,6 +211,25 @@ impl TempDaemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// SIGTERM the daemon and wait for it to exit (at most 10 s, then `kill -9`); returns
+    /// how long the shutdown took.
+    pub fn terminate(&mut self) -> Duration {
+        let start = Instant::now();
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return start.elapsed();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        start.elapsed()
+    }
+
     /// `kill -9` the daemon, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -823,3 +823,52 @@ fn a_full_accept_queue_never_holds_the_hook_past_its_deadline() {
     daemon.spawn().unwrap();
     assert!(daemon.find("queued").is_some(), "{}", daemon.log_text());
 }
+
+/// Two runtimes (or two roots of one) may both have a container called `web`: the first
+/// one's poststop must not unregister the second.
+#[test]
+fn a_poststop_never_unregisters_another_container_with_the_same_id() {
+    if !require_root("a_poststop_never_unregisters_another_container_with_the_same_id") {
+        return;
+    }
+    let daemon = TempDaemon::start().unwrap();
+    let first = Parked::new();
+    let second = Parked::new();
+    let (bundle_a, bundle_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (bundle, parked) in [(&bundle_a, &first), (&bundle_b, &second)] {
+        let config = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"cgroupsPath": parked.cgroup.path},
+        });
+        std::fs::write(bundle.path().join("config.json"), config.to_string()).unwrap();
+        let run = run_hook(
+            &daemon.socket,
+            &["createRuntime"],
+            &state_json("web", Some(parked.pid()), bundle.path()),
+        );
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    let registered = daemon.find("web").expect("registered");
+    assert_eq!(registered.registration.cgroup_path, second.cgroup.path);
+
+    // The first container stops: its poststop names its own cgroup.
+    let run = run_hook(
+        &daemon.socket,
+        &["poststop"],
+        &state_json("web", None, bundle_a.path()),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let still = daemon
+        .find("web")
+        .expect("the second container stays registered");
+    assert_eq!(still.registration.cgroup_path, second.cgroup.path);
+
+    // The second one's poststop removes it.
+    let run = run_hook(
+        &daemon.socket,
+        &["poststop"],
+        &state_json("web", None, bundle_b.path()),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(daemon.find("web").is_none(), "{}", daemon.log_text());
+}

@@ -683,7 +683,10 @@ fn registration_changes_reach_flows_already_running() {
 
     match daemon
         .client()
-        .call(dove_proto::Request::Unregister { id: "late".into() })
+        .call(dove_proto::Request::Unregister {
+            id: "late".into(),
+            cgroup_path: None,
+        })
         .unwrap()
     {
         dove_proto::Reply::Unregistered { existed: true, .. } => {}
@@ -772,6 +775,7 @@ fn removed_containers_are_billed_exactly_once_across_kill_9() {
         .client()
         .call(dove_proto::Request::Unregister {
             id: "bill-a".into(),
+            cgroup_path: Some(unregistered.path.clone()),
         })
         .unwrap()
     {
@@ -802,5 +806,76 @@ fn removed_containers_are_billed_exactly_once_across_kill_9() {
     assert!(
         metrics.contains("dove_softirq_seconds_total{container_id=\"bill-a\""),
         "{metrics}"
+    );
+}
+
+/// Cgroups come and go (registered, removed with and without a poststop) while doved
+/// starts and stops 100 times: every start serves within 2 s and every stop finishes.
+#[test]
+fn starts_and_stops_never_hang_while_cgroups_churn() {
+    if !require_root("starts_and_stops_never_hang_while_cgroups_churn") {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _serial = serial();
+    let mut daemon = TempDaemon::with_observer().unwrap();
+    let parent = TestCgroup::new("dove-test-churn").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = Arc::clone(&stop);
+        let socket = daemon.socket.clone();
+        let parent_path = parent.path.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(cg) = TestCgroup::at(&format!("{parent_path}/c{}", n % 16)) else {
+                    continue;
+                };
+                let reg = cg.registration(&format!("churn-{}", n % 16));
+                // Registration fails while doved is down: that is part of the churn.
+                let _ = dove_proto::Client::connect(&socket, Duration::from_millis(200))
+                    .and_then(|mut c| c.call(dove_proto::Request::Register { container: reg }));
+                if n.is_multiple_of(3) {
+                    let _ = dove_proto::Client::connect(&socket, Duration::from_millis(200))
+                        .and_then(|mut c| {
+                            c.call(dove_proto::Request::Unregister {
+                                id: format!("churn-{}", n % 16),
+                                cgroup_path: None,
+                            })
+                        });
+                }
+                // Every cgroup goes again, mostly without an unregistration.
+                let _ = cg.remove();
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut slowest_start = Duration::ZERO;
+    let mut slowest_stop = Duration::ZERO;
+    for round in 0..100 {
+        slowest_stop = slowest_stop.max(daemon.terminate());
+        let start = Instant::now();
+        daemon
+            .spawn()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let took = start.elapsed();
+        slowest_start = slowest_start.max(took);
+        assert!(
+            took < Duration::from_secs(2),
+            "round {round}: doved took {took:?} to serve\n{}",
+            daemon.log_text()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let churned = churn.join().unwrap();
+    eprintln!(
+        "100 restarts with {churned} cgroups churned: slowest start {slowest_start:?}, slowest stop {slowest_stop:?}"
+    );
+    assert!(churned > 100, "the churn did not run: {churned}");
+    assert!(
+        slowest_stop < Duration::from_secs(10),
+        "a stop hung: {slowest_stop:?}"
     );
 }
