@@ -29,7 +29,7 @@ use crate::observer::Observer;
 use crate::registry::Registry;
 use crate::server::{Access, DaemonInfo, Server};
 use crate::store::Store;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Enforcement, ObserverState, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -62,8 +62,40 @@ pub enum DaemonError {
     Capabilities(String),
 }
 
+/// What doved needs privileges for, acquired before any other thread exists.
+struct Privileged {
+    mounts: dove_cgroup::Mounts,
+    access: Access,
+    store: Store,
+    ledger: Arc<Ledger>,
+    observer: Option<Observer>,
+    kernel_enforcement: bool,
+    listener: std::os::unix::net::UnixListener,
+    /// The socket path doved bound (and removes at exit); None when systemd passed it.
+    bound_path: Option<PathBuf>,
+    metrics: Option<std::net::TcpListener>,
+}
+
 /// Run the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+///
+/// Everything that needs a capability (loading and attaching programs, mounting bpffs,
+/// handing maps to the scheduler, binding sockets) happens first, on this thread alone;
+/// then every capability is dropped, and only then does the async runtime start its
+/// threads. Capabilities belong to threads: a thread started before the drop would keep
+/// them.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let privileged = acquire(&config)?;
+    observer::drop_capabilities().map_err(DaemonError::Capabilities)?;
+    tracing::info!("all capabilities dropped");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Thread)?;
+    runtime.block_on(serve(config, privileged))
+}
+
+fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
     let d = &config.daemon;
     let activated = server::activated_listener();
     if activated.is_none() {
@@ -108,17 +140,86 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
         (_, Some(_)) => true,
     };
+    if let (true, Some(observer)) = (kernel_enforcement, &observer) {
+        observer.hand_to_kernel()?;
+        tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
+    }
+    let (listener, bound_path) = match activated {
+        Some(l) => {
+            tracing::info!("using the socket systemd passed (socket activation)");
+            (l, None)
+        }
+        None => (server::bind(&d.socket, &access)?, Some(d.socket.clone())),
+    };
+    let metrics = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let addr = config.metrics.listen.clone();
+        let metrics_err = |source| DaemonError::Metrics {
+            addr: addr.clone(),
+            source,
+        };
+        let listener = std::net::TcpListener::bind(&addr).map_err(metrics_err)?;
+        listener.set_nonblocking(true).map_err(metrics_err)?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        Some(listener)
+    };
+    Ok(Privileged {
+        mounts,
+        access,
+        store,
+        ledger,
+        observer,
+        kernel_enforcement,
+        listener,
+        bound_path,
+        metrics,
+    })
+}
+
+async fn serve(config: Config, privileged: Privileged) -> Result<(), DaemonError> {
+    let d = &config.daemon;
+    let Privileged {
+        mounts,
+        access,
+        store,
+        ledger,
+        observer,
+        kernel_enforcement,
+        listener,
+        bound_path,
+        metrics,
+    } = privileged;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(|source| {
+        server::ListenError::Bind {
+            path: d.socket.clone(),
+            source,
+        }
+    })?;
+    let metrics =
+        match metrics {
+            Some(l) => Some(tokio::net::TcpListener::from_std(l).map_err(|source| {
+                DaemonError::Metrics {
+                    addr: config.metrics.listen.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
     // Removals wait for a bill only when something computes bills.
     let registry =
         Registry::start(mounts.clone(), store, observer.is_some()).map_err(DaemonError::Inotify)?;
     let telemetry = Arc::new(Telemetry::new(
         if observer.is_some() {
-            "active"
+            ObserverState::Active
         } else {
-            "disabled"
-        }
-        .into(),
-        if kernel_enforcement { "kernel" } else { "none" }.into(),
+            ObserverState::Disabled
+        },
+        if kernel_enforcement {
+            Enforcement::Kernel
+        } else {
+            Enforcement::None
+        },
         config.observer.tick_ms,
         Arc::clone(&ledger),
         Duration::from_secs(config.metrics.removed_grace_s),
@@ -139,38 +240,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     None
                 },
             );
-            if kernel_enforcement {
-                accounting.observer().hand_to_kernel()?;
-                tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
-            }
             Some((accounting, subscription))
         }
         None => None,
     };
-
-    let (listener, bound_path) = match activated {
-        Some(l) => {
-            tracing::info!("using the socket systemd passed (socket activation)");
-            (l, None)
-        }
-        None => (server::bind(&d.socket, &access)?, Some(d.socket.clone())),
-    };
-    let metrics = if config.metrics.listen.is_empty() {
-        None
-    } else {
-        let addr = config.metrics.listen.clone();
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|source| DaemonError::Metrics {
-                addr: addr.clone(),
-                source,
-            })?;
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-        Some(listener)
-    };
-    // Everything privileged is done: programs attached, maps mapped, sockets bound.
-    observer::drop_capabilities().map_err(|e| DaemonError::Capabilities(e.to_string()))?;
-    tracing::info!("all capabilities dropped");
 
     let accounting = match accounting {
         Some((accounting, subscription)) => Some(

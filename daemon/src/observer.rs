@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -211,7 +211,7 @@ pub struct Snapshot {
 
 pub struct Observer {
     _ebpf: Ebpf,
-    _lock: OwnedFd,
+    _lock: nix::fcntl::Flock<std::fs::File>,
     slots: BpfHashMap<MapData, u64, u32>,
     /// attribution cgroup ID → the quota group it is charged to.
     enforce_key: HashMap<u64, u64>,
@@ -323,6 +323,13 @@ impl Observer {
     /// attach to (they then see every socket's traffic, filtered by the slot map).
     pub fn start(pin_dir: &Path, cgroup_root: &Path, egress: bool) -> Result<Self, ObserverError> {
         preflight()?;
+        // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default).
+        use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
+        if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+            tracing::warn!(
+                "raising RLIMIT_MEMLOCK failed ({e}); a kernel before 5.11 may refuse the maps"
+            );
+        }
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir).map_err(|source| ObserverError::PinDir {
             path: pin_dir.to_owned(),
@@ -849,31 +856,42 @@ fn take<T>(
 }
 
 /// An exclusive, non-blocking lock on the pin directory, held for the daemon's life.
-fn lock_dir(dir: &Path) -> Result<OwnedFd, ObserverError> {
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ObserverError> {
     let file = std::fs::File::open(dir).map_err(|source| ObserverError::PinDir {
         path: dir.to_owned(),
         source,
     })?;
-    let fd: OwnedFd = file.into();
-    // SAFETY: flock on a valid fd.
-    let rc = unsafe { nix::libc::flock(fd.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(ObserverError::PinDirBusy(dir.to_owned()));
-    }
-    Ok(fd)
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| ObserverError::PinDirBusy(dir.to_owned()))
 }
 
 /// Drop every capability: after the programs are attached and the maps mapped, doved
-/// needs none (map updates go through fds it already holds).
-pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
+/// needs none (map updates go through fds it already holds; kernels since 6.0 check
+/// capabilities only when maps are created and programs loaded).
+///
+/// Capabilities belong to threads, so this must run while the calling thread is the
+/// process's only one; it refuses otherwise.
+pub fn drop_capabilities() -> Result<(), String> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if threads != 1 {
+        return Err(format!(
+            "{threads} threads are running: the others would keep their capabilities"
+        ));
+    }
     for cap in caps::all() {
         // Shrinking the bounding set needs CAP_SETPCAP, so do it first.
         let _ = caps::drop(None, caps::CapSet::Bounding, cap);
     }
-    caps::clear(None, caps::CapSet::Ambient)?;
-    caps::clear(None, caps::CapSet::Inheritable)?;
-    caps::clear(None, caps::CapSet::Effective)?;
-    caps::clear(None, caps::CapSet::Permitted)?;
+    for set in [
+        caps::CapSet::Ambient,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        caps::clear(None, set).map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 

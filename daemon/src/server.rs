@@ -115,7 +115,7 @@ pub fn ensure_free(path: &Path) -> Result<(), ListenError> {
 }
 
 /// Bind the socket: mode 0600 (0660 with a group), refusing to steal a live daemon's path.
-pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, ListenError> {
+pub fn bind(path: &Path, access: &Access) -> Result<std::os::unix::net::UnixListener, ListenError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| ListenError::Dir {
             path: dir.to_owned(),
@@ -149,24 +149,36 @@ pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, ListenError> {
             path: path.to_owned(),
             source,
         })?;
-    UnixListener::from_std(listener).map_err(|source| ListenError::Bind {
-        path: path.to_owned(),
-        source,
-    })
+    Ok(listener)
 }
 
 /// The listening socket systemd passed us (socket activation), if any.
-pub fn activated_listener() -> Option<UnixListener> {
+pub fn activated_listener() -> Option<std::os::unix::net::UnixListener> {
     const SD_LISTEN_FDS_START: RawFd = 3;
     let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
     let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
     if pid != std::process::id() || fds < 1 {
         return None;
     }
+    // Only a listening Unix stream socket is ours to take: anything else at fd 3 (a
+    // misconfigured unit, an inherited file) is left alone and the path is bound instead.
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
+    // SAFETY: borrowed only for the checks; fd 3 outlives them.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(SD_LISTEN_FDS_START) };
+    let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
+    let stream =
+        getsockopt(&fd, sockopt::SockType).ok() == Some(nix::sys::socket::SockType::Stream);
+    let unix = getsockname::<UnixAddr>(SD_LISTEN_FDS_START).is_ok();
+    if !(listening && stream && unix) {
+        tracing::warn!(
+            "LISTEN_FDS names fd 3, but it is not a listening Unix stream socket: ignored"
+        );
+        return None;
+    }
     // SAFETY: systemd hands us fd 3 as a listening socket and nothing else owns it.
     let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(SD_LISTEN_FDS_START) };
     listener.set_nonblocking(true).ok()?;
-    UnixListener::from_std(listener).ok()
+    Some(listener)
 }
 
 pub struct Server {
@@ -382,8 +394,8 @@ impl Server {
                 .cpu
                 .as_ref()
                 .map(|h| h.mount_point.display().to_string()),
-            enforcement: info.telemetry.enforcement.clone(),
-            observer: info.telemetry.observer_state.clone(),
+            enforcement: info.telemetry.enforcement.as_str().into(),
+            observer: info.telemetry.observer_state.as_str().into(),
             irq_time_accounting: Path::new("/proc/pressure/irq").exists(),
             dropped_vanished: self
                 .registry

@@ -13,11 +13,44 @@ use crate::bills::Ledger;
 use crate::observer::{Cost, Snapshot};
 use crate::registry::Registry;
 
+/// Whether the eBPF observer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObserverState {
+    Active,
+    /// `observer.enabled = false`.
+    Disabled,
+}
+
+impl ObserverState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObserverState::Active => "active",
+            ObserverState::Disabled => "disabled",
+        }
+    }
+}
+
+/// Who deducts softirq cost from quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Measure and report only.
+    None,
+    /// The patched scheduler, from the cost maps doved handed it.
+    Kernel,
+}
+
+impl Enforcement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::None => "none",
+            Enforcement::Kernel => "kernel",
+        }
+    }
+}
+
 pub struct Telemetry {
-    /// `active`, `disabled` or `failed: …`.
-    pub observer_state: String,
-    /// `kernel` or `none`.
-    pub enforcement: String,
+    pub observer_state: ObserverState,
+    pub enforcement: Enforcement,
     pub tick_ms: u64,
     snapshot: RwLock<Snapshot>,
     ledger: Arc<Ledger>,
@@ -38,8 +71,8 @@ fn counters(c: &Cost) -> CostCounters {
 
 impl Telemetry {
     pub fn new(
-        observer_state: String,
-        enforcement: String,
+        observer_state: ObserverState,
+        enforcement: Enforcement,
         tick_ms: u64,
         ledger: Arc<Ledger>,
         removed_grace: Duration,
@@ -89,7 +122,7 @@ impl Telemetry {
         containers.sort_by(|a, b| b.cost.total_ns.cmp(&a.cost.total_ns).then(a.id.cmp(&b.id)));
         let h = &snap.health;
         Stats {
-            observer: self.observer_state.clone(),
+            observer: self.observer_state.as_str().into(),
             tick_ms: self.tick_ms,
             containers,
             unattributed: counters(&snap.unattributed),

@@ -118,14 +118,16 @@ fn main() -> ExitCode {
     match run(&args, deadline) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if args.fail_closed => {
-            tracing::error!(stage = args.stage.name(), "{e:#}");
-            eprintln!("dove-hook ({}): {e:#}", args.stage.name());
+            let e = dove_logging::describe(e.as_ref());
+            tracing::error!(stage = args.stage.name(), "{e}");
+            eprintln!("dove-hook ({}): {e}", args.stage.name());
             ExitCode::FAILURE
         }
         Err(e) => {
+            let e = dove_logging::describe(e.as_ref());
             tracing::warn!(
                 stage = args.stage.name(),
-                "{e:#} (fail-open: the container proceeds unregistered)"
+                "{e} (fail-open: the container proceeds unregistered)"
             );
             ExitCode::SUCCESS
         }

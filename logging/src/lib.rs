@@ -51,3 +51,41 @@ pub fn init(identifier: &str, default_level: &str, target: Target) {
         )
         .try_init();
 }
+
+/// An error and its causes on one line, each cause once: messages that already quote
+/// their cause (`reading /x: permission denied`) are not followed by it again.
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading /x: {source}")]
+    struct Quoting {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied");
+        assert_eq!(
+            describe(&Quoting { source: io() }),
+            "reading /x: permission denied"
+        );
+        let wrapped = anyhow::Error::new(io()).context("starting");
+        assert_eq!(describe(wrapped.as_ref()), "starting: permission denied");
+    }
+}

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("dovectl: {e:#}");
+            eprintln!("dovectl: {}", dove_logging::describe(e.as_ref()));
             ExitCode::FAILURE
         }
     }

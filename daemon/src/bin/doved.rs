@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use doved::config::Config;
 
@@ -43,8 +42,9 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("doved: {e:#}");
+            let e = dove_logging::describe(e.as_ref());
+            tracing::error!("{e}");
+            eprintln!("doved: {e}");
             ExitCode::FAILURE
         }
     }
@@ -89,11 +89,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             dove_logging::Target::Stderr
         },
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(doved::run(config))?;
+    doved::run(config)?;
     Ok(())
 }
