@@ -1,6 +1,6 @@
 //! The registry: which containers exist, where their cgroups are, and the machinery that
-//! keeps it true: a file beside the socket rewritten atomically after every change
-//! (group-committed, so a burst of registrations shares one write), and inotify watches
+//! keeps it true: files beside the socket (a snapshot and a journal of changes since, see
+//! `store`; a burst of registrations shares one append), and inotify watches
 //! that drop a container whose cgroup disappears without a poststop.
 //!
 //! It publishes what changes as [`RegistryEvent`]s to subscribers (the observer today,
@@ -32,7 +32,7 @@ use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::{watch, Notify};
 
 pub use crate::store::Departure;
-use crate::store::Store;
+use crate::store::{JournalRecord, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
@@ -98,11 +98,30 @@ struct Inner {
     /// IDs (re-registration under a new ID after a runtime crash).
     watched: HashMap<WatchDescriptor, HashMap<String, BTreeSet<String>>>,
     generation: u64,
+    /// Changes not yet in the journal.
+    pending: Vec<JournalRecord>,
+    /// Records in the journal since the last snapshot.
+    journal_len: usize,
+    /// Write a whole snapshot next (at start, and after a failed write lost records).
+    needs_snapshot: bool,
 }
 
 impl Inner {
     fn publish(&mut self, event: RegistryEvent) {
         self.subscribers.retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    /// Journal a change; every change to what is persisted goes through here.
+    fn record(&mut self, record: JournalRecord) {
+        self.pending.push(record);
+        self.generation += 1;
+    }
+
+    /// Take `id` out of the registry (journaled); its watch is the caller's to detach.
+    fn remove_entry(&mut self, id: &str) -> Option<Entry> {
+        let entry = self.entries.remove(id)?;
+        self.record(JournalRecord::Remove { id: id.to_owned() });
+        Some(entry)
     }
 
     fn depart(&mut self, container: Container, reason: RemovalReason) {
@@ -113,6 +132,9 @@ impl Inner {
         };
         if self.billing {
             self.departures.push(departure.clone());
+            self.record(JournalRecord::Depart {
+                departure: departure.clone(),
+            });
         }
         self.publish(RegistryEvent::Removed(departure));
     }
@@ -137,10 +159,12 @@ struct PersistState {
 /// Whether two cgroup paths name one container: equal, or one nested in the other (a
 /// runtime may put the container's processes in a child of the cgroup it was given).
 fn same_container(a: &str, b: &str) -> bool {
+    // The root holds every cgroup and is never a container's.
     let nested = |outer: &str, inner: &str| {
-        inner
-            .strip_prefix(outer.trim_end_matches('/'))
-            .is_some_and(|rest| rest.starts_with('/'))
+        outer != "/"
+            && inner
+                .strip_prefix(outer.trim_end_matches('/'))
+                .is_some_and(|rest| rest.starts_with('/'))
     };
     a == b || nested(a, b) || nested(b, a)
 }
@@ -155,6 +179,7 @@ pub struct Registry {
     watches: Mutex<Watches>,
     store: Store,
     persist_wanted: Notify,
+    persist_lock: tokio::sync::Mutex<()>,
     persisted: watch::Sender<PersistState>,
     pub dropped_vanished: AtomicU64,
     pub persist_failures: AtomicU64,
@@ -176,12 +201,14 @@ impl Registry {
         let registry = Arc::new(Self {
             inner: Mutex::new(Inner {
                 billing,
+                needs_snapshot: true,
                 ..Inner::default()
             }),
             mounts,
             watches: Mutex::new(watches),
             store,
             persist_wanted: Notify::new(),
+            persist_lock: tokio::sync::Mutex::new(()),
             persisted: watch::Sender::new(PersistState::default()),
             dropped_vanished: AtomicU64::new(0),
             persist_failures: AtomicU64::new(0),
@@ -227,10 +254,10 @@ impl Registry {
             path = %self.store.path().display(),
             "registry loaded"
         );
-        if dropped > 0 {
-            inner.generation += 1;
-            self.persist_wanted.notify_one();
-        }
+        // The first write is a snapshot of what was loaded.
+        inner.generation += 1;
+        drop(inner);
+        self.persist_wanted.notify_one();
     }
 
     /// The current containers, unbilled departures, and every change from now on.
@@ -255,7 +282,9 @@ impl Registry {
         let before = inner.departures.len();
         inner.departures.retain(|d| d != departure);
         if inner.departures.len() != before {
-            inner.generation += 1;
+            inner.record(JournalRecord::Settle {
+                departure: departure.clone(),
+            });
             drop(inner);
             self.persist_wanted.notify_one();
         }
@@ -364,9 +393,9 @@ impl Registry {
                     inner.depart(old.container, RemovalReason::Replaced);
                 }
             }
-            inner.publish(RegistryEvent::Registered(container));
+            inner.publish(RegistryEvent::Registered(container.clone()));
             inner.add_watched(&watch, &id);
-            inner.generation += 1;
+            inner.record(JournalRecord::Put { container });
             generation = inner.generation;
         }
         self.persist_wanted.notify_one();
@@ -389,8 +418,16 @@ impl Registry {
             let Some(entry) = inner.entries.get(id) else {
                 return Ok(false);
             };
-            let registered = entry.container.registration.cgroup_path.as_str();
-            if let Some(named) = cgroup_path.filter(|named| !same_container(registered, named)) {
+            let reg = &entry.container.registration;
+            let registered = reg.cgroup_path.as_str();
+            // On a hybrid host the runtime's cgroupsPath names the `cpu` hierarchy's cgroup,
+            // and the container may sit in another v2 cgroup (crun leaves it where it
+            // started).
+            let names_it = |named: &&str| {
+                same_container(registered, named)
+                    || reg.cpu_cgroup_path.as_deref() == Some(*named)
+            };
+            if let Some(named) = cgroup_path.filter(|named| !names_it(named)) {
                 tracing::warn!(
                     %id,
                     registered,
@@ -399,10 +436,9 @@ impl Registry {
                 );
                 return Ok(false);
             }
-            let entry = inner.entries.remove(id).expect("looked up above");
+            let entry = inner.remove_entry(id).expect("looked up above");
             self.detach(&mut inner, id, &entry.watch);
             inner.depart(entry.container, RemovalReason::Unregistered);
-            inner.generation += 1;
             inner.generation
         };
         self.persist_wanted.notify_one();
@@ -470,18 +506,37 @@ impl Registry {
 
     /// Write the current registry and report the outcome to waiters.
     pub async fn persist_now(&self) {
-        let (generation, containers, departures) = {
-            let inner = self.lock();
-            let containers: Vec<Container> = inner
-                .entries
-                .values()
-                .map(|e| e.container.clone())
-                .collect();
-            (inner.generation, containers, inner.departures.clone())
+        // One writer at a time: journal records must land in the order they happened.
+        let _writing = self.persist_lock.lock().await;
+        enum Write {
+            Snapshot(Vec<u8>),
+            Append(Vec<JournalRecord>),
+        }
+        let (generation, write) = {
+            let mut inner = self.lock();
+            let records = std::mem::take(&mut inner.pending);
+            let compact = inner.needs_snapshot
+                || inner.journal_len + records.len() > (2 * inner.entries.len()).max(1024);
+            let write = if compact {
+                let containers: Vec<Container> = inner
+                    .entries
+                    .values()
+                    .map(|e| e.container.clone())
+                    .collect();
+                inner.needs_snapshot = false;
+                inner.journal_len = 0;
+                Write::Snapshot(Store::encode(containers, inner.departures.clone()))
+            } else {
+                inner.journal_len += records.len();
+                Write::Append(records)
+            };
+            (inner.generation, write)
         };
         let store = self.store.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            store.save_bytes(&Store::encode(containers, departures))
+        let result = tokio::task::spawn_blocking(move || match write {
+            Write::Snapshot(bytes) => store.save_snapshot(&bytes),
+            Write::Append(records) if records.is_empty() => Ok(()),
+            Write::Append(records) => store.append(&records),
         })
         .await
         .map_err(|e| e.to_string())
@@ -491,6 +546,8 @@ impl Registry {
                 .persisted
                 .send_modify(|s| s.done = s.done.max(generation)),
             Err(error) => {
+                // The records are gone from `pending`: the next write is a whole snapshot.
+                self.lock().needs_snapshot = true;
                 self.persist_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("saving the registry failed: {error}");
                 self.persisted.send_modify(|s| {
@@ -549,7 +606,6 @@ impl Registry {
             }
         }
         if changed {
-            inner.generation += 1;
             drop(inner);
             self.persist_wanted.notify_one();
         }
@@ -573,7 +629,7 @@ impl Registry {
                 false
             }
             Err(e) => {
-                if let Some(entry) = inner.entries.remove(id) {
+                if let Some(entry) = inner.remove_entry(id) {
                     inner.depart(entry.container, RemovalReason::CgroupRemoved);
                 }
                 self.dropped_vanished.fetch_add(1, Ordering::Relaxed);
@@ -606,7 +662,7 @@ impl Registry {
             "cgroup removed without a poststop (runtime crash or missed hook); container dropped"
         );
         let watch = entry.watch.clone();
-        if let Some(entry) = inner.entries.remove(id) {
+        if let Some(entry) = inner.remove_entry(id) {
             inner.depart(entry.container, RemovalReason::CgroupRemoved);
         }
         self.detach(inner, id, &watch);
@@ -623,7 +679,6 @@ impl Registry {
             changed |= self.drop_if_vanished(&mut inner, &id);
         }
         if changed {
-            inner.generation += 1;
             drop(inner);
             self.persist_wanted.notify_one();
         }
@@ -642,5 +697,7 @@ mod tests {
         assert!(!same_container("/a/b", "/a/bc"));
         assert!(!same_container("/a/b", "/a/c"));
         assert!(!same_container("/machine.slice/libpod-1.scope", "/1"));
+        assert!(!same_container("/", "/a"));
+        assert!(!same_container("/a", "/"));
     }
 }

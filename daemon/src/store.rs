@@ -1,6 +1,11 @@
-//! The registry's file: one JSON document replaced atomically (a unique temp file renamed
-//! over it), so a crash at any moment leaves either the old or the new registry, never a
-//! torn one, and two writers never share a temp file.
+//! The registry's files: a snapshot (`registry.json`, replaced atomically through a
+//! unique temp file) and a journal of the changes since (`registry.journal`, one JSON
+//! record per line, appended). A registration appends one line, so acknowledging it costs
+//! the same with ten containers registered as with ten thousand; once the journal is
+//! longer than the registry (and at least 1024 records), the next write is a snapshot and
+//! the journal starts again. Replaying the journal over the snapshot is idempotent, so a
+//! crash between the two leaves nothing wrong, and a torn last line (a crash mid-append)
+//! is a change that was never acknowledged.
 //!
 //! It lives beside the socket (`/run/dove`, a tmpfs): it describes containers, which do
 //! not outlive a reboot, and it must outlive a daemon crash, which the page cache gives
@@ -8,13 +13,14 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use dove_proto::{Container, RemovalReason};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "registry.json";
+const JOURNAL: &str = "registry.journal";
 const FORMAT: u32 = 2;
 /// Format 1 had no departures; it is read as format 2 with none.
 const FORMAT_WITHOUT_DEPARTURES: u32 = 1;
@@ -42,6 +48,45 @@ pub struct Departure {
     pub reason: RemovalReason,
     /// RFC 3339.
     pub removed_at: String,
+}
+
+/// One change to the registry, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum JournalRecord {
+    /// Registered, or registered again (replacing the entry with this ID).
+    Put {
+        container: Container,
+    },
+    Remove {
+        id: String,
+    },
+    Depart {
+        departure: Departure,
+    },
+    /// The departure's bill is recorded.
+    Settle {
+        departure: Departure,
+    },
+}
+
+impl Loaded {
+    fn apply(&mut self, record: JournalRecord) {
+        match record {
+            JournalRecord::Put { container } => {
+                let id = container.registration.id.clone();
+                self.containers.retain(|c| c.registration.id != id);
+                self.containers.push(container);
+            }
+            JournalRecord::Remove { id } => self.containers.retain(|c| c.registration.id != id),
+            JournalRecord::Depart { departure } => {
+                if !self.departures.contains(&departure) {
+                    self.departures.push(departure);
+                }
+            }
+            JournalRecord::Settle { departure } => self.departures.retain(|d| *d != departure),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -103,6 +148,42 @@ impl Store {
         self.dir.join(FILE)
     }
 
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join(JOURNAL)
+    }
+
+    /// Append `records` to the journal, in one write.
+    pub fn append(&self, records: &[JournalRecord]) -> Result<(), StoreError> {
+        let path = self.journal_path();
+        let mut lines = Vec::with_capacity(records.len() * 256);
+        for record in records {
+            serde_json::to_writer(&mut lines, record).expect("journal records are plain data");
+            lines.push(b'\n');
+        }
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&lines))
+            .map_err(|source| StoreError::Write { path, source })
+    }
+
+    /// Replace the snapshot with `bytes` (from [`Store::encode`]) and empty the journal.
+    pub fn save_snapshot(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.save_bytes(bytes)?;
+        let path = self.journal_path();
+        match fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Write { path, source }),
+        }
+    }
+
     /// Load the registry. A missing file is an empty registry. An unreadable one is moved
     /// aside (never silently overwritten) and reported through `Err(Corrupt)` after which
     /// the caller starts empty.
@@ -110,15 +191,21 @@ impl Store {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::default()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let mut loaded = Loaded::default();
+                self.replay_journal(&mut loaded);
+                return Ok(loaded);
+            }
             Err(source) => return Err(StoreError::Read { path, source }),
         };
         let detail = match serde_json::from_slice::<OnDisk>(&bytes) {
             Ok(d) if d.format == FORMAT || d.format == FORMAT_WITHOUT_DEPARTURES => {
-                return Ok(Loaded {
+                let mut loaded = Loaded {
                     containers: d.containers,
                     departures: d.departures,
-                })
+                };
+                self.replay_journal(&mut loaded);
+                return Ok(loaded);
             }
             Ok(d) => format!("format {} where {FORMAT} was expected", d.format),
             Err(e) => e.to_string(),
@@ -137,6 +224,22 @@ impl Store {
             detail,
             moved,
         })
+    }
+
+    fn replay_journal(&self, loaded: &mut Loaded) {
+        let Ok(text) = fs::read_to_string(self.journal_path()) else {
+            return;
+        };
+        let mut torn = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<JournalRecord>(line) {
+                Ok(record) => loaded.apply(record),
+                Err(_) => torn += 1,
+            }
+        }
+        if torn > 0 {
+            tracing::warn!(torn, path = %self.journal_path().display(), "skipped unreadable journal records (a crash mid-write: never acknowledged)");
+        }
     }
 
     /// Serialise outside any lock; `save_bytes` does the I/O.
@@ -210,6 +313,57 @@ mod tests {
         let loaded = store.load().unwrap();
         assert_eq!(loaded.containers, vec![container("a"), container("b")]);
         assert_eq!(loaded.departures, vec![gone]);
+    }
+
+    #[test]
+    fn the_journal_replays_over_the_snapshot_idempotently() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let gone = Departure {
+            container: container("a"),
+            reason: RemovalReason::Unregistered,
+            removed_at: "2026-01-01T00:00:01Z".into(),
+        };
+        let records = [
+            JournalRecord::Put {
+                container: container("a"),
+            },
+            JournalRecord::Put {
+                container: container("b"),
+            },
+            JournalRecord::Remove { id: "a".into() },
+            JournalRecord::Depart {
+                departure: gone.clone(),
+            },
+        ];
+        store.append(&records[..2]).unwrap();
+        store.append(&records[2..]).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.containers, vec![container("b")]);
+        assert_eq!(loaded.departures, vec![gone.clone()]);
+        // A crash after the snapshot but before the journal was emptied replays the old
+        // records over it: same result.
+        store
+            .save_bytes(&Store::encode(
+                loaded.containers.clone(),
+                loaded.departures.clone(),
+            ))
+            .unwrap();
+        assert_eq!(store.load().unwrap(), loaded);
+        store
+            .save_snapshot(&Store::encode(loaded.containers, loaded.departures))
+            .unwrap();
+        store
+            .append(&[JournalRecord::Settle { departure: gone }])
+            .unwrap();
+        // A torn last line: a record that was never acknowledged.
+        let journal = dir.path().join(JOURNAL);
+        let mut text = fs::read_to_string(&journal).unwrap();
+        text.push_str("{\"op\":\"put\",\"contai");
+        fs::write(&journal, text).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.containers, vec![container("b")]);
+        assert!(loaded.departures.is_empty());
     }
 
     #[test]

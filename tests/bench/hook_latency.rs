@@ -3,7 +3,8 @@
 //! Prints numbers; asserts nothing. Run as root after a release build:
 //!     cargo build --release --workspace --bins && cargo bench -p dove-tests --bench hook_latency
 //! Each figure comes with a baseline measured in the same run (spawning `/bin/true`;
-//! `status` requests that skip the durable write), so the ratio is what to compare.
+//! `status` requests that skip the registry write; a registry of 10 containers against
+//! one of 10,000), so the ratio is what to compare.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -129,10 +130,67 @@ fn throughput(daemon: &TempDaemon, clients: usize, window: Duration, register: b
     n as f64 / window.as_secs_f64()
 }
 
+/// Latency of one registration (connect, request, acknowledgement) on a daemon that holds
+/// `small` containers against one that holds `large`, interleaved.
+fn registration_latency_by_registry_size(small: usize, large: usize) {
+    let daemons: Vec<(usize, TempDaemon, TestCgroup)> = [small, large]
+        .into_iter()
+        .map(|n| {
+            let daemon = TempDaemon::start().unwrap();
+            let parent = TestCgroup::new("dove-bench-size").unwrap();
+            for i in 0..n {
+                let cg = parent.child(&format!("c{i}")).unwrap();
+                daemon.register(&cg, &format!("held-{i}"));
+                // The directory stays; the guard only removes it at drop.
+                std::mem::forget(cg);
+            }
+            (n, daemon, parent)
+        })
+        .collect();
+    let probes: Vec<Vec<TestCgroup>> = daemons
+        .iter()
+        .map(|(_, _, parent)| {
+            (0..20)
+                .map(|i| parent.child(&format!("probe{i}")).unwrap())
+                .collect()
+        })
+        .collect();
+    let mut samples = vec![Vec::new(), Vec::new()];
+    for round in 0..1000 {
+        for (k, (_, daemon, _)) in daemons.iter().enumerate() {
+            let reg = probes[k][round % 20].registration(&format!("probe-{}", round % 20));
+            let start = Instant::now();
+            let mut client = Client::connect(&daemon.socket, Duration::from_secs(5)).unwrap();
+            match client.call(Request::Register { container: reg }).unwrap() {
+                Reply::Registered { .. } => {}
+                other => panic!("{other:?}"),
+            }
+            samples[k].push(start.elapsed());
+        }
+    }
+    println!("registration latency by registry size (1,000 each, interleaved):");
+    let s = summary(
+        &format!("  {small} containers registered"),
+        samples.remove(0),
+    );
+    let l = summary(
+        &format!("  {large} containers registered"),
+        samples.remove(0),
+    );
+    println!(
+        "  ratio p50 {large}/{small}: {:.2}",
+        l.as_secs_f64() / s.as_secs_f64()
+    );
+    for (_, _, parent) in &daemons {
+        let _ = remove_cgroup_tree(&parent.dir);
+    }
+}
+
 fn main() {
     if !require_root("hook_latency bench") {
         return;
     }
+    registration_latency_by_registry_size(10, 10_000);
     let daemon = TempDaemon::start().unwrap();
     hook_latency(&daemon);
     println!("registrations per second, 64 concurrent clients, 3 s windows (A B A B A B):");
@@ -147,6 +205,6 @@ fn main() {
     };
     let (b, t) = (median(&mut base), median(&mut treat));
     println!("  baseline: status requests        median {b:>9.0}/s  runs {base:.0?}");
-    println!("  register (durable, fsync'd)      median {t:>9.0}/s  runs {treat:.0?}");
+    println!("  register (journaled)             median {t:>9.0}/s  runs {treat:.0?}");
     println!("  ratio register/status: {:.2}", t / b);
 }
