@@ -104,3 +104,45 @@ impl Mounts {
         })
     }
 }
+
+/// Whether `dir` (a cgroup directory under `mount_point`) lies in a subtree delegated to
+/// `uid`: it, or an ancestor below the mount point, is owned by `uid`, as systemd (and a
+/// container manager) hands a user the subtree it may manage. A cgroup that does not
+/// exist is delegated to no one.
+pub fn delegated_to(dir: &Path, mount_point: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mut at = dir;
+    while at != mount_point && at.starts_with(mount_point) {
+        match std::fs::symlink_metadata(at) {
+            Ok(m) if m.is_dir() && m.uid() == uid => return true,
+            Ok(m) if m.is_dir() => {}
+            _ => return false,
+        }
+        let Some(parent) = at.parent() else {
+            return false;
+        };
+        at = parent;
+    }
+    false
+}
+
+#[cfg(test)]
+mod delegation_tests {
+    use super::delegated_to;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn owned_subtrees_only() {
+        let root = tempfile::tempdir().unwrap();
+        let me = std::fs::metadata(root.path()).unwrap().uid();
+        let inner = root.path().join("user.slice/ctr");
+        std::fs::create_dir_all(&inner).unwrap();
+        // Everything here belongs to whoever runs the test: delegated to them, to no one
+        // else, and never through the mount point itself.
+        assert!(delegated_to(&inner, root.path(), me));
+        assert!(!delegated_to(&inner, root.path(), me + 1));
+        assert!(!delegated_to(root.path(), root.path(), me));
+        assert!(!delegated_to(&root.path().join("missing"), root.path(), me));
+        assert!(!delegated_to(std::path::Path::new("/etc"), root.path(), 0));
+    }
+}

@@ -103,7 +103,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         server::ensure_free(&d.socket)?;
     }
     let mounts = dove_cgroup::Mounts::discover()?;
-    let access = Access::from_config(&d.socket_group).map_err(DaemonError::Access)?;
+    let access = Access::from_config(&d.socket_group, d.rootless).map_err(DaemonError::Access)?;
     // The registry beside the socket (it must not outlive a reboot), the bills in the
     // state directory (they must).
     let run_dir = d

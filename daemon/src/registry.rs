@@ -424,8 +424,7 @@ impl Registry {
             // and the container may sit in another v2 cgroup (crun leaves it where it
             // started).
             let names_it = |named: &&str| {
-                same_container(registered, named)
-                    || reg.cpu_cgroup_path.as_deref() == Some(*named)
+                same_container(registered, named) || reg.cpu_cgroup_path.as_deref() == Some(*named)
             };
             if let Some(named) = cgroup_path.filter(|named| !names_it(named)) {
                 tracing::warn!(

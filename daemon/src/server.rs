@@ -18,17 +18,34 @@ use tokio::sync::Semaphore;
 
 use crate::registry::{RegisterError, Registry};
 
-/// Who may talk to the daemon besides root.
+/// Who may talk to the daemon besides root, and what they may ask.
 #[derive(Debug, Clone)]
 pub struct Access {
+    /// Members may read (list, status, stats, bills).
     pub group: Option<(Gid, String)>,
+    /// Any local user may connect, and register or unregister containers in cgroups
+    /// delegated to it.
+    pub rootless: bool,
+}
+
+/// What a peer may do once connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Root,
+    /// A member of socket_group: reads.
+    Reader,
+    /// Any other user (rootless mode): writes for its own cgroups.
+    Delegate,
 }
 
 impl Access {
     /// Resolve `socket_group` (a name or numeric gid; empty for root only).
-    pub fn from_config(group: &str) -> Result<Self, String> {
+    pub fn from_config(group: &str, rootless: bool) -> Result<Self, String> {
         if group.is_empty() {
-            return Ok(Self { group: None });
+            return Ok(Self {
+                group: None,
+                rootless,
+            });
         }
         let found = match group.parse::<u32>() {
             Ok(gid) => Group::from_gid(Gid::from_raw(gid)),
@@ -37,6 +54,7 @@ impl Access {
         match found {
             Ok(Some(g)) => Ok(Self {
                 group: Some((g.gid, g.name)),
+                rootless,
             }),
             Ok(None) => Err(format!(
                 "socket_group {group:?} does not exist: create it (groupadd {group}) or leave socket_group empty for root-only access"
@@ -45,10 +63,19 @@ impl Access {
         }
     }
 
-    fn admits(&self, uid: u32, gid: u32) -> bool {
+    fn role(&self, uid: u32, gid: u32) -> Option<Role> {
         if uid == 0 {
-            return true;
+            Some(Role::Root)
+        } else if self.in_group(uid, gid) {
+            Some(Role::Reader)
+        } else if self.rootless {
+            Some(Role::Delegate)
+        } else {
+            None
         }
+    }
+
+    fn in_group(&self, uid: u32, gid: u32) -> bool {
         let Some((group_gid, _)) = &self.group else {
             return false;
         };
@@ -66,10 +93,14 @@ impl Access {
     }
 
     fn describe(&self) -> String {
-        match &self.group {
-            None => "root".into(),
-            Some((_, name)) => format!("root and members of group {name}"),
+        let mut who = match &self.group {
+            None => "root".to_owned(),
+            Some((_, name)) => format!("root and members of group {name} (reading)"),
+        };
+        if self.rootless {
+            who.push_str(", and any user for containers in cgroups delegated to it");
         }
+        who
     }
 }
 
@@ -114,7 +145,8 @@ pub fn ensure_free(path: &Path) -> Result<(), ListenError> {
     Ok(())
 }
 
-/// Bind the socket: mode 0600 (0660 with a group), refusing to steal a live daemon's path.
+/// Bind the socket: mode 0600 (0660 with a group, 0666 in rootless mode), refusing to
+/// steal a live daemon's path.
 pub fn bind(path: &Path, access: &Access) -> Result<std::os::unix::net::UnixListener, ListenError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| ListenError::Dir {
@@ -135,13 +167,17 @@ pub fn bind(path: &Path, access: &Access) -> Result<std::os::unix::net::UnixList
         path: path.to_owned(),
         source,
     })?;
+    let perm_err = |source| ListenError::Permissions {
+        path: path.to_owned(),
+        source,
+    };
     if let Some((gid, _)) = &access.group {
-        let perm_err = |source| ListenError::Permissions {
-            path: path.to_owned(),
-            source,
-        };
         nix::unistd::chown(path, None, Some(*gid)).map_err(|e| perm_err(e.into()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(perm_err)?;
+    }
+    if access.rootless {
+        // Every request is authorised by the peer's credentials (SO_PEERCRED).
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(perm_err)?;
     }
     listener
         .set_nonblocking(true)
@@ -240,7 +276,7 @@ impl Server {
                 return;
             }
         };
-        if !self.info.access.admits(cred.uid(), cred.gid()) {
+        let Some(role) = self.info.access.role(cred.uid(), cred.gid()) else {
             tracing::warn!(
                 uid = cred.uid(),
                 gid = cred.gid(),
@@ -260,7 +296,7 @@ impl Server {
             )
             .await;
             return;
-        }
+        };
         loop {
             let frame = tokio::time::timeout(
                 self.info.client_timeout,
@@ -291,14 +327,14 @@ impl Server {
                 }
                 Ok(Ok(p)) => p,
             };
-            let response = self.handle(&payload).await;
+            let response = self.handle(&payload, role, cred.uid()).await;
             if send(&mut stream, &response).await.is_err() {
                 return;
             }
         }
     }
 
-    async fn handle(&self, payload: &[u8]) -> ResponseEnvelope {
+    async fn handle(&self, payload: &[u8], role: Role, uid: u32) -> ResponseEnvelope {
         // Read the version first so that a newer client gets a version error, not a
         // confusing schema error.
         #[derive(serde::Deserialize)]
@@ -337,8 +373,19 @@ impl Server {
                 )
             }
         };
+        if let Err(refusal) = self.authorise(&envelope.request, role, uid) {
+            tracing::warn!(uid, "request refused: {refusal}");
+            return ResponseEnvelope::error(ErrorCode::PermissionDenied, refusal);
+        }
         match envelope.request {
-            Request::Register { container } => {
+            Request::Register { mut container } => {
+                if role == Role::Delegate && container.cpu_cgroup_path.is_some() {
+                    // A rootless container has no `cpu` cgroup of its own on a hybrid
+                    // host: what its pid is in belongs to someone else. It is measured,
+                    // not enforced.
+                    container.cpu_cgroup_path = None;
+                    container.cpu_cgroup_id = None;
+                }
                 let id = container.id.clone();
                 let cgroup_id = container.cgroup_id;
                 match self.registry.register(container).await {
@@ -374,6 +421,41 @@ impl Server {
             Request::Bills => ResponseEnvelope::ok(Reply::Bills {
                 bills: self.info.telemetry.ledger().list(),
             }),
+        }
+    }
+
+    /// Root may do anything; socket_group members may read; any other peer (rootless
+    /// mode) may register and unregister containers whose cgroup is delegated to it.
+    fn authorise(&self, request: &Request, role: Role, uid: u32) -> Result<(), String> {
+        let writes_cgroup = match request {
+            Request::Register { container } => Some(Some(container.cgroup_path.clone())),
+            // Nothing registered under the ID: the answer reveals and changes nothing.
+            Request::Unregister { id, .. } => {
+                Some(self.registry.find(id).map(|c| c.registration.cgroup_path))
+            }
+            Request::List | Request::Status | Request::Stats | Request::Bills => None,
+        };
+        let cgroup_path = match (role, writes_cgroup) {
+            (Role::Root, _) | (Role::Reader, None) | (_, Some(None)) => return Ok(()),
+            (Role::Delegate, None) => {
+                return Err(format!(
+                    "uid {uid} may register and unregister its own containers but not read doved's state: list, status, stats and bills need root or socket_group"
+                ))
+            }
+            (Role::Reader | Role::Delegate, Some(Some(path))) => path,
+        };
+        let dir = self
+            .info
+            .mounts
+            .unified
+            .dir(&cgroup_path)
+            .map_err(|e| e.to_string())?;
+        if dove_cgroup::delegated_to(&dir, &self.info.mounts.unified.mount_point, uid) {
+            Ok(())
+        } else {
+            Err(format!(
+                "uid {uid} may register and unregister only containers in cgroups delegated to it (owned by uid {uid}); {cgroup_path} is not"
+            ))
         }
     }
 

@@ -90,6 +90,17 @@ impl TempDaemon {
         )
     }
 
+    /// A registry-only daemon with extra `[daemon]` keys (TOML lines).
+    pub fn start_with_daemon_settings(daemon_extra: &str) -> Result<Self> {
+        Self::start_with(
+            &format!(
+                "[daemon]\n{daemon_extra}\n[observer]\nenabled = false\n[metrics]\nlisten = \"\"\n"
+            ),
+            None,
+            None,
+        )
+    }
+
     /// A daemon with the eBPF observer (own pin directory) and a metrics endpoint.
     pub fn with_observer() -> Result<Self> {
         Self::with_observer_settings("")

@@ -872,3 +872,95 @@ fn a_poststop_never_unregisters_another_container_with_the_same_id() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(daemon.find("web").is_none(), "{}", daemon.log_text());
 }
+
+/// Rootless mode: any user may connect, but may only register and unregister containers
+/// whose cgroup is delegated to it, and may read nothing.
+#[test]
+fn rootless_peers_write_only_their_own_cgroups() {
+    if !require_root("rootless_peers_write_only_their_own_cgroups") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let daemon = TempDaemon::start_with_daemon_settings("rootless = true").unwrap();
+    for dir in [daemon.dir.path(), daemon.socket.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o666, "socket mode");
+    let mine = Parked::new();
+    nix::unistd::chown(
+        &mine.cgroup.dir,
+        Some(nix::unistd::Uid::from_raw(NOBODY)),
+        None,
+    )
+    .unwrap();
+    let roots = Parked::new();
+    let bundle = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bundle.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str], stdin: &[u8]| {
+        let mut child = Command::new(bin("dove-hook"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args)
+            .env("DOVE_LOG_STDERR", "1")
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, stderr) = as_nobody(
+        &["createRuntime"],
+        &state_json("users", Some(mine.pid()), bundle.path()),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        daemon.find("users").is_some(),
+        "{stderr}\n{}",
+        daemon.log_text()
+    );
+
+    // Someone else's cgroup: refused (the hook still fails open).
+    let (code, stderr) = as_nobody(
+        &["createRuntime"],
+        &state_json("not-users", Some(roots.pid()), bundle.path()),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("delegated to it"), "{stderr}");
+    assert!(daemon.find("not-users").is_none());
+
+    // Nor may it remove root's containers, or read anything.
+    daemon.register(&roots.cgroup, "roots");
+    let (_, stderr) = as_nobody(&["poststop"], &state_json("roots", None, bundle.path()));
+    assert!(stderr.contains("delegated to it"), "{stderr}");
+    assert!(daemon.find("roots").is_some());
+    let out = Command::new(bin("dovectl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("list")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("need root or socket_group"), "{stderr}");
+
+    // Its own container it may remove.
+    let (code, stderr) = as_nobody(&["poststop"], &state_json("users", None, bundle.path()));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(daemon.find("users").is_none(), "{stderr}");
+}
