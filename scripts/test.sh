@@ -23,6 +23,9 @@ bash packaging/build.sh
 echo "== tests (unit + integration, as root)"
 cargo test --workspace -- --test-threads=4
 
+echo "== fuzz: frame decoder and hook state parser, 15 s each (scripts/fuzz.sh 600 for long runs)"
+bash scripts/fuzz.sh 15
+
 echo "== VM: patched kernel (cached build), KUnit, noisy-neighbour scenario under QEMU"
 bash tests/vm/run.sh
 

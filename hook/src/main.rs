@@ -5,8 +5,6 @@
 //! be fast and must not block container starts: every failure is logged and, unless
 //! `--fail-closed` is given, the hook still exits 0.
 
-mod state;
-
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
@@ -21,7 +19,7 @@ use dove_proto::{
     MAX_ANNOTATION_BYTES,
 };
 
-use crate::state::{read_state, HookState};
+use dove_hook::state::{self, read_state, HookState};
 
 /// OCI hook stages (runtime-spec `config.md#posix-platform-hooks`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,7 +13,7 @@ command -v qemu-system-x86_64 >/dev/null && command -v iperf3 >/dev/null || \
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 iperf3 cpio >/dev/null
 
 kernel=$(bash tests/vm/build-kernel.sh)
-cargo build --release -q -p dove-daemon -p dove-hook
+cargo build --release -q -p dove-daemon -p dove-hook -p dove-ctl
 work=$(mktemp -d /tmp/dove-vm.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 bash tests/vm/mkinitramfs.sh "$work/initramfs.cpio" "$repo/target/release"
