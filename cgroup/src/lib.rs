@@ -7,9 +7,11 @@
 //! `linux.cgroupsPath` (cgroupfs and systemd forms), and turns both into filesystem paths
 //! and cgroup IDs. It has no opinion on containers beyond that.
 
+mod container;
 mod mounts;
 mod paths;
 
+pub use container::ResolveError;
 pub use mounts::{parse_mountinfo, Hierarchy, Layout, Mounts};
 pub use paths::{
     cgroups_path_to_hierarchy_path, parse_proc_cgroup, systemd_slice_path, ProcCgroup,
@@ -67,7 +69,12 @@ pub struct Resolved {
 impl Mounts {
     /// Resolve from the live process: `/proc/<pid>/cgroup`.
     pub fn resolve_pid(&self, pid: u32) -> Result<Resolved, CgroupError> {
-        let path = PathBuf::from(format!("/proc/{pid}/cgroup"));
+        self.resolve_pid_in(Path::new("/proc"), pid)
+    }
+
+    /// As [`Mounts::resolve_pid`], with procfs at `proc_root`.
+    pub fn resolve_pid_in(&self, proc_root: &Path, pid: u32) -> Result<Resolved, CgroupError> {
+        let path = proc_root.join(pid.to_string()).join("cgroup");
         let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Read {
             path: path.clone(),
             source,

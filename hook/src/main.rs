@@ -237,44 +237,40 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
 /// it tells doved which of two containers with the same ID (from two runtimes or roots)
 /// this poststop is about.
 fn configured_cgroup_path(state: &HookState) -> Option<String> {
-    let spec = oci_spec::runtime::Spec::load(state.bundle.join("config.json")).ok()?;
-    let cgroups_path = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().as_ref())
-        .map(|p| p.to_string_lossy().into_owned());
-    cgroups_path_to_hierarchy_path(cgroups_path.as_deref(), &state.id).ok()
+    let configured = configured_cgroups_path(state).ok()?;
+    cgroups_path_to_hierarchy_path(configured.as_deref(), &state.id).ok()
 }
 
 /// Where the container's processes are accounted: from the live pid when there is one,
 /// else from the bundle's `linux.cgroupsPath`.
 fn resolve(state: &HookState) -> Result<Resolved> {
     let mounts = Mounts::discover()?;
-    let from_pid = match state.pid {
-        Some(pid) => match mounts.resolve_pid(pid) {
-            Ok(r) => return Ok(r),
-            Err(e) => Some(e),
-        },
-        None => None,
-    };
+    let configured = configured_cgroups_path(state);
+    let resolved = mounts.resolve_container(
+        std::path::Path::new("/proc"),
+        state.pid,
+        configured.as_ref().ok().and_then(Option::as_deref),
+        &state.id,
+    );
+    match (resolved, configured) {
+        (Ok(r), _) => Ok(r),
+        // Say why the bundle did not help: it is the fallback the operator can fix.
+        (Err(e), Err(config_err)) => Err(anyhow::Error::new(e).context(config_err)),
+        (Err(e), Ok(_)) => Err(e.into()),
+    }
+}
+
+/// The bundle's `linux.cgroupsPath` (None: the runtime's default), or why the bundle
+/// could not be read.
+fn configured_cgroups_path(state: &HookState) -> std::result::Result<Option<String>, String> {
     let config = state.bundle.join("config.json");
-    let from_config = (|| -> Result<Resolved> {
-        let spec = oci_spec::runtime::Spec::load(&config)
-            .with_context(|| format!("reading {}", config.display()))?;
-        let cgroups_path = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.cgroups_path().as_ref())
-            .map(|p| p.to_string_lossy().into_owned());
-        let path = cgroups_path_to_hierarchy_path(cgroups_path.as_deref(), &state.id)?;
-        Ok(mounts.resolve_paths(&path, Some(&path))?)
-    })();
-    from_config.map_err(|config_err| match from_pid {
-        Some(pid_err) => anyhow::anyhow!(
-            "cannot find the container's cgroup: from its pid: {pid_err}; from the bundle: {config_err:#}"
-        ),
-        None => config_err.context("cannot find the container's cgroup (the state has no pid)"),
-    })
+    let spec = oci_spec::runtime::Spec::load(&config)
+        .map_err(|e| format!("the bundle's {} is unreadable ({e})", config.display()))?;
+    Ok(spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned()))
 }
 
 /// Keep annotations within the protocol's budget, dropping the largest first: they are
