@@ -5,14 +5,12 @@
 //! to the eBPF observer, aggregates its counters every tick and turns removals into
 //! bills in the ledger; telemetry serves the snapshots. `run()` only composes them.
 
-pub mod accounting;
 pub mod bills;
+pub mod bpf;
 pub mod config;
-pub mod observer;
+pub mod enforce;
+pub mod ingest;
 pub mod registry;
-pub mod replay;
-pub mod server;
-pub mod store;
 pub mod telemetry;
 
 use std::path::PathBuf;
@@ -22,21 +20,23 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::accounting::Accounting;
 use crate::bills::Ledger;
-use crate::config::{Config, EnforcementMode};
-use crate::observer::Observer;
+use crate::bpf::accounting::Accounting;
+use crate::bpf::observer::{self, Observer};
+use crate::config::Config;
+use crate::enforce::Enforcement;
+use crate::ingest::replay;
+use crate::ingest::server::{self, Access, DaemonInfo, Server};
+use crate::registry::store::Store;
 use crate::registry::Registry;
-use crate::server::{Access, DaemonInfo, Server};
-use crate::store::Store;
-use crate::telemetry::{Enforcement, ObserverState, Telemetry};
+use crate::telemetry::{ObserverState, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
     Cgroup(#[from] dove_cgroup::CgroupError),
     #[error(transparent)]
-    Store(#[from] store::StoreError),
+    Store(#[from] registry::store::StoreError),
     #[error(transparent)]
     Ledger(#[from] bills::LedgerError),
     #[error("starting the accounting thread: {0}")]
@@ -69,7 +69,7 @@ struct Privileged {
     store: Store,
     ledger: Arc<Ledger>,
     observer: Option<Observer>,
-    kernel_enforcement: bool,
+    enforcement: Enforcement,
     listener: std::os::unix::net::UnixListener,
     /// The socket path doved bound (and removes at exit); None when systemd passed it.
     bound_path: Option<PathBuf>,
@@ -112,7 +112,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         .unwrap_or(std::path::Path::new("/run/dove"));
     let store = Store::open(&run_dir.join("registry"), Some(&d.state_dir))?;
     let ledger = Arc::new(Ledger::open(
-        &store::ensure_dir(&d.state_dir)?,
+        &registry::store::ensure_dir(&d.state_dir)?,
         Duration::from_secs(config.bills.retention_days * 86400),
     )?);
 
@@ -126,24 +126,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         tracing::info!("eBPF observer disabled (observer.enabled = false)");
         None
     };
-    let kernel_enforcement = match (config.enforcement.mode, &observer) {
-        (EnforcementMode::None, _) | (_, None) => false,
-        (EnforcementMode::Kernel, Some(_)) if !observer::kernel_patched() => {
-            return Err(observer::ObserverError::KernelUnpatched.into());
-        }
-        (EnforcementMode::Auto, Some(_)) if !observer::kernel_patched() => {
-            tracing::info!(
-                "the kernel has no DOVE scheduler patch ({} is missing): measuring only, quotas are not charged",
-                observer::SLOT_SYSCTL
-            );
-            false
-        }
-        (_, Some(_)) => true,
-    };
-    if let (true, Some(observer)) = (kernel_enforcement, &observer) {
-        observer.hand_to_kernel()?;
-        tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
-    }
+    let enforcement = enforce::start(config.enforcement.mode, observer.as_ref())?;
     let (listener, bound_path) = match activated {
         Some(l) => {
             tracing::info!("using the socket systemd passed (socket activation)");
@@ -170,7 +153,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         store,
         ledger,
         observer,
-        kernel_enforcement,
+        enforcement,
         listener,
         bound_path,
         metrics,
@@ -185,7 +168,7 @@ async fn serve(config: Config, privileged: Privileged) -> Result<(), DaemonError
         store,
         ledger,
         observer,
-        kernel_enforcement,
+        enforcement,
         listener,
         bound_path,
         metrics,
@@ -215,11 +198,7 @@ async fn serve(config: Config, privileged: Privileged) -> Result<(), DaemonError
         } else {
             ObserverState::Disabled
         },
-        if kernel_enforcement {
-            Enforcement::Kernel
-        } else {
-            Enforcement::None
-        },
+        enforcement,
         config.observer.tick_ms,
         Arc::clone(&ledger),
         Duration::from_secs(config.metrics.removed_grace_s),
@@ -234,10 +213,9 @@ async fn serve(config: Config, privileged: Privileged) -> Result<(), DaemonError
                 Arc::clone(&registry),
                 Arc::clone(&ledger),
                 Arc::clone(&telemetry),
-                if kernel_enforcement {
-                    mounts.cpu.clone()
-                } else {
-                    None
+                match enforcement {
+                    Enforcement::Kernel => mounts.cpu.clone(),
+                    Enforcement::None => None,
                 },
             );
             Some((accounting, subscription))

@@ -10,7 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::bills::Ledger;
-use crate::observer::{Cost, Snapshot};
+use crate::bpf::observer::{Cost, Snapshot};
+use crate::enforce::Enforcement;
 use crate::registry::Registry;
 
 /// Whether the eBPF observer runs.
@@ -26,24 +27,6 @@ impl ObserverState {
         match self {
             ObserverState::Active => "active",
             ObserverState::Disabled => "disabled",
-        }
-    }
-}
-
-/// Who deducts softirq cost from quotas.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Enforcement {
-    /// Measure and report only.
-    None,
-    /// The patched scheduler, from the cost maps doved handed it.
-    Kernel,
-}
-
-impl Enforcement {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Enforcement::None => "none",
-            Enforcement::Kernel => "kernel",
         }
     }
 }

@@ -31,8 +31,10 @@ use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::{watch, Notify};
 
-pub use crate::store::Departure;
-use crate::store::{JournalRecord, Store};
+pub mod store;
+
+pub use store::Departure;
+use store::{JournalRecord, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {

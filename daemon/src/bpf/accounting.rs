@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use dove_proto::{Bill, Container};
 
 use crate::bills::Ledger;
-use crate::observer::{cgroup_level, quota_group, Cost, Observer};
+use crate::bpf::observer::{cgroup_level, quota_group, Cost, Observer};
 use crate::registry::{Departure, Registry, RegistryEvent, Subscription};
 use crate::telemetry::Telemetry;
 

@@ -1,0 +1,5 @@
+//! The eBPF side: host preflight, loading and pinning the programs and maps, cost slots
+//! (`observer`), and the thread that owns them and aggregates every tick (`accounting`).
+
+pub mod accounting;
+pub mod observer;
