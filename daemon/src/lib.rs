@@ -316,24 +316,7 @@ async fn serve(config: Config, privileged: Privileged) -> Result<(), DaemonError
 
 /// Tell systemd (Type=notify) we are serving. Without NOTIFY_SOCKET this does nothing.
 fn notify_systemd_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = PathBuf::from(path);
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    // Abstract sockets are written with a leading '@'.
-    let sent = match path.to_str().and_then(|p| p.strip_prefix('@')) {
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::SocketAddr::from_abstract_name(name)
-                .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
-        }
-        None => sock.send_to(b"READY=1", &path),
-    };
-    if let Err(e) = sent {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!("could not notify systemd: {e}");
     }
 }

@@ -964,3 +964,111 @@ fn rootless_peers_write_only_their_own_cgroups() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(daemon.find("users").is_none(), "{stderr}");
 }
+
+/// A doved that is stopped (SIGTERM) when the test is done with it, or fails.
+struct Stopped(std::process::Child);
+
+impl Stopped {
+    fn stop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Started by systemd's socket activation: doved serves the socket it is handed (a
+/// connection made before it started included), says READY=1 on NOTIFY_SOCKET, leaves
+/// the socket file to systemd at exit, and ignores an fd 3 that is not a listening Unix
+/// socket.
+#[test]
+fn socket_activation_and_readiness_notification() {
+    if !require_root("socket_activation_and_readiness_notification") {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixDatagram;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("doved.toml");
+    std::fs::write(
+        &config,
+        "[observer]\nenabled = false\n[metrics]\nlisten = \"\"\n",
+    )
+    .unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let start = |socket: &std::path::Path, fd3: std::os::fd::RawFd| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\""])
+            .arg(bin("doved"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stderr(std::fs::File::create(dir.path().join("doved.log")).unwrap());
+        // SAFETY: dup2 is async-signal-safe; fd3 is open in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if nix::libc::dup2(fd3, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Stopped(cmd.stdout(Stdio::null()).spawn().unwrap())
+    };
+
+    let socket = dir.path().join("activated.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    // A hook that connects while the daemon is still starting waits in the queue.
+    let mut early = UnixStream::connect(&socket).unwrap();
+    early
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    dove_proto::write_frame(
+        &mut early,
+        &serde_json::to_vec(&dove_proto::RequestEnvelope::new(Request::Status)).unwrap(),
+    )
+    .unwrap();
+    let mut child = start(&socket, listener.as_raw_fd());
+    let reply = dove_proto::read_frame(&mut early, dove_proto::MAX_FRAME_BYTES)
+        .unwrap_or_else(|e| panic!("no reply: {e}"));
+    let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert!(
+        reply["status"].is_object() || reply.to_string().contains("daemon_version"),
+        "{reply}"
+    );
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim_end(), "READY=1");
+    child.stop();
+    assert!(socket.exists(), "doved removed the socket systemd owns");
+
+    // fd 3 is a regular file: not ours to take; doved binds its own socket instead.
+    let file = std::fs::File::create(dir.path().join("not-a-socket")).unwrap();
+    let own = dir.path().join("own.sock");
+    let mut child = start(&own, file.as_raw_fd());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&own).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "doved did not bind its own socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.stop();
+    let log = std::fs::read_to_string(dir.path().join("doved.log")).unwrap();
+    assert!(log.contains("not a listening Unix stream socket"), "{log}");
+}

@@ -32,7 +32,7 @@ fn package(ext: &str) -> PathBuf {
         })
 }
 
-const INSTALLED: [&str; 9] = [
+const INSTALLED: [&str; 10] = [
     "usr/bin/doved",
     "usr/bin/dovectl",
     "usr/bin/dove-hook",
@@ -40,6 +40,7 @@ const INSTALLED: [&str; 9] = [
     "etc/dove/doved.toml",
     "usr/share/containers/oci/hooks.d/dove.json",
     "lib/systemd/system/doved.service",
+    "lib/systemd/system/doved.socket",
     "usr/share/doc/dove/README.md",
     "usr/share/doc/dove/docker-daemon.json",
 ];
@@ -87,9 +88,15 @@ fn deb_installs_into_fresh_debian_root_and_purges_cleanly() {
         &format!("ExecStart={}/usr/bin/doved", root.path().display()),
     );
     std::fs::write(unit_dir.path().join("doved.service"), unit).unwrap();
+    std::fs::copy(
+        root.path().join("lib/systemd/system/doved.socket"),
+        unit_dir.path().join("doved.socket"),
+    )
+    .unwrap();
     let verify = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(unit_dir.path().join("doved.service"))
+        .arg(unit_dir.path().join("doved.socket"))
         .output()
         .unwrap();
     let verify_err = String::from_utf8_lossy(&verify.stderr);
