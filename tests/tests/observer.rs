@@ -893,3 +893,36 @@ fn no_thread_of_doved_keeps_a_capability() {
         }
     }
 }
+
+/// The metrics endpoint holds a bounded number of connections: 200 idle ones cost doved
+/// 64 tasks at most, and it serves again as soon as they go.
+#[test]
+fn metrics_endpoint_caps_its_connections() {
+    if !require_root("metrics_endpoint_caps_its_connections") {
+        return;
+    }
+    let _serial = serial();
+    let daemon = TempDaemon::with_observer().unwrap();
+    let addr = daemon.metrics.clone().unwrap();
+    let idle: Vec<_> = (0..200)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = daemon.log_text();
+    assert!(
+        log.contains("metrics connection refused: too many open"),
+        "{log}"
+    );
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match daemon.scrape() {
+            Ok(body) if body.contains("dove_observer_up 1") => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no scrape after the flood: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -6,7 +6,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dove_proto::{Bill, ContainerStats, CostCounters, ObserverHealth, Stats};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::bills::Ledger;
@@ -306,64 +305,71 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
     out
 }
 
-/// Serve `GET /metrics` until the task is dropped.
+/// Connections the metrics endpoint serves at once; more are closed at accept.
+const MAX_METRICS_CONNECTIONS: usize = 64;
+
+/// Serve `GET /metrics` (HTTP/1.1, hyper) until the task is dropped. A connection must
+/// send its request head within 5 s and is closed after 30 s whatever it does.
 pub async fn serve_metrics(
     listener: TcpListener,
     telemetry: Arc<Telemetry>,
     registry: Arc<Registry>,
 ) {
+    use hyper::body::Bytes;
+    use hyper::{Method, Response, StatusCode};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(%peer, max = MAX_METRICS_CONNECTIONS, "metrics connection refused: too many open");
             continue;
         };
         let (telemetry, registry) = (Arc::clone(&telemetry), Arc::clone(&registry));
         tokio::spawn(async move {
-            let mut request = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
+            let _slot = slot;
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let (telemetry, registry) = (Arc::clone(&telemetry), Arc::clone(&registry));
+                    async move {
+                        let (status, content_type, body) =
+                            match (request.method(), request.uri().path()) {
+                                (&Method::GET, "/metrics") => (
+                                    StatusCode::OK,
+                                    "text/plain; version=0.0.4; charset=utf-8",
+                                    render(
+                                        &telemetry.stats(&registry),
+                                        &registry,
+                                        &telemetry.recently_removed(),
+                                    ),
+                                ),
+                                (&Method::GET, "/") => (
+                                    StatusCode::OK,
+                                    "text/plain; charset=utf-8",
+                                    "doved: metrics at /metrics\n".to_owned(),
+                                ),
+                                _ => (
+                                    StatusCode::NOT_FOUND,
+                                    "text/plain; charset=utf-8",
+                                    "not found: try GET /metrics\n".to_owned(),
+                                ),
+                            };
+                        Response::builder()
+                            .status(status)
+                            .header(hyper::header::CONTENT_TYPE, content_type)
+                            .body(http_body_util::Full::new(Bytes::from(body)))
                     }
-                }
-                true
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                return;
-            }
-            let line = String::from_utf8_lossy(&request);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, content_type, body) = match (method, path.split('?').next().unwrap_or(""))
-            {
-                ("GET", "/metrics") => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    render(
-                        &telemetry.stats(&registry),
-                        &registry,
-                        &telemetry.recently_removed(),
-                    ),
-                ),
-                ("GET", "/") => (
-                    "200 OK",
-                    "text/plain; charset=utf-8",
-                    "doved: metrics at /metrics\n".to_owned(),
-                ),
-                _ => (
-                    "404 Not Found",
-                    "text/plain; charset=utf-8",
-                    "not found: try GET /metrics\n".to_owned(),
-                ),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+                },
             );
-            let _ = stream.write_all(response.as_bytes()).await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                // One scrape per connection, as the endpoint always served.
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), connection).await;
         });
     }
 }
