@@ -85,8 +85,15 @@ struct Privileged {
 /// them.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     let privileged = acquire(&config)?;
-    observer::drop_capabilities().map_err(DaemonError::Capabilities)?;
-    tracing::info!("all capabilities dropped");
+    let keep_bpf = config.observer.enabled && observer::map_updates_need_cap_bpf();
+    observer::drop_capabilities(keep_bpf).map_err(DaemonError::Capabilities)?;
+    if keep_bpf {
+        tracing::info!(
+            "all capabilities dropped but CAP_BPF (this kernel checks it on every map update)"
+        );
+    } else {
+        tracing::info!("all capabilities dropped");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -110,6 +117,12 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         .socket
         .parent()
         .unwrap_or(std::path::Path::new("/run/dove"));
+    // The socket's directory keeps the usual mode (others may need to reach the socket);
+    // only the registry's own directory is root-only.
+    std::fs::create_dir_all(run_dir).map_err(|source| registry::store::StoreError::Dir {
+        path: run_dir.to_owned(),
+        source,
+    })?;
     let store = Store::open(&run_dir.join("registry"), Some(&d.state_dir))?;
     let ledger = Arc::new(Ledger::open(
         &registry::store::ensure_dir(&d.state_dir)?,

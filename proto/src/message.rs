@@ -183,6 +183,10 @@ pub struct Container {
     pub registration: Registration,
     /// RFC 3339 UTC time of (the latest) registration.
     pub registered_at: String,
+    /// The uid of the peer that registered it (0: root). Only it, or root, may replace
+    /// or remove the entry.
+    #[serde(default)]
+    pub registered_by: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -38,12 +38,16 @@ pub fn spool_dir(socket: &Path) -> PathBuf {
     socket.parent().unwrap_or(Path::new("/")).join("spool")
 }
 
-/// Create the spool directory (root-only) if it is missing.
+/// Create the spool directory (root-only) if it is missing. The directories above it
+/// are created with the usual mode: they hold the socket, which others may need to reach.
 pub fn ensure_spool_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
 }
 
 /// Write `request` to the spool; returns the file written. The name starts with the time

@@ -942,11 +942,21 @@ fn rootless_peers_write_only_their_own_cgroups() {
     assert!(stderr.contains("delegated to it"), "{stderr}");
     assert!(daemon.find("not-users").is_none());
 
-    // Nor may it remove root's containers, or read anything.
+    // Nor may it remove root's containers, take over their IDs, or read anything.
     daemon.register(&roots.cgroup, "roots");
     let (_, stderr) = as_nobody(&["poststop"], &state_json("roots", None, bundle.path()));
     assert!(stderr.contains("delegated to it"), "{stderr}");
     assert!(daemon.find("roots").is_some());
+    let (_, stderr) = as_nobody(
+        &["createRuntime"],
+        &state_json("roots", Some(mine.pid()), bundle.path()),
+    );
+    assert!(stderr.contains("registered by uid 0"), "{stderr}");
+    assert_eq!(
+        daemon.find("roots").unwrap().registration.cgroup_path,
+        roots.cgroup.path,
+        "root's entry was replaced"
+    );
     let out = Command::new(bin("dovectl"))
         .arg("--socket")
         .arg(&daemon.socket)

@@ -57,12 +57,13 @@ impl Accounting {
             holders: HashMap::new(),
             unrecorded: Vec::new(),
         };
-        // Departures first: their slots survived the restart in the pinned maps.
-        for departure in &subscription.departures {
-            this.removed(departure.clone());
-        }
+        // Live containers first, so a departure that shares a cgroup with one leaves the
+        // cost with it; then the departures, whose slots survived in the pinned maps.
         for container in &subscription.containers {
             this.registered(container);
+        }
+        for departure in &subscription.departures {
+            this.removed(departure.clone());
         }
         let keep = this.holders.keys().copied().collect();
         this.observer.retain(&keep);
@@ -148,7 +149,7 @@ impl Accounting {
             }
             self.holders.remove(&reg.cgroup_id);
         }
-        let Some(cost) = self.observer.remove(reg.cgroup_id) else {
+        let Some(cost) = self.observer.cost_of(reg.cgroup_id) else {
             tracing::warn!(id = %reg.id, "removed with no bill: its traffic was never measured (no observer slot)");
             self.registry.settle(&departure);
             return;
@@ -170,9 +171,21 @@ impl Accounting {
         self.record(departure, bill);
     }
 
+    /// Record the bill durably, then let the slot go and settle the departure: a crash in
+    /// between leaves the slot pinned and the departure in the registry, billed again
+    /// (once: the ledger deduplicates) at the next start.
     fn record(&mut self, departure: Departure, bill: Bill) {
         match self.ledger.record(&bill) {
-            Ok(_) => self.registry.settle(&departure),
+            Ok(_) => {
+                let cgroup_id = departure.container.registration.cgroup_id;
+                if let Some(last) = self.observer.remove(cgroup_id) {
+                    let late = last.total_ns.saturating_sub(bill.total_ns);
+                    if late > 0 {
+                        tracing::debug!(id = %bill.id, late_ns = late, "cost after the bill (packets in flight at removal), not billed");
+                    }
+                }
+                self.registry.settle(&departure);
+            }
             Err(e) => {
                 tracing::error!(id = %bill.id, "{e}; the bill is kept in memory and retried");
                 self.unrecorded.push((departure, bill));

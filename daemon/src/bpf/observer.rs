@@ -598,6 +598,14 @@ impl Observer {
         Ok(())
     }
 
+    /// What `cgroup_id` has cost so far (its slot folded over CPUs now), or None when it
+    /// has no slot. The slot stays: a bill is written before its slot is let go.
+    pub fn cost_of(&mut self, cgroup_id: u64) -> Option<Cost> {
+        let &(slot, _) = self.owned.get(&cgroup_id)?;
+        let pending_slot = self.pending_slot(cgroup_id, slot);
+        Some(self.flush_slot(slot, pending_slot))
+    }
+
     /// Stop charging `cgroup_id`; returns what it cost over its life (its final bill),
     /// or None when it had no slot.
     pub fn remove(&mut self, cgroup_id: u64) -> Option<Cost> {
@@ -865,13 +873,20 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ObserverErro
         .map_err(|_| ObserverError::PinDirBusy(dir.to_owned()))
 }
 
-/// Drop every capability: after the programs are attached and the maps mapped, doved
-/// needs none (map updates go through fds it already holds; kernels since 6.0 check
-/// capabilities only when maps are created and programs loaded).
+/// Whether this kernel checks CAP_BPF on every `bpf()` command while
+/// `kernel.unprivileged_bpf_disabled` is set (the default on most distributions): before
+/// 6.0 it did, so doved must keep CAP_BPF to update its slot map after setup.
+pub fn map_updates_need_cap_bpf() -> bool {
+    parse_version(&kernel_release()).is_none_or(|v| v < (6, 0))
+}
+
+/// Drop every capability but CAP_BPF when `keep_bpf`: after the programs are attached and
+/// the maps mapped, doved needs none (map updates go through fds it already holds; from
+/// 6.0 the kernel checks capabilities only when maps are created and programs loaded).
 ///
 /// Capabilities belong to threads, so this must run while the calling thread is the
 /// process's only one; it refuses otherwise.
-pub fn drop_capabilities() -> Result<(), String> {
+pub fn drop_capabilities(keep_bpf: bool) -> Result<(), String> {
     let threads = std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())
         .unwrap_or(0);
@@ -884,13 +899,17 @@ pub fn drop_capabilities() -> Result<(), String> {
         // Shrinking the bounding set needs CAP_SETPCAP, so do it first.
         let _ = caps::drop(None, caps::CapSet::Bounding, cap);
     }
-    for set in [
-        caps::CapSet::Ambient,
-        caps::CapSet::Inheritable,
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-    ] {
+    let keep: caps::CapsHashSet = if keep_bpf {
+        [caps::Capability::CAP_BPF].into_iter().collect()
+    } else {
+        Default::default()
+    };
+    for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable] {
         caps::clear(None, set).map_err(|e| e.to_string())?;
+    }
+    // Effective first: it must stay within Permitted.
+    for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
+        caps::set(None, set, &keep).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

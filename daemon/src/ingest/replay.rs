@@ -49,7 +49,8 @@ async fn apply(registry: &Registry, entry: &SpoolEntry) -> bool {
                 tracing::info!(%id, %spooled_at, "spool: registration skipped, a newer one is registered");
                 return false;
             }
-            match registry.register(container.clone()).await {
+            // Only root's hooks spool (the directory is root's).
+            match registry.register(container.clone(), 0).await {
                 Ok(_) => {
                     tracing::info!(%id, %spooled_at, "spool: registered a container the hook could not deliver");
                     true
@@ -65,7 +66,7 @@ async fn apply(registry: &Registry, entry: &SpoolEntry) -> bool {
                 tracing::info!(%id, %spooled_at, "spool: unregistration skipped, the ID was registered again after it");
                 return false;
             }
-            match registry.unregister(id, cgroup_path.as_deref()).await {
+            match registry.unregister(id, cgroup_path.as_deref(), 0).await {
                 Ok(existed) => {
                     tracing::info!(%id, %spooled_at, existed, "spool: unregistered a container the hook could not deliver");
                     existed

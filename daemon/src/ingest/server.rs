@@ -221,15 +221,20 @@ pub struct Server {
     registry: Arc<Registry>,
     info: DaemonInfo,
     slots: Arc<Semaphore>,
+    /// What non-root peers may hold of `slots` between them: in rootless mode any local
+    /// user can connect, and must not be able to crowd out root's hooks.
+    guest_slots: Arc<Semaphore>,
 }
 
 impl Server {
     pub fn new(registry: Arc<Registry>, info: DaemonInfo) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(info.max_connections));
+        let guest_slots = Arc::new(Semaphore::new((info.max_connections / 4).max(1)));
         Arc::new(Self {
             registry,
             info,
             slots,
+            guest_slots,
         })
     }
 
@@ -297,6 +302,26 @@ impl Server {
             .await;
             return;
         };
+        let _guest_slot = if role == Role::Root {
+            None
+        } else {
+            let Ok(slot) = Arc::clone(&self.guest_slots).try_acquire_owned() else {
+                tracing::warn!(
+                    uid = cred.uid(),
+                    "connection refused: non-root peers hold their share of connections"
+                );
+                let _ = send(
+                    &mut stream,
+                    &ResponseEnvelope::error(
+                        ErrorCode::Busy,
+                        "doved is serving as many non-root connections as it allows (a quarter of daemon.max_connections); retry shortly",
+                    ),
+                )
+                .await;
+                return;
+            };
+            Some(slot)
+        };
         loop {
             let frame = tokio::time::timeout(
                 self.info.client_timeout,
@@ -328,7 +353,8 @@ impl Server {
                 Ok(Ok(p)) => p,
             };
             let response = self.handle(&payload, role, cred.uid()).await;
-            if send(&mut stream, &response).await.is_err() {
+            let refused = matches!(&response.outcome, dove_proto::Outcome::Error(e) if e.code == ErrorCode::PermissionDenied);
+            if send(&mut stream, &response).await.is_err() || (refused && role != Role::Root) {
                 return;
             }
         }
@@ -388,7 +414,7 @@ impl Server {
                 }
                 let id = container.id.clone();
                 let cgroup_id = container.cgroup_id;
-                match self.registry.register(container).await {
+                match self.registry.register(container, uid).await {
                     Ok(replaced) => {
                         tracing::info!(%id, cgroup_id, replaced, "registered");
                         ResponseEnvelope::ok(Reply::Registered { id, replaced })
@@ -403,7 +429,11 @@ impl Server {
                 if let Err(e) = dove_proto::validate_id(&id) {
                     return ResponseEnvelope::error(ErrorCode::InvalidContainer, e.to_string());
                 }
-                match self.registry.unregister(&id, cgroup_path.as_deref()).await {
+                match self
+                    .registry
+                    .unregister(&id, cgroup_path.as_deref(), uid)
+                    .await
+                {
                     Ok(existed) => {
                         tracing::info!(%id, existed, "unregistered");
                         ResponseEnvelope::ok(Reply::Unregistered { id, existed })
@@ -500,6 +530,9 @@ fn register_error_code(e: &RegisterError) -> ErrorCode {
         RegisterError::Gone { .. } => ErrorCode::CgroupGone,
         RegisterError::Watch { .. } => ErrorCode::Internal,
         RegisterError::Persist(_) => ErrorCode::PersistFailed,
+        RegisterError::NotOwner { .. } | RegisterError::TooMany { .. } => {
+            ErrorCode::PermissionDenied
+        }
     }
 }
 

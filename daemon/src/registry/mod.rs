@@ -56,6 +56,12 @@ pub enum RegisterError {
     RootCgroup,
     #[error("registered in memory but not saved to disk: {0}; a daemon restart would forget it")]
     Persist(String),
+    #[error(
+        "container {id} was registered by uid {owner}: only it or root may replace or remove it"
+    )]
+    NotOwner { id: String, owner: u32 },
+    #[error("uid {uid} has {MAX_PER_USER} containers registered, the most a non-root user may")]
+    TooMany { uid: u32 },
 }
 
 /// Where a container's removal shows up: the watch on its cgroup's parent directory
@@ -171,6 +177,10 @@ fn same_container(a: &str, b: &str) -> bool {
     a == b || nested(a, b) || nested(b, a)
 }
 
+/// Containers a non-root user may have registered at once (rootless mode): enough for a
+/// busy CI user, far below the observer's slots.
+pub const MAX_PER_USER: usize = 256;
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
@@ -182,6 +192,8 @@ pub struct Registry {
     store: Store,
     persist_wanted: Notify,
     persist_lock: tokio::sync::Mutex<()>,
+    /// The registry itself, for scheduling a retry of a failed write.
+    retry_persist: std::sync::Weak<Registry>,
     persisted: watch::Sender<PersistState>,
     pub dropped_vanished: AtomicU64,
     pub persist_failures: AtomicU64,
@@ -200,7 +212,8 @@ impl Registry {
         let inotify = Inotify::init()?;
         let watches = inotify.watches();
         let events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
-        let registry = Arc::new(Self {
+        let registry = Arc::new_cyclic(|weak| Self {
+            retry_persist: weak.clone(),
             inner: Mutex::new(Inner {
                 billing,
                 needs_snapshot: true,
@@ -368,16 +381,40 @@ impl Registry {
 
     /// Add or replace a container; returns whether one with this ID was replaced, once the
     /// change is on disk.
-    pub async fn register(&self, reg: Registration) -> Result<bool, RegisterError> {
+    ///
+    /// `by` is the peer's uid: a non-root peer may not replace another uid's entry, and
+    /// may hold at most [`MAX_PER_USER`] entries.
+    pub async fn register(&self, reg: Registration, by: u32) -> Result<bool, RegisterError> {
         let generation;
         let replaced;
         {
             let mut inner = self.lock();
+            if by != 0 {
+                if let Some(owner) = inner
+                    .entries
+                    .get(&reg.id)
+                    .map(|e| e.container.registered_by)
+                    .filter(|owner| *owner != by)
+                {
+                    return Err(RegisterError::NotOwner { id: reg.id, owner });
+                }
+                let held = inner
+                    .entries
+                    .values()
+                    .filter(|e| {
+                        e.container.registered_by == by && e.container.registration.id != reg.id
+                    })
+                    .count();
+                if held >= MAX_PER_USER {
+                    return Err(RegisterError::TooMany { uid: by });
+                }
+            }
             let watch = self.attach(&mut inner, &reg)?;
             let id = reg.id.clone();
             let container = Container {
                 registration: reg,
                 registered_at: now_rfc3339(),
+                registered_by: by,
             };
             let old = inner.entries.insert(
                 id.clone(),
@@ -414,12 +451,20 @@ impl Registry {
         &self,
         id: &str,
         cgroup_path: Option<&str>,
+        by: u32,
     ) -> Result<bool, RegisterError> {
         let generation = {
             let mut inner = self.lock();
             let Some(entry) = inner.entries.get(id) else {
                 return Ok(false);
             };
+            let owner = entry.container.registered_by;
+            if by != 0 && owner != by {
+                return Err(RegisterError::NotOwner {
+                    id: id.to_owned(),
+                    owner,
+                });
+            }
             let reg = &entry.container.registration;
             let registered = reg.cgroup_path.as_str();
             // On a hybrid host the runtime's cgroupsPath names the `cpu` hierarchy's cgroup,
@@ -510,7 +555,10 @@ impl Registry {
         // One writer at a time: journal records must land in the order they happened.
         let _writing = self.persist_lock.lock().await;
         enum Write {
-            Snapshot(Vec<u8>),
+            /// The records go to the journal first: a crash between the snapshot's rename
+            /// and the journal's truncation then replays the complete history over the
+            /// snapshot, which ends where the snapshot does.
+            Snapshot(Vec<JournalRecord>, Vec<u8>),
             Append(Vec<JournalRecord>),
         }
         let (generation, write) = {
@@ -526,7 +574,7 @@ impl Registry {
                     .collect();
                 inner.needs_snapshot = false;
                 inner.journal_len = 0;
-                Write::Snapshot(Store::encode(containers, inner.departures.clone()))
+                Write::Snapshot(records, Store::encode(containers, inner.departures.clone()))
             } else {
                 inner.journal_len += records.len();
                 Write::Append(records)
@@ -535,7 +583,9 @@ impl Registry {
         };
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || match write {
-            Write::Snapshot(bytes) => store.save_snapshot(&bytes),
+            Write::Snapshot(records, bytes) => store
+                .append(&records)
+                .and_then(|()| store.save_snapshot(&bytes)),
             Write::Append(records) if records.is_empty() => Ok(()),
             Write::Append(records) => store.append(&records),
         })
@@ -547,8 +597,15 @@ impl Registry {
                 .persisted
                 .send_modify(|s| s.done = s.done.max(generation)),
             Err(error) => {
-                // The records are gone from `pending`: the next write is a whole snapshot.
+                // The records are gone from `pending`: the next write is a whole snapshot,
+                // tried again in a second even if nothing else changes.
                 self.lock().needs_snapshot = true;
+                if let Some(retry) = self.retry_persist.upgrade() {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        retry.persist_wanted.notify_one();
+                    });
+                }
                 self.persist_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("saving the registry failed: {error}");
                 self.persisted.send_modify(|s| {

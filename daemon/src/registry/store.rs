@@ -291,6 +291,7 @@ mod tests {
                 bundle: None,
             },
             registered_at: "2026-01-01T00:00:00Z".into(),
+            registered_by: 0,
         }
     }
 
