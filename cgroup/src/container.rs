@@ -21,12 +21,13 @@ pub enum ResolveError {
 
 impl Mounts {
     /// Resolve a container from its `pid` (read under `proc_root`, normally `/proc`) or,
-    /// failing that, its configured `cgroups_path` (None: the runtime's default).
+    /// failing that, its configured cgroups path (None: the runtime's default), which
+    /// `cgroups_path` is asked for only then: reading a bundle is the slow part.
     pub fn resolve_container(
         &self,
         proc_root: &Path,
         pid: Option<u32>,
-        cgroups_path: Option<&str>,
+        cgroups_path: impl FnOnce() -> Option<String>,
         id: &str,
     ) -> Result<Resolved, ResolveError> {
         let from_pid = match pid {
@@ -36,7 +37,7 @@ impl Mounts {
             },
             None => None,
         };
-        let from_config = cgroups_path_to_hierarchy_path(cgroups_path, id)
+        let from_config = cgroups_path_to_hierarchy_path(cgroups_path().as_deref(), id)
             .and_then(|path| self.resolve_paths(&path, Some(&path)));
         match (from_config, from_pid) {
             (Ok(r), _) => Ok(r),
@@ -178,7 +179,7 @@ mod tests {
             let got = host.mounts.resolve_container(
                 &host.proc(),
                 case.pid.map(|(p, _)| p),
-                case.cgroups_path,
+                || case.cgroups_path.map(String::from),
                 "ctr",
             );
             match (got, case.want) {

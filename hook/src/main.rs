@@ -245,18 +245,24 @@ fn configured_cgroup_path(state: &HookState) -> Option<String> {
 /// else from the bundle's `linux.cgroupsPath`.
 fn resolve(state: &HookState) -> Result<Resolved> {
     let mounts = Mounts::discover()?;
-    let configured = configured_cgroups_path(state);
+    // The bundle is read only when the pid does not resolve.
+    let mut unreadable = None;
     let resolved = mounts.resolve_container(
         std::path::Path::new("/proc"),
         state.pid,
-        configured.as_ref().ok().and_then(Option::as_deref),
+        || {
+            configured_cgroups_path(state)
+                .map_err(|e| unreadable = Some(e))
+                .ok()
+                .flatten()
+        },
         &state.id,
     );
-    match (resolved, configured) {
+    match (resolved, unreadable) {
         (Ok(r), _) => Ok(r),
         // Say why the bundle did not help: it is the fallback the operator can fix.
-        (Err(e), Err(config_err)) => Err(anyhow::Error::new(e).context(config_err)),
-        (Err(e), Ok(_)) => Err(e.into()),
+        (Err(e), Some(config_err)) => Err(anyhow::Error::new(e).context(config_err)),
+        (Err(e), None) => Err(e.into()),
     }
 }
 
