@@ -8,7 +8,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
 command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm
 
-cargo build --release --workspace --bins
+static=$(bash scripts/build-release.sh | tail -n1)
+# cargo-deb accepts built products only under target/release; the static executables
+# are staged beside the packages instead.
+mkdir -p packaging/out/static
+install -m 0755 "$static/dove-hook" "$static/dove-runtime" packaging/out/static/
 mkdir -p packaging/out
 cargo deb -p dove-daemon --no-build --output packaging/out/
 cargo generate-rpm -p daemon --output packaging/out/

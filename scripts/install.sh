@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/deps.sh
-cargo build --release --workspace --bins
+static=$(bash scripts/build-release.sh | tail -n1)
 
-install -m 0755 target/release/doved target/release/dovectl target/release/dove-hook /usr/local/bin/
+install -m 0755 target/release/doved target/release/dovectl "$static/dove-hook" /usr/local/bin/
 install -d /etc/dove /usr/share/containers/oci/hooks.d
 [ -f /etc/dove/doved.toml ] || install -m 0644 config/doved.toml /etc/dove/doved.toml
 sed 's|/usr/bin/dove-hook|/usr/local/bin/dove-hook|' config/hooks.d/dove.json \

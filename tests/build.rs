@@ -2,6 +2,11 @@
 //! (`ebpf/programs/src/floor.rs`) into OUT_DIR/dove-floor.bpf.o.
 
 fn main() {
+    // Where scripts/build-release.sh leaves the static dove-hook the hook bench measures.
+    println!(
+        "cargo:rustc-env=DOVE_TARGET_TRIPLE={}",
+        std::env::var("TARGET").unwrap()
+    );
     let manifest = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     dove_ebpf_build::build(&manifest.join("../ebpf/programs"), &["dove-floor"]);
 }

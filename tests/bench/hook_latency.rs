@@ -19,17 +19,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn summary(name: &str, mut samples: Vec<Duration>) -> Duration {
+/// Prints the samples' p50, p99 and max; returns (p50, p99).
+fn summary(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
-    let p50 = percentile(&samples, 0.50);
+    let (p50, p99) = (percentile(&samples, 0.50), percentile(&samples, 0.99));
     println!(
-        "{name:<34} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
+        "{name:<44} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
         samples.len(),
         p50.as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
         samples.last().unwrap().as_secs_f64() * 1e3,
     );
-    p50
+    (p50, p99)
 }
 
 fn spawn_latency(program: &std::path::Path, args: &[&str], stdin: &[u8]) -> Duration {
@@ -59,6 +60,16 @@ fn hook_latency(daemon: &TempDaemon) {
     let bundle = tempfile::tempdir().unwrap();
     let state = state_json("bench", Some(parked.id()), bundle.path());
     let hook = bin("dove-hook");
+    // The static, non-PIE build that installs and packages ship (scripts/build-release.sh).
+    let static_hook = hook
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|target| {
+            target
+                .join(env!("DOVE_TARGET_TRIPLE"))
+                .join("release/dove-hook")
+        })
+        .filter(|p| p.exists());
     let socket = daemon.socket.display().to_string();
     let args = [
         "--socket",
@@ -69,20 +80,36 @@ fn hook_latency(daemon: &TempDaemon) {
     // Warm the page cache and the daemon.
     for _ in 0..20 {
         spawn_latency(&hook, &args, &state);
+        if let Some(s) = &static_hook {
+            spawn_latency(s, &args, &state);
+        }
     }
-    let (mut base, mut treat) = (Vec::new(), Vec::new());
-    // Interleaved, so machine noise hits both alike.
+    let (mut base, mut dynamic, mut fixed) = (Vec::new(), Vec::new(), Vec::new());
+    // Interleaved, so machine noise hits all alike.
     for _ in 0..1000 {
         base.push(spawn_latency(std::path::Path::new("/bin/true"), &[], b""));
-        treat.push(spawn_latency(&hook, &args, &state));
+        dynamic.push(spawn_latency(&hook, &args, &state));
+        if let Some(s) = &static_hook {
+            fixed.push(spawn_latency(s, &args, &state));
+        }
     }
     println!("hook end-to-end latency (1,000 real invocations, process start included):");
-    let b = summary("  baseline: spawn /bin/true", base);
-    let t = summary("  dove-hook createRuntime", treat);
-    println!(
-        "  ratio p50 hook/true: {:.2}",
-        t.as_secs_f64() / b.as_secs_f64()
-    );
+    let (b50, b99) = summary("  baseline: spawn /bin/true", base);
+    for (name, samples) in [
+        ("  dove-hook createRuntime, dynamic PIE", dynamic),
+        ("  dove-hook createRuntime, static (shipped)", fixed),
+    ] {
+        if samples.is_empty() {
+            println!("{name}: not built (scripts/build-release.sh builds it)");
+            continue;
+        }
+        let (t50, t99) = summary(name, samples);
+        println!(
+            "    p50 hook/true {:.2}, p99 over true {:+.2} ms",
+            t50.as_secs_f64() / b50.as_secs_f64(),
+            (t99.as_secs_f64() - b99.as_secs_f64()) * 1e3
+        );
+    }
     let _ = parked.kill();
     let _ = parked.wait();
 }
@@ -169,11 +196,11 @@ fn registration_latency_by_registry_size(small: usize, large: usize) {
         }
     }
     println!("registration latency by registry size (1,000 each, interleaved):");
-    let s = summary(
+    let (s, _) = summary(
         &format!("  {small} containers registered"),
         samples.remove(0),
     );
-    let l = summary(
+    let (l, _) = summary(
         &format!("  {large} containers registered"),
         samples.remove(0),
     );

@@ -45,6 +45,29 @@ const INSTALLED: [&str; 10] = [
     "usr/share/doc/dove/docker-daemon.json",
 ];
 
+/// Whether an ELF64 little-endian file is a fixed-address executable (ET_EXEC, not a
+/// PIE) with no program interpreter (PT_INTERP): None if it is not such an ELF file.
+fn static_executable(elf: &[u8]) -> Option<bool> {
+    let u16_at = |at: usize| Some(u16::from_le_bytes(elf.get(at..at + 2)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(elf.get(at..at + 8)?.try_into().ok()?));
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let (e_type, phoff) = (u16_at(0x10)?, u64_at(0x20)? as usize);
+    let (phentsize, phnum) = (u16_at(0x36)? as usize, u16_at(0x38)? as usize);
+    let mut interp = false;
+    for i in 0..phnum {
+        let p_type = u32::from_le_bytes(
+            elf.get(phoff + i * phentsize..)?
+                .get(..4)?
+                .try_into()
+                .ok()?,
+        );
+        interp |= p_type == 3;
+    }
+    Some(e_type == 2 && !interp)
+}
+
 #[test]
 fn deb_installs_into_fresh_debian_root_and_purges_cleanly() {
     if !require_root("deb_installs_into_fresh_debian_root_and_purges_cleanly") {
@@ -77,6 +100,18 @@ fn deb_installs_into_fresh_debian_root_and_purges_cleanly() {
     assert!(listed.contains("/usr/bin/doved"));
     let help = chroot(&["/usr/bin/doved", "--help"]).unwrap();
     assert!(help.contains("--config"), "{help}");
+    // Runtimes spawn these for every container: they ship static and non-PIE, so no
+    // dynamic loader runs before main() (scripts/build-release.sh says why).
+    for spawned in ["usr/bin/dove-hook", "usr/bin/dove-runtime"] {
+        let elf = std::fs::read(root.path().join(spawned)).unwrap();
+        assert_eq!(
+            static_executable(&elf),
+            Some(true),
+            "{spawned} is not a static, non-PIE executable"
+        );
+    }
+    let version = chroot(&["/usr/bin/dove-hook", "--version"]).unwrap();
+    assert!(version.starts_with("dove-hook "), "{version}");
 
     // The unit as installed, checked by systemd's own verifier on this host (the
     // minimal root has no systemd), with ExecStart pointing into the unpacked root.
