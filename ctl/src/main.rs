@@ -262,11 +262,12 @@ fn print_status(s: &Status) {
 /// interval (100% = one CPU busy in softirq for this container).
 fn print_stats(s: &Stats, previous: Option<(&Stats, f64)>) {
     println!(
-        "observer: {}   windows: {}   packets in softirq: {}   in process context: {}   slots: {}/{}",
+        "observer: {}   windows: {}   packets in softirq: {}   in process context: {}   to no socket: {}   slots: {}/{}",
         s.observer,
         s.health.windows,
         s.health.packets_in_window,
         s.health.packets_outside_window,
+        s.health.packets_without_socket,
         s.health.slots_used,
         s.health.slots_capacity
     );

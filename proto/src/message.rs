@@ -318,6 +318,19 @@ pub struct ObserverHealth {
     /// Owner resolutions that missed the programs' per-CPU cache (hash lookups done).
     #[serde(default)]
     pub owner_lookups: u64,
+    /// Received packets that began inside a NET_RX window.
+    #[serde(default)]
+    pub packets_started: u64,
+    /// Of those, packets that reached no socket hook (closed ports, drops, forwarding):
+    /// their time is unattributed.
+    #[serde(default)]
+    pub packets_without_socket: u64,
+    /// Windows whose exit was never seen (doved started mid-window): charged to nobody.
+    #[serde(default)]
+    pub stale_windows: u64,
+    /// Stretches too long to be one packet's (a stale mark): charged to nobody.
+    #[serde(default)]
+    pub dropped_stretches: u64,
     pub slots_used: u64,
     pub slots_capacity: u64,
     pub ticks: u64,

@@ -312,6 +312,8 @@ impl Drop for TempDaemon {
 pub struct NetPair {
     pub a: String,
     pub b: String,
+    /// The veth end in namespace `b`.
+    pub dev_b: String,
     pub addr_a: String,
     pub addr_b: String,
     pub addr6_b: String,
@@ -327,13 +329,14 @@ impl NetPair {
             addr_a: format!("10.77.{n}.1"),
             addr_b: format!("10.77.{n}.2"),
             addr6_b: format!("fd77::{n}:2"),
+            dev_b: format!("dvb{n}"),
             a,
             b,
         };
         let ip = |args: &[&str]| run(Command::new("ip").args(args));
         ip(&["netns", "add", &pair.a])?;
         ip(&["netns", "add", &pair.b])?;
-        let (va, vb) = (format!("dva{n}"), format!("dvb{n}"));
+        let (va, vb) = (format!("dva{n}"), pair.dev_b.clone());
         ip(&[
             "-n", &pair.a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
             &pair.b,
@@ -357,6 +360,24 @@ impl NetPair {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(pair)
+    }
+
+    /// Steer every packet `b` receives to `cpu`'s backlog (RPS): it is then processed in
+    /// NET_RX windows on that CPU, in batches when the sender outpaces it.
+    pub fn steer_b_to(&self, cpu: usize) -> Result<()> {
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.b,
+            "sh",
+            "-c",
+            &format!(
+                "echo {:x} > /sys/class/net/{}/queues/rx-0/rps_cpus",
+                1u64 << cpu,
+                self.dev_b
+            ),
+        ]))
+        .map(drop)
     }
 
     /// Start `dove-traffic ARGS` in namespace `ns`, inside `cgroup` if given; waits for
@@ -465,10 +486,15 @@ impl SoftirqTrace {
 
     /// Stop and return total NET softirq nanoseconds (µs resolution per event).
     pub fn stop(&self) -> Result<u64> {
+        Ok(self.stop_by_cpu()?.values().map(|c| c.ns).sum())
+    }
+
+    /// Stop and return NET softirq time and windows per CPU.
+    pub fn stop_by_cpu(&self) -> Result<std::collections::BTreeMap<u32, CpuSoftirq>> {
         std::fs::write(self.instance.join("tracing_on"), "0")?;
         let text = std::fs::read_to_string(self.instance.join("trace"))?;
         let mut open: std::collections::HashMap<u32, f64> = Default::default();
-        let mut total = 0f64;
+        let mut by_cpu: std::collections::BTreeMap<u32, CpuSoftirq> = Default::default();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some(cpu) = line
                 .split('[')
@@ -491,11 +517,150 @@ impl SoftirqTrace {
             if event.starts_with("entry") {
                 open.insert(cpu, ts);
             } else if let Some(start) = open.remove(&cpu) {
-                total += ts - start;
+                let c = by_cpu.entry(cpu).or_default();
+                c.ns += ((ts - start) * 1e9) as u64;
+                c.windows += 1;
             }
         }
-        Ok((total * 1e9) as u64)
+        Ok(by_cpu)
     }
+}
+
+/// An ftrace instance on one CPU recording NET_RX windows and the start of every
+/// received packet (`net:netif_receive_skb`, with its length): an independent measure of
+/// what each packet's processing cost inside batched windows. A packet's span runs from
+/// its start to the next packet's start or the window's end (the backlog path hands the
+/// stack one packet at a time); time before a window's first packet is kept apart.
+pub struct PacketTrace {
+    mount: tempfile::TempDir,
+    instance: PathBuf,
+}
+
+/// What [`PacketTrace`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct PacketSpans {
+    /// Packet length at `netif_receive_skb` (IP header onwards) → (packets, ns).
+    pub by_len: std::collections::BTreeMap<u32, (u64, u64)>,
+    /// Window time before the first packet.
+    pub prelude_ns: u64,
+    /// Windows with no packet.
+    pub empty_ns: u64,
+    pub windows: u64,
+}
+
+impl PacketSpans {
+    /// Packets and time of one length.
+    pub fn of_len(&self, len: u32) -> (u64, u64) {
+        self.by_len.get(&len).copied().unwrap_or_default()
+    }
+
+    pub fn total_ns(&self) -> u64 {
+        self.by_len.values().map(|(_, ns)| ns).sum::<u64>() + self.prelude_ns + self.empty_ns
+    }
+}
+
+impl PacketTrace {
+    pub fn start(cpu: usize) -> Result<Self> {
+        let mount = tempfile::Builder::new().prefix("dove-tracefs-").tempdir()?;
+        nix::mount::mount(
+            Some("nodev"),
+            mount.path(),
+            Some("tracefs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting tracefs")?;
+        let instance = mount.path().join("instances").join(unique("dove-pkt"));
+        std::fs::create_dir(&instance)?;
+        let w = |p: &str, v: &str| {
+            std::fs::write(instance.join(p), v).with_context(|| format!("writing {p}"))
+        };
+        w("buffer_size_kb", "131072")?;
+        w("tracing_cpumask", &format!("{:x}", 1u64 << cpu))?;
+        for ev in ["softirq_entry", "softirq_exit"] {
+            w(&format!("events/irq/{ev}/filter"), "vec == 3")?;
+            w(&format!("events/irq/{ev}/enable"), "1")?;
+        }
+        w("events/net/netif_receive_skb/enable", "1")?;
+        w("tracing_on", "1")?;
+        Ok(Self { mount, instance })
+    }
+
+    pub fn stop(&self) -> Result<PacketSpans> {
+        std::fs::write(self.instance.join("tracing_on"), "0")?;
+        let text = std::fs::read_to_string(self.instance.join("trace"))?;
+        let mut spans = PacketSpans::default();
+        // (mark, length of the packet in flight) while a window is open.
+        let mut open: Option<(f64, Option<u32>)> = None;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((before, event)) = line.split_once(": ") else {
+                continue;
+            };
+            let Some(ts) = before
+                .rsplit(' ')
+                .next()
+                .and_then(|t| t.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            let ns = |since: f64| ((ts - since) * 1e9) as u64;
+            if event.starts_with("softirq_entry") {
+                open = Some((ts, None));
+                spans.windows += 1;
+            } else if event.starts_with("softirq_exit") {
+                match open.take() {
+                    Some((mark, Some(len))) => {
+                        let e = spans.by_len.entry(len).or_default();
+                        e.0 += 1;
+                        e.1 += ns(mark);
+                    }
+                    Some((mark, None)) => spans.empty_ns += ns(mark),
+                    None => {}
+                }
+            } else if event.starts_with("netif_receive_skb") {
+                let Some(len) = event
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("len="))
+                    .and_then(|l| l.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                match open {
+                    Some((mark, Some(prev))) => {
+                        let e = spans.by_len.entry(prev).or_default();
+                        e.0 += 1;
+                        e.1 += ns(mark);
+                    }
+                    Some((mark, None)) => spans.prelude_ns += ns(mark),
+                    None => continue,
+                }
+                open = Some((ts, Some(len)));
+            }
+        }
+        Ok(spans)
+    }
+}
+
+impl Drop for PacketTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.instance.join("tracing_on"), "0");
+        for ev in [
+            "irq/softirq_entry",
+            "irq/softirq_exit",
+            "net/netif_receive_skb",
+        ] {
+            let _ = std::fs::write(self.instance.join(format!("events/{ev}/enable")), "0");
+        }
+        let _ = std::fs::remove_dir(&self.instance);
+        let _ = nix::mount::umount2(self.mount.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// One CPU's NET softirq time and window count, as ftrace saw them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSoftirq {
+    pub ns: u64,
+    pub windows: u64,
 }
 
 impl Drop for SoftirqTrace {
@@ -820,4 +985,51 @@ pub fn run(cmd: &mut Command) -> Result<String> {
         bail!("{cmd:?} failed ({status}):\nstdout: {out}\nstderr: {err}");
     }
     Ok(out)
+}
+
+/// A registered container's counters in a `stats` reply.
+pub fn cost(stats: &dove_proto::Stats, id: &str) -> dove_proto::CostCounters {
+    stats
+        .containers
+        .iter()
+        .find(|c| c.id == id)
+        .unwrap_or_else(|| panic!("{id} not in stats: {stats:#?}"))
+        .cost
+}
+
+/// Stats once a tick has passed after the traffic.
+pub fn settled(daemon: &TempDaemon) -> dove_proto::Stats {
+    let before = daemon.stats().health.ticks;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        std::thread::sleep(Duration::from_millis(60));
+        let s = daemon.stats();
+        if s.health.ticks >= before + 2 || Instant::now() > deadline {
+            return s;
+        }
+    }
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+pub fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// Datagrams the kernel dropped at UDP sockets in namespace `ns` (the `drops` column of
+/// /proc/net/udp): zero means every datagram sent reached its socket.
+pub fn udp_drops(ns: &str) -> u64 {
+    let table =
+        run(Command::new("ip").args(["netns", "exec", ns, "cat", "/proc/net/udp"])).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
 }

@@ -19,7 +19,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, Settings, WindowState, COST_MAP, ENFORCE_MAP, PERCPU_COST_MAP,
+    CpuCost, GlobalCost, Settings, WindowState, COST_MAP, ENFORCE_MAP, NO_PACKET, PERCPU_COST_MAP,
     SETTINGS_MAP, SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
 };
 
@@ -193,6 +193,10 @@ pub struct Health {
     pub packets_outside_window: u64,
     pub unowned_windows: u64,
     pub owner_lookups: u64,
+    pub packets_started: u64,
+    pub packets_without_socket: u64,
+    pub stale_windows: u64,
+    pub dropped_stretches: u64,
 }
 
 /// What the last tick saw.
@@ -364,29 +368,21 @@ impl Observer {
                 load(pin_dir, percpu_entries)?
             }
         };
+        // No window a previous doved saw open may be closed by these programs: its
+        // mark could be seconds old. Nothing runs the programs until they attach below.
+        reset_windows(&mut ebpf)?;
         let mut attached = 0;
-        for (name, tracepoint) in [
-            ("dove_softirq_entry", "softirq_entry"),
-            ("dove_softirq_exit", "softirq_exit"),
-        ] {
-            let program: &mut RawTracePoint = program(&mut ebpf, name)?;
-            program.load().map_err(|source| ObserverError::Program {
-                what: format!("loading {name}"),
-                source,
-            })?;
-            program
-                .attach(tracepoint)
-                .map_err(|source| ObserverError::Program {
-                    what: format!("attaching {name} to raw tracepoint {tracepoint}"),
-                    source,
-                })?;
-            attached += 1;
-        }
         let root =
             std::fs::File::open(cgroup_root).map_err(|source| ObserverError::CgroupRoot {
                 path: cgroup_root.to_owned(),
                 source,
             })?;
+        // Exit first and entry last: every window the programs see is then whole (an
+        // exit without its entry finds no open window and does nothing).
+        attach_raw_tracepoint(&mut ebpf, "dove_softirq_exit", "softirq_exit")?;
+        attached += 1;
+        attach_raw_tracepoint(&mut ebpf, "dove_packet_start", "netif_receive_skb")?;
+        attached += 1;
         let mut cgroup_programs = vec![("dove_ingress", CgroupSkbAttachType::Ingress)];
         if egress {
             cgroup_programs.push(("dove_egress", CgroupSkbAttachType::Egress));
@@ -407,6 +403,8 @@ impl Observer {
                 })?;
             attached += 1;
         }
+        attach_raw_tracepoint(&mut ebpf, "dove_softirq_entry", "softirq_entry")?;
+        attached += 1;
 
         let percpu = Mapped::new(
             map_fd(&ebpf, PERCPU_COST_MAP)?,
@@ -743,6 +741,10 @@ impl Observer {
                     a.packets_outside_window += h.packets_outside_window;
                     a.unowned_windows += h.unowned_windows;
                     a.owner_lookups += h.owner_lookups;
+                    a.packets_started += h.packets_started;
+                    a.packets_without_socket += h.packets_without_socket;
+                    a.stale_windows += h.stale_windows;
+                    a.dropped_stretches += h.dropped_stretches;
                     a
                 })
             })
@@ -811,6 +813,59 @@ fn enforce_map(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, u64, u32>, Ob
     })?;
     BpfHashMap::try_from(map).map_err(|e| ObserverError::Map {
         name: ENFORCE_MAP,
+        detail: e.to_string(),
+    })
+}
+
+fn attach_raw_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &str,
+) -> Result<(), ObserverError> {
+    let program: &mut RawTracePoint = program(ebpf, name)?;
+    program.load().map_err(|source| ObserverError::Program {
+        what: format!("loading {name}"),
+        source,
+    })?;
+    program
+        .attach(tracepoint)
+        .map_err(|source| ObserverError::Program {
+            what: format!("attaching {name} to raw tracepoint {tracepoint}"),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Close every CPU's window, keeping the counters: a pinned state may hold a window
+/// that was open when the previous doved died.
+fn reset_windows(ebpf: &mut Ebpf) -> Result<(), ObserverError> {
+    let map = ebpf.map_mut(WINDOW_MAP).ok_or(ObserverError::Map {
+        name: WINDOW_MAP,
+        detail: "missing from the object".into(),
+    })?;
+    let mut windows: PerCpuArray<&mut MapData, WindowState> =
+        PerCpuArray::try_from(map).map_err(|e| ObserverError::Map {
+            name: WINDOW_MAP,
+            detail: e.to_string(),
+        })?;
+    let per_cpu = windows.get(&0, 0).map_err(|e| ObserverError::Map {
+        name: WINDOW_MAP,
+        detail: e.to_string(),
+    })?;
+    let values: Vec<WindowState> = per_cpu
+        .iter()
+        .map(|w| WindowState {
+            active: 0,
+            packet_slot: NO_PACKET,
+            ..*w
+        })
+        .collect();
+    let values = aya::maps::PerCpuValues::try_from(values).map_err(|e| ObserverError::Map {
+        name: WINDOW_MAP,
+        detail: e.to_string(),
+    })?;
+    windows.set(0, values, 0).map_err(|e| ObserverError::Map {
+        name: WINDOW_MAP,
         detail: e.to_string(),
     })
 }

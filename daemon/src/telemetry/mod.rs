@@ -115,6 +115,10 @@ impl Telemetry {
                 packets_outside_window: h.packets_outside_window,
                 unowned_windows: h.unowned_windows,
                 owner_lookups: h.owner_lookups,
+                packets_started: h.packets_started,
+                packets_without_socket: h.packets_without_socket,
+                stale_windows: h.stale_windows,
+                dropped_stretches: h.dropped_stretches,
                 slots_used: snap.slots_used as u64,
                 slots_capacity: snap.slots_capacity as u64,
                 ticks: snap.ticks,
@@ -249,6 +253,30 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
         "counter",
         "Packets seen in process context (already billed to the task; not charged).",
         &plain(h.packets_outside_window.to_string()),
+    );
+    family(
+        "dove_packets_started_total",
+        "counter",
+        "Received packets that began inside a NET_RX softirq window.",
+        &plain(h.packets_started.to_string()),
+    );
+    family(
+        "dove_packets_without_socket_total",
+        "counter",
+        "Received packets that reached no socket (closed ports, drops, forwarding); their softirq time is unattributed.",
+        &plain(h.packets_without_socket.to_string()),
+    );
+    family(
+        "dove_stale_windows_total",
+        "counter",
+        "Softirq windows whose end was never seen (doved started mid-window); charged to nobody.",
+        &plain(h.stale_windows.to_string()),
+    );
+    family(
+        "dove_dropped_stretches_total",
+        "counter",
+        "Stretches too long to be one packet's processing (a stale mark); charged to nobody.",
+        &plain(h.dropped_stretches.to_string()),
     );
     family(
         "dove_owner_lookups_total",

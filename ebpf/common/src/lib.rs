@@ -45,10 +45,12 @@ pub const SETTINGS_MAP: &str = "DOVE_SETTINGS";
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuCost {
-    /// Window time up to ingress deliveries (and NET_RX tails) charged to this slot.
+    /// Stretches of NET_RX windows charged to this slot (`ebpf/README.md`, the rule).
     pub rx_ns: u64,
-    /// Window time up to egress transmissions (and NET_TX tails) charged to this slot.
+    /// Stretches of NET_TX windows charged to this slot.
     pub tx_ns: u64,
+    /// Packets whose stretch was charged here (the unattributed slot: packets that
+    /// reached no registered socket).
     pub rx_packets: u64,
     pub tx_packets: u64,
 }
@@ -76,19 +78,21 @@ pub struct GlobalCost {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WindowState {
-    /// When the current stretch began: the window's start or the last delivery.
+    /// When the packet in flight began (its `netif_receive_skb`), or the window's start
+    /// while no packet has begun.
     pub mark_ns: u64,
-    /// Slot of the last packet seen in this window, or `u32::MAX` if none yet.
-    pub last_slot: u32,
+    /// Owner of the packet in flight: [`NO_PACKET`] before the window's first packet,
+    /// [`OWNER_PENDING`] from a packet's start until a socket hook names its owner.
+    pub packet_slot: u32,
     /// The softirq vector of the open window plus one; 0 when no NET window is open.
     pub active: u32,
     /// NET_RX / NET_TX windows seen.
     pub windows: u64,
-    /// Packets seen inside a window (charged).
+    /// Packets seen by the socket hooks inside a window.
     pub packets_in_window: u64,
     /// Packets seen outside any window: process context, already in the task's runtime.
     pub packets_outside_window: u64,
-    /// Windows with no packet of a registered owner in them (wholly unattributed).
+    /// Windows in which no packet began and no socket hook ran (charged to unattributed).
     pub unowned_windows: u64,
     /// The last socket cgroup this CPU resolved to an owner, and the answer, valid while
     /// [`Settings::generation`] equals `owner_cache_generation`: a flow's packets come in
@@ -98,7 +102,26 @@ pub struct WindowState {
     pub owner_cache_generation: u32,
     /// Owner resolutions that missed the cache (hash lookups done).
     pub owner_lookups: u64,
+    /// Packets that began inside a NET_RX window (`netif_receive_skb`).
+    pub packets_started: u64,
+    /// Packets that ended without reaching any socket hook (closed ports, drops,
+    /// forwarding): their time went to the unattributed slot.
+    pub packets_without_socket: u64,
+    /// Windows found still open when another softirq began: their exit was never seen
+    /// (doved started mid-window). Their time is charged to nobody.
+    pub stale_windows: u64,
+    /// Stretches longer than [`MAX_STRETCH_NS`], not charged: no packet takes that long,
+    /// so the mark was stale.
+    pub dropped_stretches: u64,
 }
+
+/// [`WindowState::packet_slot`] before the window's first packet.
+pub const NO_PACKET: u32 = u32::MAX;
+/// [`WindowState::packet_slot`] while a packet's owner is not known yet.
+pub const OWNER_PENDING: u32 = u32::MAX - 1;
+/// No single packet's processing takes this long (a whole NET_RX window is bounded by
+/// `netdev_budget_usecs`, 2 ms by default): a longer stretch means a stale mark.
+pub const MAX_STRETCH_NS: u64 = 50_000_000;
 
 /// Knobs doved sets for the programs.
 #[repr(C)]

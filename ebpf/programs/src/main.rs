@@ -1,19 +1,27 @@
 //! DOVE's kernel-side programs.
 //!
-//! Softirq windows come from the `softirq_entry` / `softirq_exit` raw tracepoints; packet
+//! Softirq windows come from the `softirq_entry` / `softirq_exit` raw tracepoints; the
+//! start of each received packet's processing from the `netif_receive_skb` raw
+//! tracepoint (it fires in `__netif_receive_skb_core`, on every receive path); packet
 //! ownership from `cgroup_skb` programs attached at the cgroup v2 root, which run where
 //! the stack hands an skb to a socket (ingress) and where a socket's skb is transmitted
-//! (egress) and can read the socket's cgroup ID. Inside a NET_RX/NET_TX window, each
-//! stretch of time up to a packet is charged to that packet's owner; the tail after the
-//! last packet goes to the last owner; a window with no owned packet goes to the
-//! unattributed slot. Outside a window nothing is charged: that work ran in a task's
-//! own context and is already in its runtime.
+//! (egress) and can read the socket's cgroup ID.
 //!
-//! Hot-path cost per packet: one per-CPU array lookup (window state, counters and a
-//! one-entry owner cache), one array lookup (settings), one array lookup (cost), no
-//! atomics; the owner's hash lookups (one, plus one per registered ancestor level) only
-//! when the socket cgroup differs from the previous packet's on this CPU or the owner
-//! map changed.
+//! The rule: a packet's stretch runs from its start to the next packet's start (or the
+//! window's end) and is charged, when it closes, to the owner the first socket hook in it
+//! named; a stretch in which no socket hook ran (closed port, drop, forwarding) goes to
+//! the unattributed slot. The window's own overhead before its first packet joins that
+//! packet's stretch. When several deliveries follow one start (list receive after GRO,
+//! multicast), each further delivery closes the stretch so far for the owner before it.
+//! A window with no packet and no hook goes to the unattributed slot. Outside a window
+//! nothing is charged: that work ran in a task's own context and is in its runtime.
+//! `ebpf/README.md` states the error bounds.
+//!
+//! Hot-path cost per packet: the start reads the clock and adds to one per-CPU cost
+//! entry; the socket hook does one per-CPU array lookup (window state, counters and a
+//! one-entry owner cache) and one array lookup (settings), no clock read and no atomics;
+//! the owner's hash lookups (one, plus one per registered ancestor level) only when the
+//! socket cgroup differs from the previous packet's on this CPU or the owner map changed.
 #![no_std]
 #![no_main]
 
@@ -29,8 +37,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, Settings, WindowState, BPF_F_MMAPABLE, MAX_LEVEL,
-    NET_RX_SOFTIRQ, NET_TX_SOFTIRQ, SLOTS, UNATTRIBUTED_SLOT,
+    CpuCost, GlobalCost, Settings, WindowState, BPF_F_MMAPABLE, MAX_LEVEL, MAX_STRETCH_NS,
+    NET_RX_SOFTIRQ, NET_TX_SOFTIRQ, NO_PACKET, OWNER_PENDING, SLOTS, UNATTRIBUTED_SLOT,
 };
 
 #[map(name = "DOVE_SLOTS")]
@@ -55,16 +63,15 @@ static WINDOW: PerCpuArray<WindowState> = PerCpuArray::pinned(1, 0);
 #[map(name = "DOVE_SETTINGS")]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 
-const NO_SLOT: u32 = u32::MAX;
-
 #[inline(always)]
 fn raw_arg0(ctx: &RawTracePointContext) -> u64 {
     // SAFETY: a raw tracepoint's context is its argument array.
     unsafe { *(ctx.as_ptr() as *const u64) }
 }
 
+/// Add `ns` (and `packets`) to `slot`'s row for this CPU, as receive or transmit time.
 #[inline(always)]
-fn charge(slot: u32, ns: u64, rx: bool, packet: bool) {
+fn charge(slot: u32, ns: u64, rx: bool, packets: u64) {
     // SAFETY: helper without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(cost) = PERCPU_COST.get_ptr_mut(cpu * SLOTS + slot) else {
@@ -74,30 +81,59 @@ fn charge(slot: u32, ns: u64, rx: bool, packet: bool) {
     unsafe {
         if rx {
             (*cost).rx_ns += ns;
-            if packet {
-                (*cost).rx_packets += 1;
-            }
+            (*cost).rx_packets += packets;
         } else {
             (*cost).tx_ns += ns;
-            if packet {
-                (*cost).tx_packets += 1;
-            }
+            (*cost).tx_packets += packets;
         }
     }
+}
+
+/// Charge the stretch from the mark to `now` to the packet in flight's owner (the
+/// unattributed slot when it reached no socket), and start the next stretch at `now`.
+///
+/// SAFETY: `w` is this CPU's window state, with a window open.
+#[inline(always)]
+unsafe fn close_stretch(w: *mut WindowState, now: u64) {
+    let ns = now.saturating_sub((*w).mark_ns);
+    (*w).mark_ns = now;
+    let rx = (*w).active == NET_RX_SOFTIRQ + 1;
+    let (slot, packets) = match (*w).packet_slot {
+        NO_PACKET => {
+            (*w).unowned_windows += 1;
+            (UNATTRIBUTED_SLOT, 0)
+        }
+        OWNER_PENDING => {
+            (*w).packets_without_socket += 1;
+            (UNATTRIBUTED_SLOT, 1)
+        }
+        slot => (slot, 1),
+    };
+    if ns > MAX_STRETCH_NS {
+        (*w).dropped_stretches += 1;
+        return;
+    }
+    charge(slot, ns, rx, packets);
 }
 
 #[raw_tracepoint(tracepoint = "softirq_entry")]
 pub fn dove_softirq_entry(ctx: RawTracePointContext) -> i32 {
     let vec = raw_arg0(&ctx) as u32;
-    if vec != NET_RX_SOFTIRQ && vec != NET_TX_SOFTIRQ {
-        return 0;
-    }
     let Some(w) = WINDOW.get_ptr_mut(0) else {
         return 0;
     };
     unsafe {
+        // Softirqs do not nest on a CPU: a window still open missed its exit (doved
+        // attached between the two). When it ended is unknown, so nobody pays for it.
+        if (*w).active != 0 {
+            (*w).active = 0;
+            (*w).stale_windows += 1;
+        }
+        if vec != NET_RX_SOFTIRQ && vec != NET_TX_SOFTIRQ {
+            return 0;
+        }
         (*w).mark_ns = bpf_ktime_get_ns();
-        (*w).last_slot = NO_SLOT;
+        (*w).packet_slot = NO_PACKET;
         (*w).active = vec + 1;
         (*w).windows += 1;
     }
@@ -114,16 +150,31 @@ pub fn dove_softirq_exit(ctx: RawTracePointContext) -> i32 {
         if (*w).active != vec + 1 {
             return 0;
         }
+        close_stretch(w, bpf_ktime_get_ns());
         (*w).active = 0;
-        let now = bpf_ktime_get_ns();
-        let tail = now.saturating_sub((*w).mark_ns);
-        let slot = if (*w).last_slot == NO_SLOT {
-            (*w).unowned_windows += 1;
-            UNATTRIBUTED_SLOT
-        } else {
-            (*w).last_slot
-        };
-        charge(slot, tail, vec == NET_RX_SOFTIRQ, false);
+    }
+    0
+}
+
+/// A received packet begins its way through the stack: the previous packet's stretch
+/// ends here.
+#[raw_tracepoint(tracepoint = "netif_receive_skb")]
+pub fn dove_packet_start(_ctx: RawTracePointContext) -> i32 {
+    let Some(w) = WINDOW.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        if (*w).active != NET_RX_SOFTIRQ + 1 {
+            return 0;
+        }
+        (*w).packets_started += 1;
+        if (*w).packet_slot == NO_PACKET {
+            // The window's overhead so far joins its first packet.
+            (*w).packet_slot = OWNER_PENDING;
+            return 0;
+        }
+        close_stretch(w, bpf_ktime_get_ns());
+        (*w).packet_slot = OWNER_PENDING;
     }
     0
 }
@@ -179,8 +230,12 @@ fn resolve(skb: *mut __sk_buff, id: u64, mask: u64) -> u32 {
     UNATTRIBUTED_SLOT
 }
 
+/// A socket hook names the owner of the packet in flight. `delivery`: an ingress
+/// delivery, which after another delivery in the same stretch (list receive,
+/// multicast) closes the stretch for the owner before it; transmits inside a window
+/// (ACKs, ICMP errors) belong to the packet that caused them.
 #[inline(always)]
-fn on_packet(ctx: &SkBuffContext, rx: bool) {
+fn on_packet(ctx: &SkBuffContext, delivery: bool) {
     let Some(w) = WINDOW.get_ptr_mut(0) else {
         return;
     };
@@ -189,12 +244,14 @@ fn on_packet(ctx: &SkBuffContext, rx: bool) {
             (*w).packets_outside_window += 1;
             return;
         }
-        let slot = owner(ctx.skb.skb, w);
-        let now = bpf_ktime_get_ns();
-        charge(slot, now.saturating_sub((*w).mark_ns), rx, true);
-        (*w).mark_ns = now;
-        (*w).last_slot = slot;
         (*w).packets_in_window += 1;
+        let current = (*w).packet_slot;
+        if current == NO_PACKET || current == OWNER_PENDING {
+            (*w).packet_slot = owner(ctx.skb.skb, w);
+        } else if delivery {
+            close_stretch(w, bpf_ktime_get_ns());
+            (*w).packet_slot = owner(ctx.skb.skb, w);
+        }
     }
 }
 

@@ -1,7 +1,15 @@
 //! Bounded traffic for DOVE's observer tests and benchmarks. Each mode runs in whatever
 //! network namespace and cgroup it is started in (the tests place it).
 //!
-//!   dove-traffic udp-sink ADDR SECONDS            receive-only UDP server; prints datagrams
+//!   dove-traffic udp-sink ADDR SECONDS [FILTER]   receive-only UDP server; prints datagrams.
+//!                                                 With FILTER, an 8 MiB receive buffer (no
+//!                                                 drops), serving until SECONDS are up, and
+//!                                                 a classic BPF socket filter of
+//!                                                 FILTER packet loads that accepts everything:
+//!                                                 per-datagram softirq work after the socket
+//!                                                 hook, as a costly protocol would add
+//!   dove-traffic udp-send-mix ROUNDS ADDR:N:SIZE.. ROUNDS rounds, each sending N datagrams
+//!                                                 of SIZE bytes to each ADDR in turn
 //!   dove-traffic udp-send ADDR COUNT SIZE         send COUNT datagrams of SIZE bytes
 //!   dove-traffic tcp-sink ADDR SECONDS            accept one stream, drain it; prints bytes
 //!   dove-traffic tcp-send ADDR BYTES              connect and send BYTES
@@ -11,7 +19,58 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
+
+/// An 8 MiB receive buffer and a classic BPF filter of `loads` packet loads that accepts
+/// every datagram: the kernel runs it in softirq for each datagram, after the cgroup
+/// ingress hook.
+fn costly_receiver(sock: &UdpSocket, loads: u16) {
+    let fd = sock.as_raw_fd();
+    let size: libc::c_int = 8 << 20;
+    let mut program: Vec<libc::sock_filter> = (0..loads)
+        .map(|_| libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        })
+        .collect();
+    program.push(libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: u32::MAX,
+    });
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: valid fd, option values that outlive the calls.
+    unsafe {
+        let set = |opt, value: *const libc::c_void, len: usize| {
+            let rc = libc::setsockopt(fd, libc::SOL_SOCKET, opt, value, len as libc::socklen_t);
+            assert_eq!(
+                rc,
+                0,
+                "setsockopt {opt}: {}",
+                std::io::Error::last_os_error()
+            );
+        };
+        set(
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>(),
+        );
+        if loads > 0 {
+            set(
+                libc::SO_ATTACH_FILTER,
+                (&fprog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>(),
+            );
+        }
+    }
+}
 
 /// An unbound-port UDP socket of `to`'s address family.
 fn udp_sender(to: SocketAddr) -> UdpSocket {
@@ -27,11 +86,45 @@ fn main() {
             std::process::exit(2)
         })
     };
+    if arg(0) == "udp-send-mix" {
+        let rounds: u64 = arg(1).parse().unwrap();
+        let targets: Vec<(SocketAddr, u64, Vec<u8>)> = args[2..]
+            .iter()
+            .map(|t| {
+                let mut parts = t.rsplitn(3, ':');
+                let size: usize = parts.next().and_then(|p| p.parse().ok()).expect("SIZE");
+                let n: u64 = parts.next().and_then(|p| p.parse().ok()).expect("N");
+                let addr = parts.next().and_then(|p| p.parse().ok()).expect("ADDR");
+                (addr, n, vec![0x5au8; size])
+            })
+            .collect();
+        let sock = udp_sender(targets[0].0);
+        let mut sent = 0u64;
+        for _ in 0..rounds {
+            for (to, n, payload) in &targets {
+                for _ in 0..*n {
+                    let _ = sock.send_to(payload, to);
+                    sent += 1;
+                    if sent % 64 == 0 {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }
+        }
+        println!("{sent}");
+        return;
+    }
     let addr: SocketAddr = arg(1).parse().expect("ADDR is ip:port or [ip6]:port");
     match arg(0) {
         "udp-sink" => {
             let secs: u64 = arg(2).parse().unwrap();
             let sock = UdpSocket::bind(addr).expect("bind");
+            // With FILTER the sink serves until its time is up: the test reads drops from
+            // the kernel (/proc/net/udp) and stops it.
+            let until_deadline = args.get(3).is_some();
+            if let Some(loads) = args.get(3) {
+                costly_receiver(&sock, loads.parse().expect("FILTER is a count of loads"));
+            }
             sock.set_read_timeout(Some(Duration::from_millis(500)))
                 .unwrap();
             println!("ready");
@@ -47,7 +140,13 @@ fn main() {
                         last = Instant::now();
                     }
                     // Quiet for a while after traffic: the sender is done.
-                    Err(_) if n > 0 && last.elapsed() > Duration::from_millis(400) => break,
+                    Err(_)
+                        if !until_deadline
+                            && n > 0
+                            && last.elapsed() > Duration::from_millis(400) =>
+                    {
+                        break
+                    }
                     Err(_) => {}
                 }
             }

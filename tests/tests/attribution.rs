@@ -1,0 +1,357 @@
+//! Attribution in batched softirq windows, judged against ftrace (not DOVE's programs).
+//!
+//! The bed: a veth pair between two network namespaces, with RPS on the receiving end
+//! steering every packet to one CPU (the softirq CPU) while the sender and the sinks run
+//! on the other. The sender outpaces that CPU, so its NET_RX windows drain the backlog in
+//! batches that mix owners: the case a NIC with NAPI, GRO or RPS produces on real hosts,
+//! and the one where a per-delivery rule bills one tenant for another's packets.
+//!
+//! The instrument is ftrace on the softirq CPU (`PacketTrace`): NET_RX windows and the
+//! kernel's own `net:netif_receive_skb` event for every packet, classified by length (each
+//! flow sends its own datagram size), so each class's time is known from the kernel's
+//! events, not from DOVE's programs or its cgroup hooks. Each owner's cost alone (a run
+//! with only its flow) is printed beside it. Every datagram must reach its socket (8 MiB
+//! buffers; the test checks the kernel's drop counters).
+
+use std::sync::Mutex;
+
+use dove_tests::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Packet loads in the costly owner's socket filter: enough that its datagrams cost
+/// about twice a plain one's in softirq, all of it after the cgroup ingress hook.
+const FILTER_LOADS: &str = "2000";
+const ROUNDS: usize = 3;
+/// Datagram sizes of the two flows in a run, and the lengths the kernel's
+/// `netif_receive_skb` event reports for them (IPv4 and UDP headers included).
+const SIZES: [u32; 2] = [64, 72];
+const LENS: [u32; 2] = [64 + 28, 72 + 28];
+
+struct Bed {
+    daemon: TempDaemon,
+    net: NetPair,
+    softirq_cpu: usize,
+    sender_cpu: usize,
+}
+
+/// What one run of the sender cost.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    /// ftrace on the softirq CPU.
+    spans: PacketSpans,
+    /// DOVE: what each owner (by index in the ids given) and the unattributed slot gained.
+    billed: [u64; 2],
+    unattributed: u64,
+    sent: u64,
+    /// Datagrams sent to each of the two classes.
+    packets: [u64; 2],
+    /// DOVE's programs: packets begun, and those that reached no socket.
+    started: u64,
+    without_socket: u64,
+}
+
+impl std::ops::AddAssign for Run {
+    fn add_assign(&mut self, o: Run) {
+        for (len, (n, ns)) in o.spans.by_len {
+            let e = self.spans.by_len.entry(len).or_default();
+            e.0 += n;
+            e.1 += ns;
+        }
+        self.spans.prelude_ns += o.spans.prelude_ns;
+        self.spans.empty_ns += o.spans.empty_ns;
+        self.spans.windows += o.spans.windows;
+        self.billed[0] += o.billed[0];
+        self.billed[1] += o.billed[1];
+        self.unattributed += o.unattributed;
+        self.sent += o.sent;
+        self.packets[0] += o.packets[0];
+        self.packets[1] += o.packets[1];
+        self.started += o.started;
+        self.without_socket += o.without_socket;
+    }
+}
+
+impl Bed {
+    fn new() -> Option<Self> {
+        let cpus = allowed_cpus();
+        if cpus.len() < 2 {
+            eprintln!(
+                "SKIPPED: the attribution bed needs two CPUs (this process may use {cpus:?})"
+            );
+            return None;
+        }
+        let bed = Self {
+            daemon: TempDaemon::with_observer().unwrap(),
+            net: NetPair::new().unwrap(),
+            softirq_cpu: cpus[1],
+            sender_cpu: cpus[0],
+        };
+        bed.net.steer_b_to(bed.softirq_cpu).unwrap();
+        // Room for the costly sink's socket filter (this namespace's own limit).
+        run(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &bed.net.b,
+            "sysctl",
+            "-qw",
+            "net.core.optmem_max=4194304",
+        ]))
+        .unwrap();
+        Some(bed)
+    }
+
+    /// A sink in namespace b on the sender's CPU (the softirq CPU does only softirq).
+    fn sink(&self, cgroup: Option<&TestCgroup>, addr: &str, filter: &str) -> KillOnDrop {
+        KillOnDrop(
+            self.net
+                .spawn_on(
+                    Some(self.sender_cpu),
+                    &self.net.b,
+                    cgroup,
+                    &["udp-sink", addr, "120", filter],
+                    true,
+                )
+                .unwrap(),
+        )
+    }
+
+    /// Send `rounds` rounds of `targets` (address, datagrams per round) and measure.
+    /// Target k sends datagrams of `SIZES[k]` bytes.
+    fn send(&self, rounds: u64, targets: &[(&str, u64)], ids: [&str; 2]) -> Run {
+        let mut args = vec!["udp-send-mix".to_owned(), rounds.to_string()];
+        args.extend(
+            targets
+                .iter()
+                .zip(SIZES)
+                .map(|((a, n), size)| format!("{a}:{n}:{size}")),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let before = settled(&self.daemon);
+        let trace = PacketTrace::start(self.softirq_cpu).unwrap();
+        let sent = finish(
+            self.net
+                .spawn_on(Some(self.sender_cpu), &self.net.a, None, &args, false)
+                .unwrap(),
+        )
+        .unwrap();
+        // Let the softirq CPU drain its backlog before the trace stops.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let spans = trace.stop().unwrap();
+        let after = settled(&self.daemon);
+        let delta = |id: &str| {
+            if id.is_empty() {
+                0
+            } else {
+                cost(&after, id).total_ns - cost(&before, id).total_ns
+            }
+        };
+        Run {
+            spans,
+            billed: [delta(ids[0]), delta(ids[1])],
+            unattributed: after.unattributed.total_ns - before.unattributed.total_ns,
+            sent,
+            packets: [
+                rounds * targets.first().map_or(0, |t| t.1),
+                rounds * targets.get(1).map_or(0, |t| t.1),
+            ],
+            started: after.health.packets_started - before.health.packets_started,
+            without_socket: after.health.packets_without_socket
+                - before.health.packets_without_socket,
+        }
+    }
+}
+
+fn per_packet_us(ns: u64, packets: u64) -> f64 {
+    ns as f64 / packets.max(1) as f64 / 1e3
+}
+
+fn sum(runs: &[Run]) -> Run {
+    let mut total = Run::default();
+    for r in runs {
+        total += r.clone();
+    }
+    total
+}
+
+/// ftrace's per-packet cost of class `k` in `run`, in µs.
+fn traced_us(run: &Run, k: usize) -> f64 {
+    let (n, ns) = run.spans.of_len(LENS[k]);
+    per_packet_us(ns, n)
+}
+
+/// ftrace's cost of a run with only one flow (class 0), window overhead included, in µs.
+fn alone_us(run: &Run) -> f64 {
+    per_packet_us(run.spans.total_ns(), run.packets[0])
+}
+
+#[test]
+fn mixed_batches_bill_each_owner_its_own_cost() {
+    if !require_root("mixed_batches_bill_each_owner_its_own_cost") {
+        return;
+    }
+    let _serial = serial();
+    let Some(bed) = Bed::new() else { return };
+    let plain = TestCgroup::new("dove-test-plain").unwrap();
+    let costly = TestCgroup::new("dove-test-costly").unwrap();
+    bed.daemon.register(&plain, "plain");
+    bed.daemon.register(&costly, "costly");
+    let to_plain = format!("{}:5201", bed.net.addr_b);
+    let to_costly = format!("{}:5202", bed.net.addr_b);
+    let plain_sink = bed.sink(Some(&plain), &to_plain, "0");
+    let costly_sink = bed.sink(Some(&costly), &to_costly, FILTER_LOADS);
+    let ids = ["plain", "costly"];
+    // Warm both paths (neighbour resolution, cold sockets) outside the measurement.
+    bed.send(1, &[(&to_plain, 200), (&to_costly, 200)], ids);
+
+    const N: u64 = 4_000;
+    let (mut plain_alone, mut costly_alone, mut mixed) = (Vec::new(), Vec::new(), Vec::new());
+    // Interleaved rounds, so the machine's drift hits every run alike.
+    for _ in 0..ROUNDS {
+        plain_alone.push(bed.send(1, &[(&to_plain, N)], ids));
+        costly_alone.push(bed.send(1, &[(&to_costly, N)], ids));
+        // One of each in turn: every batch holds both owners.
+        mixed.push(bed.send(N, &[(&to_plain, 1), (&to_costly, 1)], ids));
+    }
+    let drops = udp_drops(&bed.net.b);
+    drop((plain_sink, costly_sink));
+
+    let (plain_alone, costly_alone, mixed) = (sum(&plain_alone), sum(&costly_alone), sum(&mixed));
+    let cost = [traced_us(&mixed, 0), traced_us(&mixed, 1)];
+    let billed = [
+        per_packet_us(mixed.billed[0], mixed.packets[0]),
+        per_packet_us(mixed.billed[1], mixed.packets[1]),
+    ];
+    eprintln!(
+        "alone (ftrace, CPU {}): plain {:.2} us/datagram, costly {:.2} us",
+        bed.softirq_cpu,
+        alone_us(&plain_alone),
+        alone_us(&costly_alone)
+    );
+    eprintln!(
+        "mixed: {} datagrams in {} windows ({:.1} per window), window overhead {:.2} ms; DOVE saw {} begin, {} reach no socket",
+        mixed.sent,
+        mixed.spans.windows,
+        mixed.sent as f64 / mixed.spans.windows.max(1) as f64,
+        ms(mixed.spans.prelude_ns + mixed.spans.empty_ns),
+        mixed.started,
+        mixed.without_socket
+    );
+    eprintln!(
+        "mixed, ftrace: plain {:.2} us/datagram, costly {:.2} us; DOVE billed plain {:.2} us ({:+.0}%), costly {:.2} us ({:+.0}%)",
+        cost[0],
+        cost[1],
+        billed[0],
+        (billed[0] / cost[0] - 1.0) * 100.0,
+        billed[1],
+        (billed[1] / cost[1] - 1.0) * 100.0,
+    );
+    assert_eq!(drops, 0, "datagrams dropped at the sinks");
+    // The bed must produce what it claims, or the test proves nothing.
+    assert_eq!(
+        (mixed.spans.of_len(LENS[0]).0, mixed.spans.of_len(LENS[1]).0),
+        (mixed.packets[0], mixed.packets[1]),
+        "ftrace saw every datagram begin on CPU {}",
+        bed.softirq_cpu
+    );
+    assert!(
+        mixed.sent >= 3 * mixed.spans.windows,
+        "{} datagrams in {} windows: the mixed run was not batched",
+        mixed.sent,
+        mixed.spans.windows
+    );
+    assert!(
+        cost[1] >= 1.4 * cost[0],
+        "the costly owner's datagrams cost {:.2} us vs {:.2} us: not different enough to judge a split",
+        cost[1],
+        cost[0]
+    );
+    for (k, name) in ["plain", "costly"].into_iter().enumerate() {
+        assert!(
+            (billed[k] / cost[k] - 1.0).abs() <= 0.20,
+            "{name}: billed {:.2} us/datagram in mixed batches; ftrace saw its datagrams take {:.2} us",
+            billed[k],
+            cost[k]
+        );
+    }
+}
+
+#[test]
+fn third_party_packets_in_the_same_batches_are_unattributed() {
+    if !require_root("third_party_packets_in_the_same_batches_are_unattributed") {
+        return;
+    }
+    let _serial = serial();
+    let Some(bed) = Bed::new() else { return };
+    let tenant = TestCgroup::new("dove-test-tenant").unwrap();
+    bed.daemon.register(&tenant, "tenant");
+    let to_tenant = format!("{}:5301", bed.net.addr_b);
+    let closed_port = format!("{}:5399", bed.net.addr_b);
+    let to_unregistered = format!("{}:5302", bed.net.addr_b);
+    let tenant_sink = bed.sink(Some(&tenant), &to_tenant, "0");
+    // An unregistered socket (the test's own cgroup) whose datagrams cost more than the
+    // tenant's, as a flood aimed at a neighbour would.
+    let other_sink = bed.sink(None, &to_unregistered, FILTER_LOADS);
+    let ids = ["tenant", ""];
+    bed.send(1, &[(&to_tenant, 200), (&to_unregistered, 200)], ids);
+
+    const N: u64 = 2_000;
+    const JUNK: u64 = 2;
+    let (mut alone, mut closed, mut unregistered) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        alone.push(bed.send(1, &[(&to_tenant, N)], ids));
+        // Two of the third party's datagrams after each of the tenant's.
+        closed.push(bed.send(N, &[(&to_tenant, 1), (&closed_port, JUNK)], ids));
+        unregistered.push(bed.send(N, &[(&to_tenant, 1), (&to_unregistered, JUNK)], ids));
+    }
+    let drops = udp_drops(&bed.net.b);
+    drop((tenant_sink, other_sink));
+    assert_eq!(drops, 0, "datagrams dropped at the sinks");
+
+    let tenant_alone = alone_us(&sum(&alone));
+    for (what, runs) in [
+        ("a closed port", &closed),
+        ("an unregistered socket", &unregistered),
+    ] {
+        let run = sum(runs);
+        let tenant_cost = traced_us(&run, 0);
+        let (_, junk_ns) = run.spans.of_len(LENS[1]);
+        let billed = per_packet_us(run.billed[0], run.packets[0]);
+        eprintln!(
+            "junk to {what}: {} datagrams in {} windows; DOVE saw {} begin, {} reach no socket",
+            run.sent, run.spans.windows, run.started, run.without_socket
+        );
+        eprintln!(
+            "junk to {what}: ftrace tenant {tenant_cost:.2} us/datagram (alone {tenant_alone:.2}), third party {:.2} ms; DOVE billed the tenant {billed:.2} us ({:+.0}%, {:.2}x alone), unattributed {:.2} ms",
+            ms(junk_ns),
+            (billed / tenant_cost - 1.0) * 100.0,
+            billed / tenant_alone,
+            ms(run.unattributed)
+        );
+        assert!(
+            run.sent >= 3 * run.spans.windows,
+            "junk to {what}: {} datagrams in {} windows: not batched",
+            run.sent,
+            run.spans.windows
+        );
+        assert!(
+            billed <= 1.2 * tenant_cost,
+            "junk to {what}: the tenant was billed {billed:.2} us per datagram; ftrace saw its datagrams take {tenant_cost:.2} us"
+        );
+        assert!(
+            billed <= 1.5 * tenant_alone,
+            "junk to {what}: the tenant was billed {billed:.2} us per datagram, {:.2}x its {tenant_alone:.2} us alone",
+            billed / tenant_alone
+        );
+        assert!(
+            run.unattributed as f64 >= 0.8 * junk_ns as f64,
+            "junk to {what}: unattributed {:.2} ms of the third party's {:.2} ms",
+            ms(run.unattributed),
+            ms(junk_ns)
+        );
+    }
+}
