@@ -441,6 +441,107 @@ fn restart_mid_traffic_keeps_counters_and_never_double_attaches() {
     assert!(seen.last().unwrap() > seen.first().unwrap());
 }
 
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Everything the pinned cost map holds, all slots (unattributed included).
+fn pinned_total_ns(daemon: &TempDaemon) -> u64 {
+    use aya::maps::{Array, Map, MapData};
+    let path = daemon.pin_dir.as_ref().unwrap().join("DOVE_COST");
+    let map = Map::Array(MapData::from_pin(&path).unwrap());
+    let cost: Array<_, dove_ebpf_common::GlobalCost> = Array::try_from(map).unwrap();
+    cost.iter().filter_map(Result::ok).map(|c| c.total_ns).sum()
+}
+
+/// A window open on some CPU when doved is killed stays open in the pinned state: the next
+/// doved must never close it against that old mark (a charge of the whole downtime).
+#[test]
+fn a_window_open_when_doved_died_is_charged_to_nobody() {
+    if !require_root("a_window_open_when_doved_died_is_charged_to_nobody") {
+        return;
+    }
+    let _serial = serial();
+    let mut daemon = TempDaemon::with_observer().unwrap();
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-test-stale").unwrap();
+    daemon.register(&ctr, "flooded");
+    let udp = format!("{}:5451", net.addr_b);
+    let _sink = KillOnDrop(
+        net.spawn(&net.b, Some(&ctr), &["udp-sink", &udp, "60", "0"], true)
+            .unwrap(),
+    );
+    // The sender is the container too: its transmits run the egress program in process
+    // context, where only a (stale) open window would make them chargeable.
+    let _flood = KillOnDrop(
+        net.spawn(&net.a, Some(&ctr), &["udp-flood", &udp, "30", "64"], false)
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.kill9();
+    std::thread::sleep(Duration::from_secs(10));
+    // Whatever the kill left, make it the worst case: every CPU inside a NET_RX window
+    // opened when doved died, 10 s ago.
+    {
+        use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+        use dove_ebpf_common::{WindowState, NET_RX_SOFTIRQ, NO_PACKET};
+        let path = daemon.pin_dir.as_ref().unwrap().join("DOVE_WINDOW");
+        let map = Map::PerCpuArray(MapData::from_pin(&path).unwrap());
+        let mut windows: PerCpuArray<_, WindowState> = PerCpuArray::try_from(map).unwrap();
+        let stale_mark = monotonic_ns() - 10_000_000_000;
+        let values: Vec<WindowState> = windows
+            .get(&0, 0)
+            .unwrap()
+            .iter()
+            .map(|w| WindowState {
+                active: NET_RX_SOFTIRQ + 1,
+                mark_ns: stale_mark,
+                packet_slot: NO_PACKET,
+                ..*w
+            })
+            .collect();
+        windows
+            .set(0, PerCpuValues::try_from(values).unwrap(), 0)
+            .unwrap();
+    }
+    let before = pinned_total_ns(&daemon);
+    let trace = SoftirqTrace::start().unwrap();
+    daemon.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = settled(&daemon);
+    let traced = trace.stop().unwrap();
+    let dove: u64 = after
+        .containers
+        .iter()
+        .map(|c| c.cost.total_ns)
+        .sum::<u64>()
+        + after.unattributed.total_ns;
+    let charged = dove.saturating_sub(before);
+    eprintln!(
+        "after the restart: DOVE charged {:.2} ms, ftrace NET softirq {:.2} ms; stale windows {}, dropped stretches {}",
+        ms(charged),
+        ms(traced),
+        after.health.stale_windows,
+        after.health.dropped_stretches
+    );
+    // The flood's softirq since the restart, plus what the last tick before the kill had
+    // not yet flushed (at most a tick of it).
+    assert!(
+        charged as f64 <= 1.2 * traced as f64 + 100e6,
+        "DOVE charged {:.2} ms after the restart; the kernel ran {:.2} ms of NET softirq",
+        ms(charged),
+        ms(traced)
+    );
+    assert!(charged > 0, "the flood was not measured after the restart");
+}
+
 /// An upgrade that changes a shared type finds pins of the old size: doved replaces those
 /// (the verifier would refuse the programs against them) and keeps the ones that fit,
 /// bills included.
