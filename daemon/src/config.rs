@@ -35,6 +35,9 @@ pub enum EnforcementMode {
     #[default]
     Auto,
     Kernel,
+    /// Accrue pending cost in the pinned DOVE_COST map for an enforcer outside doved,
+    /// which takes it with an atomic exchange (the contract the kernel patch follows).
+    External,
     None,
 }
 

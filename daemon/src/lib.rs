@@ -129,7 +129,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         Duration::from_secs(config.bills.retention_days * 86400),
     )?);
 
-    let observer = if config.observer.enabled {
+    let mut observer = if config.observer.enabled {
         Some(Observer::start(
             &config.observer.pin_dir,
             &mounts.unified.mount_point,
@@ -139,7 +139,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         tracing::info!("eBPF observer disabled (observer.enabled = false)");
         None
     };
-    let enforcement = enforce::start(config.enforcement.mode, observer.as_ref())?;
+    let enforcement = enforce::start(config.enforcement.mode, observer.as_mut())?;
     let (listener, bound_path) = match activated {
         Some(l) => {
             tracing::info!("using the socket systemd passed (socket activation)");
@@ -227,7 +227,7 @@ async fn serve(config: Config, privileged: Privileged) -> Result<(), DaemonError
                 Arc::clone(&ledger),
                 Arc::clone(&telemetry),
                 match enforcement {
-                    Enforcement::Kernel => mounts.cpu.clone(),
+                    Enforcement::Kernel | Enforcement::External => mounts.cpu.clone(),
                     Enforcement::None => None,
                 },
             );

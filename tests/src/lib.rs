@@ -108,6 +108,11 @@ impl TempDaemon {
 
     /// As [`Self::with_observer`], with extra `[observer]` keys (TOML lines).
     pub fn with_observer_settings(observer_extra: &str) -> Result<Self> {
+        Self::with_observer_config(observer_extra, "none")
+    }
+
+    /// As [`Self::with_observer_settings`], in enforcement mode `enforcement`.
+    pub fn with_observer_config(observer_extra: &str, enforcement: &str) -> Result<Self> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("dove-test")));
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -116,7 +121,7 @@ impl TempDaemon {
         let config = format!(
             // Never `auto`: on a patched kernel a test daemon would take the scheduler's
             // cost maps from a DOVE installed on the host.
-            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"none\"\n",
+            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"{enforcement}\"\n",
             pin_dir.display()
         );
         Self::start_with(&config, Some(pin_dir), Some(metrics))

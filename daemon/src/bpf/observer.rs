@@ -20,7 +20,7 @@ use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePo
 use aya::{Ebpf, EbpfLoader};
 use dove_ebpf_common::{
     CpuCost, GlobalCost, Settings, WindowState, COST_MAP, ENFORCE_MAP, NO_PACKET, PERCPU_COST_MAP,
-    SETTINGS_MAP, SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
+    SETTINGS_MAP, SETTINGS_PENDING_FOR_ENFORCER, SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
 };
 
 /// The compiled programs (built by build.rs from `ebpf/programs`).
@@ -240,6 +240,10 @@ pub struct Observer {
     /// Levels a previous doved published, kept until the registry has reported every
     /// container again ([`Observer::retain`]): adopted slots do not know their level.
     inherited_levels: u64,
+    /// [`Settings::flags`] as published.
+    flags: u32,
+    /// Whether new cost is added to the pending counters (an enforcer consumes them).
+    accrue_pending: bool,
 }
 
 fn kernel_release() -> String {
@@ -445,6 +449,8 @@ impl Observer {
             ticks: 0,
             generation: pinned.generation,
             inherited_levels: pinned.level_mask,
+            flags: pinned.flags,
+            accrue_pending: false,
         };
         observer.adopt_pinned_slots();
         observer.publish_settings();
@@ -564,6 +570,11 @@ impl Observer {
                 if let Ok(mut m) = enforce_map(&mut self._ebpf) {
                     let _ = m.insert(key, slot, 0);
                 }
+                // The group's unconsumed cost goes with its role, after the scheduler
+                // reads the heir: what it took from the old slot meanwhile is consumed.
+                if let Some(old) = own_slot {
+                    self.move_pending(old, slot);
+                }
             }
             None => {
                 self.enforce_slot.remove(&key);
@@ -574,6 +585,18 @@ impl Observer {
         }
     }
 
+    /// Move `from`'s pending cost onto `to`'s.
+    fn move_pending(&self, from: u32, to: u32) {
+        // SAFETY: in-bounds entries; pending_ns is shared through atomics.
+        let (from, to) = unsafe {
+            (
+                atomic_field(&raw mut (*self.cost.at(from as usize)).pending_ns),
+                atomic_field(&raw mut (*self.cost.at(to as usize)).pending_ns),
+            )
+        };
+        to.fetch_add(from.swap(0, Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     /// The slot whose pending counter `cgroup_id`'s cost is added to.
     fn pending_slot(&self, cgroup_id: u64, slot: u32) -> u32 {
         self.enforce_key
@@ -581,6 +604,35 @@ impl Observer {
             .and_then(|key| self.enforce_slot.get(key))
             .copied()
             .unwrap_or(slot)
+    }
+
+    /// Start or stop adding new cost to the pending counters. Starting over pending that
+    /// did not accrue for an enforcer (a doved that was only measuring, or an older
+    /// build) zeroes it first; stopping zeroes it, since nobody will consume it.
+    pub fn accrue_pending(&mut self, on: bool) {
+        let inherited_for_enforcer = self.flags & SETTINGS_PENDING_FOR_ENFORCER != 0;
+        if !(on && inherited_for_enforcer) {
+            let mut dropped = 0u64;
+            for slot in 0..SLOTS as usize {
+                let entry = self.cost.at(slot);
+                // SAFETY: in-bounds entry; pending_ns is shared through atomics.
+                dropped +=
+                    unsafe { atomic_field(&raw mut (*entry).pending_ns) }.swap(0, Ordering::SeqCst);
+            }
+            if dropped > 0 {
+                tracing::info!(
+                    dropped_ms = dropped / 1_000_000,
+                    "pending cost that no enforcer was consuming set to zero"
+                );
+            }
+        }
+        self.accrue_pending = on;
+        if on {
+            self.flags |= SETTINGS_PENDING_FOR_ENFORCER;
+        } else {
+            self.flags &= !SETTINGS_PENDING_FOR_ENFORCER;
+        }
+        self.publish_settings();
     }
 
     /// Hand the enforcement and cost maps to the patched scheduler.
@@ -669,7 +721,7 @@ impl Observer {
         let settings = Settings {
             level_mask: mask,
             generation: self.generation,
-            _reserved: 0,
+            flags: self.flags,
         };
         if let Err(e) = self.settings.set(0, settings, 0) {
             tracing::error!("updating {SETTINGS_MAP}: {e}; packets may be charged to stale owners");
@@ -696,8 +748,10 @@ impl Observer {
         unsafe {
             let previous = std::ptr::read_volatile(&raw const (*global).total_ns);
             if total > previous {
-                atomic_field(&raw mut (*pending).pending_ns)
-                    .fetch_add(total - previous, Ordering::SeqCst);
+                if self.accrue_pending {
+                    atomic_field(&raw mut (*pending).pending_ns)
+                        .fetch_add(total - previous, Ordering::SeqCst);
+                }
                 std::ptr::write_volatile(&raw mut (*global).total_ns, total);
             }
             std::ptr::write_volatile(&raw mut (*global).rx_ns, sum.rx_ns);

@@ -12,6 +12,8 @@ pub enum Enforcement {
     None,
     /// The patched scheduler, from the cost maps doved handed it.
     Kernel,
+    /// An enforcer outside doved, from the pinned cost map.
+    External,
 }
 
 impl Enforcement {
@@ -19,6 +21,7 @@ impl Enforcement {
         match self {
             Enforcement::None => "none",
             Enforcement::Kernel => "kernel",
+            Enforcement::External => "external",
         }
     }
 }
@@ -27,13 +30,14 @@ impl Enforcement {
 /// cost maps when it will enforce. Needs privileges (it writes the scheduler's sysctls).
 pub fn start(
     mode: EnforcementMode,
-    observer: Option<&Observer>,
+    observer: Option<&mut Observer>,
 ) -> Result<Enforcement, ObserverError> {
     let Some(observer) = observer else {
         return Ok(Enforcement::None);
     };
     let enforcement = match mode {
         EnforcementMode::None => Enforcement::None,
+        EnforcementMode::External => Enforcement::External,
         EnforcementMode::Kernel if !observer::kernel_patched() => {
             return Err(ObserverError::KernelUnpatched);
         }
@@ -46,9 +50,18 @@ pub fn start(
         }
         EnforcementMode::Auto | EnforcementMode::Kernel => Enforcement::Kernel,
     };
-    if enforcement == Enforcement::Kernel {
-        observer.hand_to_kernel()?;
-        tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
+    // Pending accrues only while someone consumes it.
+    observer.accrue_pending(enforcement != Enforcement::None);
+    match enforcement {
+        Enforcement::Kernel => {
+            observer.hand_to_kernel()?;
+            tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
+        }
+        Enforcement::External => tracing::info!(
+            "enforcement: external (pending cost accrues in the pinned {} map for an enforcer outside doved)",
+            dove_ebpf_common::COST_MAP
+        ),
+        Enforcement::None => {}
     }
     Ok(enforcement)
 }

@@ -132,8 +132,14 @@ pub struct Settings {
     /// Bumped by doved after every change to the owner map; invalidates the programs'
     /// per-CPU owner caches. Never 0, which the caches start with.
     pub generation: u32,
-    pub _reserved: u32,
+    /// doved's own flags ([`SETTINGS_PENDING_FOR_ENFORCER`]); the programs ignore them.
+    pub flags: u32,
 }
+
+/// [`Settings::flags`]: the pending counters in [`COST_MAP`] accrued for an enforcer. A
+/// doved that starts enforcing over pins without it zeroes them first, so an enforcer
+/// never inherits cost from a time when nobody consumed it.
+pub const SETTINGS_PENDING_FOR_ENFORCER: u32 = 1;
 
 #[cfg(feature = "user")]
 mod user {
