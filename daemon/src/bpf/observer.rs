@@ -242,6 +242,8 @@ pub struct Observer {
     inherited_levels: u64,
     /// [`Settings::flags`] as published.
     flags: u32,
+    /// [`Settings::level_mask`] as published.
+    published_mask: u64,
     /// Whether new cost is added to the pending counters (an enforcer consumes them).
     accrue_pending: bool,
 }
@@ -450,6 +452,7 @@ impl Observer {
             generation: pinned.generation,
             inherited_levels: pinned.level_mask,
             flags: pinned.flags,
+            published_mask: pinned.level_mask,
             accrue_pending: false,
         };
         observer.adopt_pinned_slots();
@@ -717,15 +720,30 @@ impl Observer {
                     m
                 }
             });
-        self.generation = self.generation.wrapping_add(1).max(1);
-        let settings = Settings {
-            level_mask: mask,
-            generation: self.generation,
-            flags: self.flags,
-        };
-        if let Err(e) = self.settings.set(0, settings, 0) {
-            tracing::error!("updating {SETTINGS_MAP}: {e}; packets may be charged to stale owners");
+        // A program reads the generation, then the mask, from a value the syscall
+        // rewrites whole: mark the update in progress (odd generation, the old mask),
+        // change the mask, then publish an even generation with it. A program never
+        // caches an answer under a generation whose mask it may not have seen.
+        let in_progress = self.generation | 1;
+        let done = in_progress.wrapping_add(1).max(2);
+        for (level_mask, generation) in [
+            (self.published_mask, in_progress),
+            (mask, in_progress),
+            (mask, done),
+        ] {
+            let settings = Settings {
+                level_mask,
+                generation,
+                flags: self.flags,
+            };
+            if let Err(e) = self.settings.set(0, settings, 0) {
+                tracing::error!(
+                    "updating {SETTINGS_MAP}: {e}; packets may be charged to stale owners"
+                );
+            }
         }
+        self.generation = done;
+        self.published_mask = mask;
     }
 
     /// Sum a slot over CPUs and publish it; returns the published cost. New cost is

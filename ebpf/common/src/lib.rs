@@ -130,7 +130,9 @@ pub struct Settings {
     /// Bit `n` set: some registered container's cgroup is at level `n` (root is 0).
     pub level_mask: u64,
     /// Bumped by doved after every change to the owner map; invalidates the programs'
-    /// per-CPU owner caches. Never 0, which the caches start with.
+    /// per-CPU owner caches. Never 0, which the caches start with. Odd while doved
+    /// rewrites the settings (the syscall copies the value, so a program reading
+    /// meanwhile may see either mask): programs cache nothing under an odd generation.
     pub generation: u32,
     /// doved's own flags ([`SETTINGS_PENDING_FOR_ENFORCER`]); the programs ignore them.
     pub flags: u32,

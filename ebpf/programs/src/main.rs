@@ -185,18 +185,30 @@ pub fn dove_packet_start(_ctx: RawTracePointContext) -> i32 {
 fn owner(skb: *mut __sk_buff, w: *mut WindowState) -> u32 {
     // SAFETY: cgroup_skb programs may call this helper on their context.
     let id = unsafe { bpf_skb_cgroup_id(skb) };
-    let Some(settings) = SETTINGS.get(0) else {
+    let Some(settings) = SETTINGS.get_ptr(0) else {
         return UNATTRIBUTED_SLOT;
     };
-    // Read before resolving: if doved changes the owner map meanwhile, it bumps the
-    // generation after, and the next packet resolves again.
-    let generation = settings.generation;
+    // SAFETY: `settings` points into the map's value, which doved rewrites whole: read
+    // the generation first, then the mask (volatile, so neither is reordered or read
+    // twice). If doved changes the owner map meanwhile, it bumps the generation after,
+    // and the next packet resolves again. An odd generation is an update in progress
+    // (the mask may be old or new): resolve, but cache nothing.
+    let (generation, mask) = unsafe {
+        let generation = core::ptr::read_volatile(&raw const (*settings).generation);
+        (
+            generation,
+            core::ptr::read_volatile(&raw const (*settings).level_mask),
+        )
+    };
     // SAFETY: `w` is this CPU's window state; softirqs do not nest on a CPU.
     unsafe {
+        if generation & 1 == 1 {
+            return resolve(skb, id, mask);
+        }
         if (*w).owner_cache_cgroup == id && (*w).owner_cache_generation == generation {
             return (*w).owner_cache_slot;
         }
-        let slot = resolve(skb, id, settings.level_mask);
+        let slot = resolve(skb, id, mask);
         (*w).owner_cache_cgroup = id;
         (*w).owner_cache_slot = slot;
         (*w).owner_cache_generation = generation;
