@@ -790,6 +790,86 @@ fn restart_over_pins_of_another_layout_keeps_the_bills() {
     assert!(daemon.log_text().contains("DOVE_WINDOW"));
 }
 
+/// An upgrade may change the layout of one cost map and not the other: doved creates that
+/// one afresh and rebases on the one it kept, so a bill neither stalls nor jumps, and an
+/// enforcer is never handed a container's whole history as pending.
+#[test]
+fn restart_over_one_cost_map_of_another_layout_keeps_bills_continuous() {
+    if !require_root("restart_over_one_cost_map_of_another_layout_keeps_bills_continuous") {
+        return;
+    }
+    let _serial = serial();
+    let mut daemon = TempDaemon::with_observer_config("", "external").unwrap();
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-test-rebase").unwrap();
+    daemon.register(&ctr, "kept");
+    let udp = format!("{}:5491", net.addr_b);
+    let _sink = KillOnDrop(
+        net.spawn(&net.b, Some(&ctr), &["udp-sink", &udp, "60", "0"], true)
+            .unwrap(),
+    );
+    let traffic = |daemon: &TempDaemon| {
+        finish(
+            net.spawn(&net.a, None, &["udp-send", &udp, "3000", "64"], false)
+                .unwrap(),
+        )
+        .unwrap();
+        cost(&settled(daemon), "kept")
+    };
+    let mut last = traffic(&daemon);
+    assert!(last.total_ns > 0 && last.pending_ns == last.total_ns);
+    for (map, entries) in [("DOVE_PERCPU_COST", "8192"), ("DOVE_COST", "4096")] {
+        daemon.kill9();
+        let pin = daemon.pin_dir.clone().unwrap().join(map);
+        std::fs::remove_file(&pin).unwrap();
+        // The same map as an older build laid it out: 24-byte values.
+        run(std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&pin)
+            .args([
+                "type", "array", "key", "4", "value", "24", "entries", entries, "name", map,
+                "flags", "1024",
+            ]))
+        .unwrap();
+        daemon.spawn().unwrap();
+        let restarted = cost(&settled(&daemon), "kept");
+        assert_eq!(
+            (restarted.total_ns, restarted.rx_packets),
+            (last.total_ns, last.rx_packets),
+            "{map} replaced: the bill continues where it was\n{}",
+            daemon.log_text()
+        );
+        let expected_pending = if map == "DOVE_COST" {
+            0
+        } else {
+            last.pending_ns
+        };
+        assert_eq!(
+            restarted.pending_ns, expected_pending,
+            "{map} replaced: pending neither lost nor handed the container's history"
+        );
+        let more = traffic(&daemon);
+        assert!(
+            more.total_ns > restarted.total_ns && more.rx_packets >= restarted.rx_packets + 3000,
+            "{map} replaced: billing goes on ({restarted:?} -> {more:?})"
+        );
+        assert_eq!(
+            more.pending_ns - restarted.pending_ns,
+            more.total_ns - restarted.total_ns,
+            "{map} replaced: new cost accrues as pending"
+        );
+        eprintln!(
+            "{map} replaced: bill {:.2} ms -> {:.2} ms -> {:.2} ms, pending {:.2} ms -> {:.2} ms",
+            ms(last.total_ns),
+            ms(restarted.total_ns),
+            ms(more.total_ns),
+            ms(restarted.pending_ns),
+            ms(more.pending_ns)
+        );
+        last = more;
+    }
+}
+
 /// `daemon`'s cgroup_skb programs attached at the cgroup v2 root, counted by bpftool.
 /// A DOVE installed on the host attaches programs of the same names there too; this
 /// daemon's are the ones that use the window map pinned in its own directory.

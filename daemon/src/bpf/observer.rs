@@ -19,8 +19,9 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, Settings, WindowState, COST_MAP, ENFORCE_MAP, NO_PACKET, PERCPU_COST_MAP,
-    SETTINGS_MAP, SETTINGS_PENDING_FOR_ENFORCER, SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
+    CpuCost, GlobalCost, Settings, WindowState, BASE_MAP, COST_MAP, ENFORCE_MAP, NO_PACKET,
+    PERCPU_COST_MAP, SETTINGS_MAP, SETTINGS_PENDING_FOR_ENFORCER, SLOTS, SLOTS_MAP,
+    UNATTRIBUTED_SLOT, WINDOW_MAP,
 };
 
 /// The compiled programs (built by build.rs from `ebpf/programs`).
@@ -226,6 +227,8 @@ pub struct Observer {
     windows: PerCpuArray<MapData, WindowState>,
     percpu: Mapped<CpuCost>,
     cost: Mapped<GlobalCost>,
+    /// Per slot: what it had before the per-CPU map was last created afresh.
+    base: Mapped<CpuCost>,
     nr_cpus: usize,
     /// cgroup ID → (slot, level).
     owned: HashMap<u64, (u32, u32)>,
@@ -352,6 +355,10 @@ impl Observer {
         })?;
         let percpu_entries = nr_cpus as u32 * SLOTS;
         remove_mismatched_pins(pin_dir, percpu_entries);
+        // Which cost maps this start creates afresh (first start, or an upgrade that
+        // changed one's layout): the other is rebased on it below, so bills continue.
+        let mut fresh_percpu = !pin_dir.join(PERCPU_COST_MAP).exists();
+        let mut fresh_cost = !pin_dir.join(COST_MAP).exists();
         let mut ebpf = match load(pin_dir, percpu_entries) {
             Ok(ebpf) => ebpf,
             Err(e) => {
@@ -368,9 +375,11 @@ impl Observer {
                     COST_MAP,
                     SETTINGS_MAP,
                     WINDOW_MAP,
+                    BASE_MAP,
                 ] {
                     let _ = std::fs::remove_file(pin_dir.join(name));
                 }
+                (fresh_percpu, fresh_cost) = (true, true);
                 load(pin_dir, percpu_entries)?
             }
         };
@@ -418,6 +427,7 @@ impl Observer {
             PERCPU_COST_MAP,
         )?;
         let cost = Mapped::new(map_fd(&ebpf, COST_MAP)?, SLOTS as usize, COST_MAP)?;
+        let base = Mapped::new(map_fd(&ebpf, BASE_MAP)?, SLOTS as usize, BASE_MAP)?;
         let slots = take(&mut ebpf, SLOTS_MAP, BpfHashMap::try_from)?;
         {
             // Rebuilt from the registry as it reloads.
@@ -443,6 +453,7 @@ impl Observer {
             windows,
             percpu,
             cost,
+            base,
             nr_cpus,
             owned: HashMap::new(),
             free: (1..SLOTS).collect(),
@@ -456,6 +467,7 @@ impl Observer {
             accrue_pending: false,
         };
         observer.adopt_pinned_slots();
+        observer.rebase(fresh_percpu, fresh_cost);
         observer.publish_settings();
         tracing::info!(
             programs = attached,
@@ -469,6 +481,72 @@ impl Observer {
     }
 
     /// Slots that survived a restart in the pinned map keep their counters.
+    /// Keep `DOVE_COST = DOVE_BASE + Σ DOVE_PERCPU_COST` across a start that created one
+    /// of the cost maps afresh. A fresh per-CPU map: what the kept cost map holds becomes
+    /// each slot's base (otherwise billing would stall until the new rows caught up). A
+    /// fresh cost map: it is filled from the kept rows, with nothing pending (otherwise a
+    /// container's whole history would land on its enforcer at once).
+    fn rebase(&mut self, fresh_percpu: bool, fresh_cost: bool) {
+        match (fresh_percpu, fresh_cost) {
+            (true, false) => {
+                for slot in 0..SLOTS as usize {
+                    let c = self.cost.read(slot);
+                    // SAFETY: in-bounds entry of doved's own map.
+                    unsafe {
+                        std::ptr::write_volatile(
+                            self.base.at(slot),
+                            CpuCost {
+                                rx_ns: c.rx_ns,
+                                tx_ns: c.tx_ns,
+                                rx_packets: c.rx_packets,
+                                tx_packets: c.tx_packets,
+                            },
+                        )
+                    };
+                }
+                tracing::warn!(
+                    "{PERCPU_COST_MAP} was created afresh; bills continue from {COST_MAP}"
+                );
+            }
+            (false, true) => {
+                let owner_of: HashMap<u32, u64> = self
+                    .owned
+                    .iter()
+                    .map(|(id, (slot, _))| (*slot, *id))
+                    .collect();
+                for slot in 0..SLOTS {
+                    let mut sum = self.base.read(slot as usize);
+                    for cpu in 0..self.nr_cpus {
+                        let c = self.percpu.read(cpu * SLOTS as usize + slot as usize);
+                        sum.rx_ns += c.rx_ns;
+                        sum.tx_ns += c.tx_ns;
+                        sum.rx_packets += c.rx_packets;
+                        sum.tx_packets += c.tx_packets;
+                    }
+                    // SAFETY: in-bounds entry; no enforcer has this fresh map yet.
+                    unsafe {
+                        std::ptr::write_volatile(
+                            self.cost.at(slot as usize),
+                            GlobalCost {
+                                total_ns: sum.rx_ns + sum.tx_ns,
+                                rx_ns: sum.rx_ns,
+                                tx_ns: sum.tx_ns,
+                                rx_packets: sum.rx_packets,
+                                tx_packets: sum.tx_packets,
+                                cgroup_id: owner_of.get(&slot).copied().unwrap_or(0),
+                                ..Default::default()
+                            },
+                        )
+                    };
+                }
+                tracing::warn!(
+                    "{COST_MAP} was created afresh; bills continue from {PERCPU_COST_MAP}, nothing pending"
+                );
+            }
+            (true, true) | (false, false) => {}
+        }
+    }
+
     fn adopt_pinned_slots(&mut self) {
         let entries: Vec<(u64, u32)> = self.slots.iter().filter_map(Result::ok).collect();
         for (cgroup_id, slot) in entries {
@@ -509,6 +587,7 @@ impl Observer {
         }
         // SAFETY: as above; enforcers key on cgroup_id and see the new owner from here.
         unsafe {
+            std::ptr::write_volatile(self.base.at(slot as usize), CpuCost::default());
             std::ptr::write_volatile(
                 self.cost.at(slot as usize),
                 GlobalCost {
@@ -750,7 +829,7 @@ impl Observer {
     /// added to the pending counter of `pending_slot` (the slot itself, or the one the
     /// scheduler reads for a shared quota group).
     fn flush_slot(&mut self, slot: u32, pending_slot: u32) -> Cost {
-        let mut sum = CpuCost::default();
+        let mut sum = self.base.read(slot as usize);
         for cpu in 0..self.nr_cpus {
             let c = self.percpu.read(cpu * SLOTS as usize + slot as usize);
             sum.rx_ns += c.rx_ns;
@@ -852,6 +931,7 @@ fn remove_mismatched_pins(pin_dir: &Path, percpu_entries: u32) {
         (COST_MAP, 4, size(size_of::<GlobalCost>()), SLOTS),
         (WINDOW_MAP, 4, size(size_of::<WindowState>()), 1),
         (SETTINGS_MAP, 4, size(size_of::<Settings>()), 1),
+        (BASE_MAP, 4, size(size_of::<CpuCost>()), SLOTS),
     ];
     let mut replaced = Vec::new();
     for (name, key_size, value_size, max_entries) in expected {

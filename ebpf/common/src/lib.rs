@@ -16,6 +16,7 @@
 //! - [`WINDOW_MAP`]: per-CPU [`WindowState`]: the softirq window in progress and the
 //!   programs' own counters (one lookup per program run serves both).
 //! - [`SETTINGS_MAP`]: one [`Settings`].
+//! - [`BASE_MAP`]: array of [`CpuCost`], `SLOTS` entries, mmapable; doved's own.
 #![no_std]
 
 /// Slots in the cost maps: one per registered container, slot 0 for unattributed time.
@@ -39,6 +40,10 @@ pub const PERCPU_COST_MAP: &str = "DOVE_PERCPU_COST";
 pub const COST_MAP: &str = "DOVE_COST";
 pub const WINDOW_MAP: &str = "DOVE_WINDOW";
 pub const SETTINGS_MAP: &str = "DOVE_SETTINGS";
+/// Array of [`CpuCost`], `SLOTS` entries, mmapable: what each slot had accumulated when
+/// the per-CPU map was last created afresh (an upgrade that changed its layout), so that
+/// `DOVE_COST = DOVE_BASE + Σ DOVE_PERCPU_COST` and bills continue. Written only by doved.
+pub const BASE_MAP: &str = "DOVE_BASE";
 
 /// Softirq time one CPU spent for one slot. Cumulative, never reset while the slot is
 /// owned; only programs on that CPU write it.

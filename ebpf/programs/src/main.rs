@@ -53,6 +53,11 @@ static ENFORCE: HashMap<u64, u32> = HashMap::pinned(SLOTS, 0);
 #[map(name = "DOVE_PERCPU_COST")]
 static PERCPU_COST: Array<CpuCost> = Array::pinned(SLOTS, BPF_F_MMAPABLE);
 
+/// doved's own (what a slot had before the per-CPU map was last created afresh);
+/// declared here so that it is created and pinned with the others.
+#[map(name = "DOVE_BASE")]
+static BASE: Array<CpuCost> = Array::pinned(SLOTS, BPF_F_MMAPABLE);
+
 /// Written by doved, read here only so that it is created and pinned with the others.
 #[map(name = "DOVE_COST")]
 static COST: Array<GlobalCost> = Array::pinned(SLOTS, BPF_F_MMAPABLE);
