@@ -243,14 +243,18 @@ fn print_status(s: &Status) {
     );
     println!("enforcement:   {}", s.enforcement);
     println!("observer:      {}", s.observer);
-    println!(
-        "irq time accounting: {}",
-        if s.irq_time_accounting {
-            "yes (softirq time is not billed to the interrupted task)"
-        } else {
-            "no (softirq time is billed to whichever task it interrupted)"
+    let irq_time = match s.irq_time_accounting_state.as_str() {
+        "active" => "active (softirq time is not billed to the interrupted task)",
+        "unconfirmed" => "built, not confirmed running (no IRQ time in /proc/pressure/irq yet)",
+        "disabled-at-boot" => {
+            "disabled at boot (tsc=noirqtime): softirq time is billed to whichever task it interrupted"
         }
-    );
+        "not-built" => "not built: softirq time is billed to whichever task it interrupted",
+        "" if s.irq_time_accounting => "built (older doved: running state not reported)",
+        "" => "not built (older doved)",
+        _ => "unknown",
+    };
+    println!("irq time accounting: {irq_time}");
     println!(
         "dropped (cgroup vanished without poststop): {}",
         s.dropped_vanished

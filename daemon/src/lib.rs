@@ -10,6 +10,7 @@ pub mod bpf;
 pub mod config;
 pub mod enforce;
 pub mod ingest;
+pub mod irqtime;
 pub mod registry;
 pub mod telemetry;
 

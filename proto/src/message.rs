@@ -345,6 +345,9 @@ pub struct Stats {
     pub containers: Vec<ContainerStats>,
     pub unattributed: CostCounters,
     pub health: ObserverHealth,
+    /// The running kernel's IRQ time accounting (see [`Status::irq_time_accounting_state`]).
+    #[serde(default)]
+    pub irq_time_accounting: String,
 }
 
 /// The daemon's view of itself, for `dovectl status`.
@@ -367,8 +370,14 @@ pub struct Status {
     /// The eBPF observer: `active`, `disabled`, or `failed: <reason>`.
     #[serde(default)]
     pub observer: String,
-    /// Whether the kernel accounts IRQ time separately (`/proc/pressure/irq` exists).
+    /// Whether the kernel is built to account IRQ time apart from tasks (kept for older
+    /// clients; [`Self::irq_time_accounting_state`] says whether it is running).
     pub irq_time_accounting: bool,
+    /// `active`, `unconfirmed` (built, nothing shows it running), `disabled-at-boot`,
+    /// `not-built` or `unknown`: whether softirq time is kept out of the interrupted
+    /// task's runtime, i.e. whether anyone already paid for what DOVE charges.
+    #[serde(default)]
+    pub irq_time_accounting_state: String,
     /// Registrations dropped because their cgroup vanished without a poststop.
     pub dropped_vanished: u64,
     /// Writes of the registry to disk that failed since start.

@@ -948,6 +948,32 @@ fn metrics_endpoint_is_valid_prometheus_text() {
         .find(|s| s.metric == "dove_observer_up")
         .unwrap();
     assert!(matches!(up.value, prometheus_parse::Value::Gauge(v) if v == 1.0));
+    // IRQ time accounting, against the kernel's own build configuration.
+    let states: Vec<&str> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "dove_irq_time_accounting")
+        .filter(|s| matches!(s.value, prometheus_parse::Value::Gauge(v) if v == 1.0))
+        .filter_map(|s| s.labels.get("state"))
+        .collect();
+    let release = run(std::process::Command::new("uname").arg("-r")).unwrap();
+    let config = std::fs::read_to_string(format!("/boot/config-{}", release.trim()));
+    let allowed: &[&str] = match config.as_deref() {
+        Ok(c) if c.contains("# CONFIG_IRQ_TIME_ACCOUNTING is not set") => &["not-built"],
+        Ok(c) if c.contains("CONFIG_IRQ_TIME_ACCOUNTING=y") => {
+            &["active", "unconfirmed", "disabled-at-boot"]
+        }
+        _ => &["active", "unconfirmed", "disabled-at-boot", "not-built", "unknown"],
+    };
+    assert!(
+        states.len() == 1 && allowed.contains(&states[0]),
+        "dove_irq_time_accounting says {states:?}; the kernel's config allows {allowed:?}"
+    );
+    let status = match daemon.client().call(dove_proto::Request::Status).unwrap() {
+        dove_proto::Reply::Status(s) => s,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status.irq_time_accounting_state, states[0]);
 }
 
 #[test]

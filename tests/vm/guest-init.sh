@@ -231,7 +231,7 @@ EOF
     doved --config /tmp/doved-$mode.toml > /tmp/doved-$mode.log 2>&1 &
     doved_pid=$!
     for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
-    say STATUS mode=$mode "$(dovectl status | grep -E 'enforcement|observer' | tr '\n' ' ')"
+    say STATUS mode=$mode "$(dovectl status | grep -E 'enforcement|observer|irq time' | tr '\n' ' ')"
 
     b_cmd='["sh", "-c", "while :; do :; done"]'
     if [ "$mode" != ref ]; then

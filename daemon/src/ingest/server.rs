@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
+use crate::irqtime::IrqTimeAccounting;
 use crate::registry::{RegisterError, Registry};
 
 /// Who may talk to the daemon besides root, and what they may ask.
@@ -491,6 +492,7 @@ impl Server {
 
     fn status(&self) -> Status {
         let info = &self.info;
+        let irq_time = IrqTimeAccounting::probe();
         Status {
             daemon_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION,
@@ -508,7 +510,11 @@ impl Server {
                 .map(|h| h.mount_point.display().to_string()),
             enforcement: info.telemetry.enforcement.as_str().into(),
             observer: info.telemetry.observer_state.as_str().into(),
-            irq_time_accounting: Path::new("/proc/pressure/irq").exists(),
+            irq_time_accounting: !matches!(
+                irq_time,
+                IrqTimeAccounting::NotBuilt | IrqTimeAccounting::Unknown
+            ),
+            irq_time_accounting_state: irq_time.as_str().into(),
             dropped_vanished: self
                 .registry
                 .dropped_vanished

@@ -105,6 +105,7 @@ impl Telemetry {
         let h = &snap.health;
         Stats {
             observer: self.observer_state.as_str().into(),
+            irq_time_accounting: crate::irqtime::IrqTimeAccounting::probe().as_str().into(),
             tick_ms: self.tick_ms,
             containers,
             unattributed: counters(&snap.unattributed),
@@ -230,6 +231,20 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
         &plain(seconds(stats.unattributed.total_ns).to_string()),
     );
     let h = &stats.health;
+    family(
+        "dove_irq_time_accounting",
+        "gauge",
+        "1 for the running kernel's IRQ time accounting state: active means softirq time is kept out of the interrupted task's runtime (nobody paid before DOVE's charge).",
+        &crate::irqtime::IrqTimeAccounting::ALL
+            .iter()
+            .map(|s| {
+                (
+                    format!("state=\"{}\"", s.as_str()),
+                    ((stats.irq_time_accounting == s.as_str()) as u8).to_string(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
     family(
         "dove_observer_up",
         "gauge",

@@ -1,0 +1,160 @@
+//! Whether the running kernel accounts IRQ time apart from tasks' runtime.
+//!
+//! It decides who already paid for softirq work. With IRQ time accounting active, the
+//! scheduler excludes hardirq and softirq time from the interrupted task's runtime: no task
+//! paid, and DOVE's charge is the whole bill. Without it, the task that happened to be
+//! interrupted was billed too, so deducting DOVE's charge from the owner bills that time
+//! twice unless the victim is credited.
+//!
+//! Being built in (`CONFIG_IRQ_TIME_ACCOUNTING`) is not enough: x86 turns it off at boot
+//! with `tsc=noirqtime` and whenever the TSC is found unstable. The kernel does not export
+//! the switch; what shows it is PSI's `irq` line, which only grows while IRQ time is being
+//! accounted (it is fed from the same per-CPU IRQ time counters).
+
+use std::path::Path;
+
+/// What the running kernel does with IRQ time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqTimeAccounting {
+    /// The kernel is built without it: the interrupted task pays.
+    NotBuilt,
+    /// Built, switched off on the command line (`tsc=noirqtime`).
+    DisabledAtBoot,
+    /// Built and accounting: PSI has recorded IRQ time since boot.
+    Active,
+    /// Built, but nothing shows it running: PSI is off or has recorded no IRQ time (an
+    /// idle host, or accounting switched off when the TSC was found unstable).
+    Unconfirmed,
+    /// Neither the kernel's configuration nor PSI is readable.
+    Unknown,
+}
+
+impl IrqTimeAccounting {
+    pub const ALL: [IrqTimeAccounting; 5] = [
+        IrqTimeAccounting::NotBuilt,
+        IrqTimeAccounting::DisabledAtBoot,
+        IrqTimeAccounting::Active,
+        IrqTimeAccounting::Unconfirmed,
+        IrqTimeAccounting::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IrqTimeAccounting::NotBuilt => "not-built",
+            IrqTimeAccounting::DisabledAtBoot => "disabled-at-boot",
+            IrqTimeAccounting::Active => "active",
+            IrqTimeAccounting::Unconfirmed => "unconfirmed",
+            IrqTimeAccounting::Unknown => "unknown",
+        }
+    }
+
+    /// Read the running kernel's configuration, command line and PSI.
+    pub fn probe() -> Self {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let config =
+            std::fs::read_to_string(Path::new("/boot").join(format!("config-{release}"))).ok();
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let psi = std::fs::read_to_string("/proc/pressure/irq")
+            .map(Psi::Read)
+            .unwrap_or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Psi::Absent,
+                _ => Psi::Unreadable,
+            });
+        Self::classify(config.as_deref(), &cmdline, psi)
+    }
+
+    /// The decision, from the texts [`Self::probe`] reads.
+    pub fn classify(kernel_config: Option<&str>, cmdline: &str, psi: Psi) -> Self {
+        let configured = kernel_config.and_then(|c| {
+            c.lines().find_map(|l| match l.trim() {
+                "CONFIG_IRQ_TIME_ACCOUNTING=y" => Some(true),
+                "# CONFIG_IRQ_TIME_ACCOUNTING is not set" => Some(false),
+                _ => None,
+            })
+        });
+        // /proc/pressure/irq exists only in kernels built with it (and PSI).
+        let built = match (&psi, configured) {
+            (Psi::Read(_) | Psi::Unreadable, _) => true,
+            (Psi::Absent, Some(built)) => built,
+            (Psi::Absent, None) => return IrqTimeAccounting::Unknown,
+        };
+        if !built {
+            return IrqTimeAccounting::NotBuilt;
+        }
+        if cmdline.split_whitespace().any(|arg| arg == "tsc=noirqtime") {
+            return IrqTimeAccounting::DisabledAtBoot;
+        }
+        match psi {
+            Psi::Read(text) if psi_irq_total(&text).is_some_and(|t| t > 0) => {
+                IrqTimeAccounting::Active
+            }
+            _ => IrqTimeAccounting::Unconfirmed,
+        }
+    }
+}
+
+/// `/proc/pressure/irq` as found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Psi {
+    Read(String),
+    /// Not there: the kernel lacks IRQ time accounting or PSI.
+    Absent,
+    /// There but unreadable (PSI switched off with `psi=0`).
+    Unreadable,
+}
+
+/// The `total=` (µs) of the `full` line.
+fn psi_irq_total(text: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with("full "))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUILT: &str = "CONFIG_PSI=y\nCONFIG_IRQ_TIME_ACCOUNTING=y\n";
+    const NOT_BUILT: &str =
+        "# CONFIG_IRQ_TIME_ACCOUNTING is not set\nCONFIG_HAVE_IRQ_TIME_ACCOUNTING=y\n";
+    const BUSY: &str = "full avg10=0.12 avg60=0.05 avg300=0.01 total=8811\n";
+    const IDLE: &str = "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+
+    #[test]
+    fn decides_from_config_cmdline_and_psi() {
+        use IrqTimeAccounting::*;
+        let read = |t: &str| Psi::Read(t.to_owned());
+        let cases = [
+            // (config, cmdline, psi, expected)
+            (Some(NOT_BUILT), "quiet", Psi::Absent, NotBuilt),
+            (None, "quiet", Psi::Absent, Unknown),
+            (Some(BUILT), "quiet", read(BUSY), Active),
+            (None, "quiet", read(BUSY), Active),
+            (
+                Some(BUILT),
+                "quiet tsc=noirqtime",
+                read(IDLE),
+                DisabledAtBoot,
+            ),
+            (Some(BUILT), "quiet", read(IDLE), Unconfirmed),
+            (Some(BUILT), "quiet psi=0", Psi::Unreadable, Unconfirmed),
+            // Built, but PSI compiled out: nothing confirms it runs.
+            (Some(BUILT), "quiet", Psi::Absent, Unconfirmed),
+            (Some(BUILT), "quiet", read("garbage"), Unconfirmed),
+            // Another tsc= option does not switch it off.
+            (Some(BUILT), "tsc=reliable", read(BUSY), Active),
+        ];
+        for (config, cmdline, psi, expected) in cases {
+            assert_eq!(
+                IrqTimeAccounting::classify(config, cmdline, psi.clone()),
+                expected,
+                "{config:?} {cmdline:?} {psi:?}"
+            );
+        }
+    }
+}
