@@ -317,7 +317,8 @@ impl Drop for TempDaemon {
 pub struct NetPair {
     pub a: String,
     pub b: String,
-    /// The veth end in namespace `b`.
+    /// The veth ends in namespaces `a` and `b`.
+    pub dev_a: String,
     pub dev_b: String,
     pub addr_a: String,
     pub addr_b: String,
@@ -334,6 +335,7 @@ impl NetPair {
             addr_a: format!("10.77.{n}.1"),
             addr_b: format!("10.77.{n}.2"),
             addr6_b: format!("fd77::{n}:2"),
+            dev_a: format!("dva{n}"),
             dev_b: format!("dvb{n}"),
             a,
             b,
@@ -341,7 +343,7 @@ impl NetPair {
         let ip = |args: &[&str]| run(Command::new("ip").args(args));
         ip(&["netns", "add", &pair.a])?;
         ip(&["netns", "add", &pair.b])?;
-        let (va, vb) = (format!("dva{n}"), pair.dev_b.clone());
+        let (va, vb) = (pair.dev_a.clone(), pair.dev_b.clone());
         ip(&[
             "-n", &pair.a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
             &pair.b,

@@ -355,3 +355,219 @@ fn third_party_packets_in_the_same_batches_are_unattributed() {
         );
     }
 }
+
+/// ftrace on every CPU: NET_TX windows, and the timer, hrtimer and tasklet callbacks that
+/// are TCP's transmit paths (by function name), each timed from its entry to its exit. An instrument of transmit softirq work that does not use DOVE's programs.
+struct TransmitTrace {
+    mount: tempfile::TempDir,
+    instance: std::path::PathBuf,
+}
+
+#[derive(Debug, Default)]
+struct TransmitTime {
+    net_tx_ns: u64,
+    net_tx_windows: u64,
+    /// TCP callback → (runs, ns).
+    callbacks: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl TransmitTime {
+    fn total_ns(&self) -> u64 {
+        self.net_tx_ns + self.callbacks.values().map(|(_, ns)| ns).sum::<u64>()
+    }
+}
+
+/// TCP's transmit paths outside a socket call: retransmit and probe timer, keepalive,
+/// pacing hrtimer, TSQ tasklet. (Delayed and compressed ACKs are the receiver's.)
+const SENDER_CALLBACKS: [&str; 4] = [
+    "tcp_write_timer",
+    "tcp_keepalive_timer",
+    "tcp_pace_kick",
+    "tcp_tasklet_func",
+];
+
+const CALLBACK_EVENTS: [&str; 6] = [
+    "timer/timer_expire_entry",
+    "timer/timer_expire_exit",
+    "timer/hrtimer_expire_entry",
+    "timer/hrtimer_expire_exit",
+    "irq/tasklet_entry",
+    "irq/tasklet_exit",
+];
+
+impl TransmitTrace {
+    fn start() -> Self {
+        let mount = tempfile::Builder::new()
+            .prefix("dove-tracefs-")
+            .tempdir()
+            .unwrap();
+        nix::mount::mount(
+            Some("nodev"),
+            mount.path(),
+            Some("tracefs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let instance = mount.path().join("instances").join(unique("dove-tx"));
+        std::fs::create_dir(&instance).unwrap();
+        let w = |p: &str, v: &str| std::fs::write(instance.join(p), v).unwrap();
+        w("buffer_size_kb", "65536");
+        for ev in ["irq/softirq_entry", "irq/softirq_exit"] {
+            w(&format!("events/{ev}/filter"), "vec == 2");
+            w(&format!("events/{ev}/enable"), "1");
+        }
+        for ev in CALLBACK_EVENTS {
+            w(&format!("events/{ev}/enable"), "1");
+        }
+        w("tracing_on", "1");
+        Self { mount, instance }
+    }
+
+    fn stop(&self) -> TransmitTime {
+        std::fs::write(self.instance.join("tracing_on"), "0").unwrap();
+        let text = std::fs::read_to_string(self.instance.join("trace")).unwrap();
+        let mut time = TransmitTime::default();
+        let mut net_tx: std::collections::HashMap<u32, f64> = Default::default();
+        // Per CPU: callbacks in progress (a hardirq hrtimer may nest in a softirq one).
+        let mut open: std::collections::HashMap<u32, Vec<(f64, String)>> = Default::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some(cpu) = line
+                .split('[')
+                .nth(1)
+                .and_then(|r| r.split(']').next())
+                .and_then(|c| c.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some((before, event)) = line.split_once(": ") else {
+                continue;
+            };
+            let Some(ts) = before
+                .rsplit(' ')
+                .next()
+                .and_then(|t| t.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            let ns = |since: f64| ((ts - since) * 1e9) as u64;
+            let field = |name: &str| {
+                event
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix(name))
+                    .map(|v| v.split('+').next().unwrap_or(v).to_owned())
+            };
+            if event.starts_with("softirq_entry") {
+                net_tx.insert(cpu, ts);
+            } else if event.starts_with("softirq_exit") {
+                if let Some(start) = net_tx.remove(&cpu) {
+                    time.net_tx_ns += ns(start);
+                    time.net_tx_windows += 1;
+                }
+            } else if event.starts_with("timer_expire_entry")
+                || event.starts_with("hrtimer_expire_entry")
+                || event.starts_with("tasklet_entry")
+            {
+                let function = field("function=").unwrap_or_default();
+                open.entry(cpu).or_default().push((ts, function));
+            } else if event.starts_with("timer_expire_exit")
+                || event.starts_with("hrtimer_expire_exit")
+                || event.starts_with("tasklet_exit")
+            {
+                if let Some((start, function)) = open.entry(cpu).or_default().pop() {
+                    if SENDER_CALLBACKS.contains(&function.as_str()) {
+                        let e = time.callbacks.entry(function).or_default();
+                        e.0 += 1;
+                        e.1 += ns(start);
+                    }
+                }
+            }
+        }
+        time
+    }
+}
+
+impl Drop for TransmitTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.instance.join("tracing_on"), "0");
+        for ev in CALLBACK_EVENTS
+            .iter()
+            .chain(&["irq/softirq_entry", "irq/softirq_exit"])
+        {
+            let _ = std::fs::write(self.instance.join(format!("events/{ev}/enable")), "0");
+        }
+        let _ = std::fs::remove_dir(&self.instance);
+        let _ = nix::mount::umount2(self.mount.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A container that only sends, over TCP through a rate-limiting qdisc (tbf) whose short
+/// queue overflows: the qdisc releases packets in NET_TX softirq, TCP small queues resume
+/// the sender from a tasklet, and losses are repaired from TCP's timers. No socket hook runs in either; DOVE must still bill the
+/// sender for that work, and the kernel's own view of it is the instrument.
+#[test]
+fn transmit_work_is_billed_to_the_sender() {
+    if !require_root("transmit_work_is_billed_to_the_sender") {
+        return;
+    }
+    let _serial = serial();
+    let daemon = TempDaemon::with_observer().unwrap();
+    let net = NetPair::new().unwrap();
+    let sender = TestCgroup::new("dove-test-sender").unwrap();
+    daemon.register(&sender, "sender");
+    run(std::process::Command::new("ip").args([
+        "netns", "exec", &net.a, "tc", "qdisc", "add", "dev", &net.dev_a, "root", "tbf", "rate",
+        "200mbit", "burst", "16k", "limit", "40k",
+    ]))
+    .unwrap();
+    let to = format!("{}:5501", net.addr_b);
+    // The receiver is nobody's: its ACKs and receive work are unattributed.
+    let sink = net
+        .spawn(&net.b, None, &["tcp-sink", &to, "60"], true)
+        .unwrap();
+    let before = settled(&daemon);
+    let trace = TransmitTrace::start();
+    finish(
+        net.spawn(&net.a, Some(&sender), &["tcp-send", &to, "40000000"], false)
+            .unwrap(),
+    )
+    .unwrap();
+    let bytes = finish(sink).unwrap();
+    let kernel = trace.stop();
+    let after = settled(&daemon);
+    let billed = cost(&after, "sender");
+    let tx = billed.tx_ns - cost(&before, "sender").tx_ns;
+    let rx = billed.rx_ns - cost(&before, "sender").rx_ns;
+    eprintln!(
+        "40 MB through tbf: ftrace NET_TX {:.2} ms in {} windows, TCP callbacks {:?}; DOVE billed the sender tx {:.2} ms ({:.0}% of {:.2} ms), rx {:.2} ms (ACKs)",
+        ms(kernel.net_tx_ns),
+        kernel.net_tx_windows,
+        kernel
+            .callbacks
+            .iter()
+            .map(|(f, (n, ns))| format!("{f}: {n} runs {:.2} ms", ms(*ns)))
+            .collect::<Vec<_>>(),
+        ms(tx),
+        tx as f64 / kernel.total_ns().max(1) as f64 * 100.0,
+        ms(kernel.total_ns()),
+        ms(rx)
+    );
+    assert_eq!(bytes, 40_000_000, "the stream arrived");
+    assert!(
+        kernel.net_tx_windows > 100,
+        "tbf released the packets in only {} NET_TX windows: the bed does not exercise NET_TX",
+        kernel.net_tx_windows
+    );
+    assert!(
+        tx as f64 >= 0.8 * kernel.total_ns() as f64,
+        "the sender was billed {:.2} ms of transmit work; the kernel ran {:.2} ms of it",
+        ms(tx),
+        ms(kernel.total_ns())
+    );
+    assert!(
+        tx as f64 <= 1.2 * kernel.total_ns() as f64 + 5e6,
+        "the sender was billed {:.2} ms of transmit work, more than the kernel ran ({:.2} ms)",
+        ms(tx),
+        ms(kernel.total_ns())
+    );
+}

@@ -417,7 +417,7 @@ fn restart_mid_traffic_keeps_counters_and_never_double_attaches() {
         seen.push(cost(&s, "steady").total_ns);
         assert_eq!(
             s.health.programs_attached,
-            5,
+            12,
             "round {round}: {s:?}\n{}",
             daemon.log_text()
         );
@@ -782,7 +782,7 @@ fn restart_over_pins_of_another_layout_keeps_the_bills() {
     daemon.spawn().unwrap();
     let s = daemon.stats();
     assert_eq!(s.observer, "active", "{}", daemon.log_text());
-    assert_eq!(s.health.programs_attached, 5, "{}", daemon.log_text());
+    assert_eq!(s.health.programs_attached, 12, "{}", daemon.log_text());
     assert!(
         cost(&s, "kept").total_ns >= before,
         "the bill survived the replaced window map"
@@ -963,7 +963,13 @@ fn metrics_endpoint_is_valid_prometheus_text() {
         Ok(c) if c.contains("CONFIG_IRQ_TIME_ACCOUNTING=y") => {
             &["active", "unconfirmed", "disabled-at-boot"]
         }
-        _ => &["active", "unconfirmed", "disabled-at-boot", "not-built", "unknown"],
+        _ => &[
+            "active",
+            "unconfirmed",
+            "disabled-at-boot",
+            "not-built",
+            "unknown",
+        ],
     };
     assert!(
         states.len() == 1 && allowed.contains(&states[0]),
@@ -1007,7 +1013,7 @@ fn dovectl_stats_and_top() {
     ] {
         assert!(json["containers"][0][key].is_u64(), "{key}");
     }
-    assert_eq!(json["health"]["programs_attached"], 5);
+    assert_eq!(json["health"]["programs_attached"], 12);
     let top = dovectl(&["top", "--interval", "0.2", "--iterations", "2"]);
     assert!(
         top.contains("CONTAINER") && top.contains("ctl") && top.contains("(unattributed)"),

@@ -1,5 +1,7 @@
 //! The eBPF side: host preflight, loading and pinning the programs and maps, cost slots
-//! (`observer`), and the thread that owns them and aggregates every tick (`accounting`).
+//! (`observer`), the kernel struct offsets the transmit programs need (`offsets`), and
+//! the thread that owns them and aggregates every tick (`accounting`).
 
 pub mod accounting;
 pub mod observer;
+pub mod offsets;

@@ -19,9 +19,9 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, Settings, WindowState, BASE_MAP, COST_MAP, ENFORCE_MAP, NO_PACKET,
-    PERCPU_COST_MAP, SETTINGS_MAP, SETTINGS_PENDING_FOR_ENFORCER, SLOTS, SLOTS_MAP,
-    UNATTRIBUTED_SLOT, WINDOW_MAP,
+    CpuCost, GlobalCost, KernelOffsets, Settings, WindowState, BASE_MAP, COST_MAP, ENFORCE_MAP,
+    KERNEL_OFFSETS_MAP, NO_PACKET, PERCPU_COST_MAP, SETTINGS_MAP, SETTINGS_PENDING_FOR_ENFORCER,
+    SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
 };
 
 /// The compiled programs (built by build.rs from `ebpf/programs`).
@@ -386,6 +386,7 @@ impl Observer {
         // No window a previous doved saw open may be closed by these programs: its
         // mark could be seconds old. Nothing runs the programs until they attach below.
         reset_windows(&mut ebpf)?;
+        publish_offsets(&mut ebpf)?;
         let mut attached = 0;
         let root =
             std::fs::File::open(cgroup_root).map_err(|source| ObserverError::CgroupRoot {
@@ -394,10 +395,23 @@ impl Observer {
             })?;
         // Exit first and entry last: every window the programs see is then whole (an
         // exit without its entry finds no open window and does nothing).
-        attach_raw_tracepoint(&mut ebpf, "dove_softirq_exit", "softirq_exit")?;
-        attached += 1;
-        attach_raw_tracepoint(&mut ebpf, "dove_packet_start", "netif_receive_skb")?;
-        attached += 1;
+        attached += attach_raw_tracepoints(&mut ebpf, "dove_softirq_exit", &["softirq_exit"])?;
+        attached += attach_raw_tracepoints(
+            &mut ebpf,
+            "dove_callback_exit",
+            &["timer_expire_exit", "hrtimer_expire_exit", "tasklet_exit"],
+        )?;
+        attached += attach_raw_tracepoints(&mut ebpf, "dove_packet_start", &["netif_receive_skb"])?;
+        attached += attach_raw_tracepoints(&mut ebpf, "dove_xmit_start", &["net_dev_start_xmit"])?;
+        attached += attach_raw_tracepoints(
+            &mut ebpf,
+            "dove_callback_entry",
+            &[
+                "timer_expire_entry",
+                "hrtimer_expire_entry",
+                "tasklet_entry",
+            ],
+        )?;
         let mut cgroup_programs = vec![("dove_ingress", CgroupSkbAttachType::Ingress)];
         if egress {
             cgroup_programs.push(("dove_egress", CgroupSkbAttachType::Egress));
@@ -418,8 +432,7 @@ impl Observer {
                 })?;
             attached += 1;
         }
-        attach_raw_tracepoint(&mut ebpf, "dove_softirq_entry", "softirq_entry")?;
-        attached += 1;
+        attached += attach_raw_tracepoints(&mut ebpf, "dove_softirq_entry", &["softirq_entry"])?;
 
         let percpu = Mapped::new(
             map_fd(&ebpf, PERCPU_COST_MAP)?,
@@ -932,6 +945,7 @@ fn remove_mismatched_pins(pin_dir: &Path, percpu_entries: u32) {
         (WINDOW_MAP, 4, size(size_of::<WindowState>()), 1),
         (SETTINGS_MAP, 4, size(size_of::<Settings>()), 1),
         (BASE_MAP, 4, size(size_of::<CpuCost>()), SLOTS),
+        (KERNEL_OFFSETS_MAP, 4, size(size_of::<KernelOffsets>()), 1),
     ];
     let mut replaced = Vec::new();
     for (name, key_size, value_size, max_entries) in expected {
@@ -969,23 +983,68 @@ fn enforce_map(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, u64, u32>, Ob
     })
 }
 
-fn attach_raw_tracepoint(
+/// Load program `name` and attach it to each of `tracepoints`; returns how many
+/// attached. The softirq and packet tracepoints exist on every kernel DOVE supports; a
+/// missing callback tracepoint (`tasklet_entry` came in 5.18) only loses that class of
+/// transmit work, and is said.
+fn attach_raw_tracepoints(
     ebpf: &mut Ebpf,
     name: &str,
-    tracepoint: &str,
-) -> Result<(), ObserverError> {
+    tracepoints: &[&str],
+) -> Result<usize, ObserverError> {
     let program: &mut RawTracePoint = program(ebpf, name)?;
     program.load().map_err(|source| ObserverError::Program {
         what: format!("loading {name}"),
         source,
     })?;
-    program
-        .attach(tracepoint)
-        .map_err(|source| ObserverError::Program {
-            what: format!("attaching {name} to raw tracepoint {tracepoint}"),
-            source,
+    let mut attached = 0;
+    for tracepoint in tracepoints {
+        match program.attach(tracepoint) {
+            Ok(_) => attached += 1,
+            Err(source) if tracepoints.len() > 1 => tracing::warn!(
+                "attaching {name} to raw tracepoint {tracepoint} failed ({source}): transmit work in those callbacks goes unattributed"
+            ),
+            Err(source) => {
+                return Err(ObserverError::Program {
+                    what: format!("attaching {name} to raw tracepoint {tracepoint}"),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(attached)
+}
+
+/// Resolve the kernel struct offsets the transmit programs read and hand them over;
+/// without them NET_TX work is unattributed (and said), the rest works. Pins do not
+/// outlive a boot, so offsets a previous doved pinned are this kernel's: parsing the BTF
+/// (6 MB) is done once per boot, not at every restart.
+fn publish_offsets(ebpf: &mut Ebpf) -> Result<(), ObserverError> {
+    let map = ebpf.map_mut(KERNEL_OFFSETS_MAP).ok_or(ObserverError::Map {
+        name: KERNEL_OFFSETS_MAP,
+        detail: "missing from the object".into(),
+    })?;
+    let mut array: Array<&mut MapData, KernelOffsets> =
+        Array::try_from(map).map_err(|e| ObserverError::Map {
+            name: KERNEL_OFFSETS_MAP,
+            detail: e.to_string(),
         })?;
-    Ok(())
+    if array.get(&0, 0).is_ok_and(|pinned| pinned.valid != 0) {
+        return Ok(());
+    }
+    let offsets = match super::offsets::resolve(Path::new(super::offsets::VMLINUX_BTF)) {
+        Ok(offsets) => offsets,
+        Err(e) => {
+            tracing::warn!(
+                "NET_TX work will be unattributed: its packets' owners are read from the skb at offsets the kernel's BTF gives, and {e}"
+            );
+            KernelOffsets::default()
+        }
+    };
+    array.set(0, offsets, 0).map_err(|e| ObserverError::Map {
+        name: KERNEL_OFFSETS_MAP,
+        detail: e.to_string(),
+    })
 }
 
 /// Close every CPU's window, keeping the counters: a pinned state may hold a window

@@ -29,8 +29,11 @@ pub const MAX_LEVEL: u32 = 31;
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// softirq vector numbers (`include/linux/interrupt.h`).
+pub const TIMER_SOFTIRQ: u32 = 1;
 pub const NET_TX_SOFTIRQ: u32 = 2;
 pub const NET_RX_SOFTIRQ: u32 = 3;
+pub const TASKLET_SOFTIRQ: u32 = 6;
+pub const HRTIMER_SOFTIRQ: u32 = 8;
 
 pub const SLOTS_MAP: &str = "DOVE_SLOTS";
 /// Hash: ID of the cgroup holding a CFS quota → slot whose pending cost the patched
@@ -44,6 +47,8 @@ pub const SETTINGS_MAP: &str = "DOVE_SETTINGS";
 /// the per-CPU map was last created afresh (an upgrade that changed its layout), so that
 /// `DOVE_COST = DOVE_BASE + Σ DOVE_PERCPU_COST` and bills continue. Written only by doved.
 pub const BASE_MAP: &str = "DOVE_BASE";
+/// Array of one [`KernelOffsets`], written by doved from the running kernel's BTF.
+pub const KERNEL_OFFSETS_MAP: &str = "DOVE_KERNEL_OFFSETS";
 
 /// Softirq time one CPU spent for one slot. Cumulative, never reset while the slot is
 /// owned; only programs on that CPU write it.
@@ -118,6 +123,39 @@ pub struct WindowState {
     /// Stretches longer than [`MAX_STRETCH_NS`], not charged: no packet takes that long,
     /// so the mark was stale.
     pub dropped_stretches: u64,
+    /// Timer, hrtimer or tasklet callbacks in progress in a TIMER/HRTIMER/TASKLET window
+    /// (more than one when a hardirq timer runs inside a softirq one).
+    pub callback_depth: u32,
+    pub _pad: u32,
+    /// Packets a NET_TX window handed to a driver (`net_dev_start_xmit`).
+    pub xmits_started: u64,
+    /// Timer, hrtimer and tasklet callbacks that transmitted for a socket (charged).
+    pub transmit_callbacks: u64,
+}
+
+/// Where the fields DOVE reads from kernel structs lie in the running kernel, resolved
+/// by doved from `/sys/kernel/btf/vmlinux` before the programs that use them attach.
+/// The programs read through `bpf_probe_read_kernel`, so a wrong offset yields a wrong
+/// owner at worst, never a fault.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sk_buff`: `sk`.
+    pub skb_sk: u32,
+    /// `struct sock`: `__sk_common.skc_state` (a byte).
+    pub sk_state: u32,
+    /// `struct sock`: `sk_cgrp_data.cgroup`.
+    pub sk_cgroup: u32,
+    /// `struct cgroup`: `kn`.
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node`: `id` (the cgroup ID).
+    pub kn_id: u32,
+    /// `struct cgroup`: `ancestors`, the cgroup's ancestors by level (0 when the kernel
+    /// has no such array: then only a socket's own cgroup is looked up).
+    pub cgroup_ancestors: u32,
+    /// Non-zero once every offset above is resolved.
+    pub valid: u32,
+    pub _pad: u32,
 }
 
 /// [`WindowState::packet_slot`] before the window's first packet.
@@ -156,4 +194,5 @@ mod user {
     unsafe impl aya::Pod for GlobalCost {}
     unsafe impl aya::Pod for WindowState {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for KernelOffsets {}
 }

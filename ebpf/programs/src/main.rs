@@ -28,8 +28,8 @@
 use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray},
@@ -37,8 +37,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, Settings, WindowState, BPF_F_MMAPABLE, MAX_LEVEL, MAX_STRETCH_NS,
-    NET_RX_SOFTIRQ, NET_TX_SOFTIRQ, NO_PACKET, OWNER_PENDING, SLOTS, UNATTRIBUTED_SLOT,
+    CpuCost, GlobalCost, KernelOffsets, Settings, WindowState, BPF_F_MMAPABLE,
+    HRTIMER_SOFTIRQ, MAX_LEVEL, MAX_STRETCH_NS, NET_RX_SOFTIRQ, NET_TX_SOFTIRQ, NO_PACKET,
+    OWNER_PENDING, SLOTS, TASKLET_SOFTIRQ, TIMER_SOFTIRQ, UNATTRIBUTED_SLOT,
 };
 
 #[map(name = "DOVE_SLOTS")]
@@ -67,6 +68,16 @@ static WINDOW: PerCpuArray<WindowState> = PerCpuArray::pinned(1, 0);
 
 #[map(name = "DOVE_SETTINGS")]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+#[map(name = "DOVE_KERNEL_OFFSETS")]
+static OFFSETS: Array<KernelOffsets> = Array::pinned(1, 0);
+
+/// Whether `active` (a vector plus one) is a softirq whose network work is done by
+/// callbacks (timers, hrtimers, tasklets) charged one by one.
+#[inline(always)]
+fn callback_window(active: u32) -> bool {
+    active == TIMER_SOFTIRQ + 1 || active == TASKLET_SOFTIRQ + 1 || active == HRTIMER_SOFTIRQ + 1
+}
 
 #[inline(always)]
 fn raw_arg0(ctx: &RawTracePointContext) -> u64 {
@@ -100,9 +111,6 @@ fn charge(slot: u32, ns: u64, rx: bool, packets: u64) {
 /// SAFETY: `w` is this CPU's window state, with a window open.
 #[inline(always)]
 unsafe fn close_stretch(w: *mut WindowState, now: u64) {
-    let ns = now.saturating_sub((*w).mark_ns);
-    (*w).mark_ns = now;
-    let rx = (*w).active == NET_RX_SOFTIRQ + 1;
     let (slot, packets) = match (*w).packet_slot {
         NO_PACKET => {
             (*w).unowned_windows += 1;
@@ -114,11 +122,22 @@ unsafe fn close_stretch(w: *mut WindowState, now: u64) {
         }
         slot => (slot, 1),
     };
+    charge_stretch(w, now, slot, packets);
+}
+
+/// Charge the stretch from the mark to `now` to `slot` (receive time in NET_RX windows,
+/// transmit time in the others), and start the next stretch at `now`.
+///
+/// SAFETY: `w` is this CPU's window state, with a window open.
+#[inline(always)]
+unsafe fn charge_stretch(w: *mut WindowState, now: u64, slot: u32, packets: u64) {
+    let ns = now.saturating_sub((*w).mark_ns);
+    (*w).mark_ns = now;
     if ns > MAX_STRETCH_NS {
         (*w).dropped_stretches += 1;
         return;
     }
-    charge(slot, ns, rx, packets);
+    charge(slot, ns, (*w).active == NET_RX_SOFTIRQ + 1, packets);
 }
 
 #[raw_tracepoint(tracepoint = "softirq_entry")]
@@ -133,6 +152,12 @@ pub fn dove_softirq_entry(ctx: RawTracePointContext) -> i32 {
         if (*w).active != 0 {
             (*w).active = 0;
             (*w).stale_windows += 1;
+        }
+        (*w).callback_depth = 0;
+        if callback_window(vec + 1) {
+            // Its callbacks open and close their own stretches.
+            (*w).active = vec + 1;
+            return 0;
         }
         if vec != NET_RX_SOFTIRQ && vec != NET_TX_SOFTIRQ {
             return 0;
@@ -155,7 +180,9 @@ pub fn dove_softirq_exit(ctx: RawTracePointContext) -> i32 {
         if (*w).active != vec + 1 {
             return 0;
         }
-        close_stretch(w, bpf_ktime_get_ns());
+        if !callback_window((*w).active) {
+            close_stretch(w, bpf_ktime_get_ns());
+        }
         (*w).active = 0;
     }
     0
@@ -183,6 +210,151 @@ pub fn dove_packet_start(_ctx: RawTracePointContext) -> i32 {
     }
     0
 }
+
+/// A NET_TX window hands a packet to a driver (`net_dev_start_xmit`, after the qdisc
+/// dequeued it): the previous packet's stretch ends here and this one's begins, owned by
+/// the socket that sent it. No socket hook runs here, so the owner is read from the skb.
+#[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
+pub fn dove_xmit_start(ctx: RawTracePointContext) -> i32 {
+    let Some(w) = WINDOW.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        if (*w).active != NET_TX_SOFTIRQ + 1 {
+            return 0;
+        }
+        (*w).xmits_started += 1;
+        let slot = skb_owner(raw_arg0(&ctx), w);
+        if (*w).packet_slot != NO_PACKET {
+            close_stretch(w, bpf_ktime_get_ns());
+        }
+        // The window's overhead before its first packet joins that packet.
+        (*w).packet_slot = slot;
+    }
+    0
+}
+
+/// A timer, hrtimer or tasklet callback begins. Inside a TIMER/HRTIMER/TASKLET window
+/// only callbacks that transmit for a socket are charged (TCP's retransmit, delayed-ACK
+/// and keepalive timers, the pacing hrtimer, the TSQ tasklet): the others are not network
+/// work. Attached to `timer_expire_entry`, `hrtimer_expire_entry` and `tasklet_entry`.
+#[raw_tracepoint]
+pub fn dove_callback_entry(_ctx: RawTracePointContext) -> i32 {
+    let Some(w) = WINDOW.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        if !callback_window((*w).active) {
+            return 0;
+        }
+        // A hardirq hrtimer inside a softirq callback is part of that callback.
+        (*w).callback_depth += 1;
+        if (*w).callback_depth == 1 {
+            (*w).mark_ns = bpf_ktime_get_ns();
+            (*w).packet_slot = NO_PACKET;
+        }
+    }
+    0
+}
+
+/// A callback ends: its time after its last transmit goes to that transmit's owner.
+/// Attached to `timer_expire_exit`, `hrtimer_expire_exit` and `tasklet_exit`.
+#[raw_tracepoint]
+pub fn dove_callback_exit(_ctx: RawTracePointContext) -> i32 {
+    let Some(w) = WINDOW.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        if !callback_window((*w).active) || (*w).callback_depth == 0 {
+            return 0;
+        }
+        (*w).callback_depth -= 1;
+        if (*w).callback_depth == 0 && (*w).packet_slot != NO_PACKET {
+            (*w).transmit_callbacks += 1;
+            charge_stretch(w, bpf_ktime_get_ns(), (*w).packet_slot, 0);
+            (*w).packet_slot = NO_PACKET;
+        }
+    }
+    0
+}
+
+/// Read a kernel pointer-sized value at `addr + offset`; 0 when unreadable.
+#[inline(always)]
+fn read_u64(addr: u64, offset: u32) -> u64 {
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-tolerant path.
+    unsafe { bpf_probe_read_kernel((addr + offset as u64) as *const u64).unwrap_or(0) }
+}
+
+/// The registered owner of the socket that sent `skb` (a `struct sk_buff *`), from the
+/// kernel structs at the offsets doved resolved from BTF; the unattributed slot for
+/// packets of no full socket, of unregistered cgroups, or when the offsets are unknown.
+///
+/// SAFETY: `w` is this CPU's window state.
+#[inline(always)]
+unsafe fn skb_owner(skb: u64, w: *mut WindowState) -> u32 {
+    let Some(off) = OFFSETS.get(0) else {
+        return UNATTRIBUTED_SLOT;
+    };
+    if off.valid == 0 {
+        return UNATTRIBUTED_SLOT;
+    }
+    let sk = read_u64(skb, off.skb_sk);
+    if sk == 0 {
+        return UNATTRIBUTED_SLOT;
+    }
+    // Only full sockets carry a cgroup: not request (NEW_SYN_RECV) or TIME_WAIT minis.
+    let state: u8 = bpf_probe_read_kernel((sk + off.sk_state as u64) as *const u8).unwrap_or(0);
+    if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV {
+        return UNATTRIBUTED_SLOT;
+    }
+    let cgroup = read_u64(sk, off.sk_cgroup);
+    if cgroup == 0 {
+        return UNATTRIBUTED_SLOT;
+    }
+    let id = read_u64(read_u64(cgroup, off.cgroup_kn), off.kn_id);
+    let Some(settings) = SETTINGS.get_ptr(0) else {
+        return UNATTRIBUTED_SLOT;
+    };
+    let generation = core::ptr::read_volatile(&raw const (*settings).generation);
+    let mask = core::ptr::read_volatile(&raw const (*settings).level_mask);
+    if generation & 1 == 0
+        && (*w).owner_cache_cgroup == id
+        && (*w).owner_cache_generation == generation
+    {
+        return (*w).owner_cache_slot;
+    }
+    let mut slot = match SLOT_OF.get(&id) {
+        Some(slot) => *slot,
+        None => UNATTRIBUTED_SLOT,
+    };
+    if slot == UNATTRIBUTED_SLOT && mask != 0 && off.cgroup_ancestors != 0 {
+        let mut level = MAX_LEVEL;
+        while level > 0 {
+            if mask & (1u64 << level) != 0 {
+                let ancestor = read_u64(cgroup, off.cgroup_ancestors + 8 * level);
+                if ancestor != 0 {
+                    let ancestor_id = read_u64(read_u64(ancestor, off.cgroup_kn), off.kn_id);
+                    if let Some(s) = SLOT_OF.get(&ancestor_id) {
+                        slot = *s;
+                        break;
+                    }
+                }
+            }
+            level -= 1;
+        }
+    }
+    if generation & 1 == 0 {
+        (*w).owner_cache_cgroup = id;
+        (*w).owner_cache_slot = slot;
+        (*w).owner_cache_generation = generation;
+    }
+    (*w).owner_lookups += 1;
+    slot
+}
+
+/// `include/net/tcp_states.h`.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
 
 /// The registered container that owns this skb's socket, through this CPU's one-entry
 /// cache: consecutive packets mostly belong to the same socket cgroup.
@@ -259,6 +431,18 @@ fn on_packet(ctx: &SkBuffContext, delivery: bool) {
     unsafe {
         if (*w).active == 0 {
             (*w).packets_outside_window += 1;
+            return;
+        }
+        if callback_window((*w).active) {
+            if delivery || (*w).callback_depth == 0 {
+                return;
+            }
+            // A callback transmits: the stretch up to here is this socket's (a TSQ
+            // tasklet serves several sockets in turn), and so is the callback's tail.
+            (*w).packets_in_window += 1;
+            let slot = owner(ctx.skb.skb, w);
+            charge_stretch(w, bpf_ktime_get_ns(), slot, 1);
+            (*w).packet_slot = slot;
             return;
         }
         (*w).packets_in_window += 1;
