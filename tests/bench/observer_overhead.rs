@@ -2,11 +2,11 @@
 //!
 //! 1. A bounded 64-byte UDP flood over a veth pair between two namespaces, the sink in a
 //!    registered cgroup: datagrams/s delivered and CPU ns per delivered datagram (all
-//!    CPUs' busy time from /proc/stat over the run), interleaved round by round
-//!    (DESIGN.md, "Measuring on these machines"): without any program; with empty
-//!    programs at DOVE's four hooks (`ebpf/programs/src/floor.rs`: the kernel's dispatch
-//!    cost, the floor under anything attached there); with doved; with doved without its
-//!    egress program.
+//!    CPUs' busy time from /proc/stat over the run), interleaved round by round because
+//!    shared 2-core machines drift by tens of percent over minutes: without any program;
+//!    with empty programs at DOVE's five per-packet hooks (`ebpf/programs/src/floor.rs`:
+//!    the kernel's dispatch cost, the floor under anything attached there); with doved;
+//!    with doved without its egress program.
 //! 2. The per-tick aggregation cost with 0 and with 1,000 registered containers.
 //!
 //! Prints numbers; asserts nothing. Run as root after a release build:
@@ -35,6 +35,7 @@ fn attach_floor(hooks: Hooks) -> aya::Ebpf {
         for (name, tracepoint) in [
             ("floor_softirq_entry", "softirq_entry"),
             ("floor_softirq_exit", "softirq_exit"),
+            ("floor_packet_start", "netif_receive_skb"),
         ] {
             let program: &mut RawTracePoint = ebpf.program_mut(name).unwrap().try_into().unwrap();
             program.load().unwrap();
@@ -144,9 +145,12 @@ fn main() {
     };
     let variants = [
         ("without DOVE", Setup::Nothing),
-        ("empty programs at all four hooks", Setup::Floor(both)),
         (
-            "empty programs, softirq tracepoints only",
+            "empty programs at all five per-packet hooks",
+            Setup::Floor(both),
+        ),
+        (
+            "empty programs, tracepoints only (softirq, packet start)",
             Setup::Floor(Hooks {
                 softirq: true,
                 cgroup_skb: false,
@@ -198,7 +202,7 @@ fn main() {
     }
     let (floor, dove) = (1, 4);
     println!(
-        "  DOVE's own work (with DOVE / empty programs at all four hooks): {:.3} datagrams/s, {:.3} CPU ns",
+        "  DOVE's own work (with DOVE / empty programs at all five per-packet hooks): {:.3} datagrams/s, {:.3} CPU ns",
         median(pps[dove].clone()) / median(pps[floor].clone()),
         median(cpu[dove].clone()) / median(cpu[floor].clone())
     );

@@ -139,8 +139,8 @@ fn runc_container_dropped_when_cgroup_vanishes_without_poststop() {
         .contains("cgroup removed without a poststop"));
 }
 
-/// crun refuses hybrid hosts unless cgroup2 is out of its sight, so (as DESIGN.md says)
-/// run it in a private mount namespace with the unified mount lazily unmounted, inside a
+/// crun refuses hybrid hosts unless cgroup2 is out of its sight, so run it in a private
+/// mount namespace with the unified mount lazily unmounted, inside a
 /// v2 cgroup of ours. The hook then finds cgroup2 through PID 1's mount namespace.
 fn crun(root: &Path, v2_cgroup: Option<&TestCgroup>, args: &[&str]) -> anyhow::Result<String> {
     let hybrid = dove_cgroup::Mounts::discover().unwrap().layout() == dove_cgroup::Layout::Hybrid;
