@@ -53,8 +53,17 @@ impl IrqTimeAccounting {
         let release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
-        let config =
-            std::fs::read_to_string(Path::new("/boot").join(format!("config-{release}"))).ok();
+        let config = std::fs::read_to_string(Path::new("/boot").join(format!("config-{release}")))
+            .ok()
+            .or_else(|| {
+                use std::io::Read;
+                let file = std::fs::File::open("/proc/config.gz").ok()?;
+                let mut text = String::new();
+                flate2::read::GzDecoder::new(file)
+                    .read_to_string(&mut text)
+                    .ok()?;
+                Some(text)
+            });
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         let psi = std::fs::read_to_string("/proc/pressure/irq")
             .map(Psi::Read)
@@ -101,7 +110,7 @@ pub enum Psi {
     Read(String),
     /// Not there: the kernel lacks IRQ time accounting or PSI.
     Absent,
-    /// There but unreadable (PSI switched off with `psi=0`).
+    /// There but unreadable.
     Unreadable,
 }
 
@@ -142,7 +151,9 @@ mod tests {
                 DisabledAtBoot,
             ),
             (Some(BUILT), "quiet", read(IDLE), Unconfirmed),
-            (Some(BUILT), "quiet psi=0", Psi::Unreadable, Unconfirmed),
+            (Some(BUILT), "quiet", Psi::Unreadable, Unconfirmed),
+            // psi=0 removes /proc/pressure: the configuration still says it is built.
+            (Some(BUILT), "quiet psi=0", Psi::Absent, Unconfirmed),
             // Built, but PSI compiled out: nothing confirms it runs.
             (Some(BUILT), "quiet", Psi::Absent, Unconfirmed),
             (Some(BUILT), "quiet", read("garbage"), Unconfirmed),

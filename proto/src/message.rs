@@ -331,6 +331,12 @@ pub struct ObserverHealth {
     /// Stretches too long to be one packet's (a stale mark): charged to nobody.
     #[serde(default)]
     pub dropped_stretches: u64,
+    /// Packets NET_TX windows handed to a driver.
+    #[serde(default)]
+    pub xmits_started: u64,
+    /// Timer, hrtimer, tasklet and BH work callbacks that transmitted for a socket.
+    #[serde(default)]
+    pub transmit_callbacks: u64,
     pub slots_used: u64,
     pub slots_capacity: u64,
     pub ticks: u64,

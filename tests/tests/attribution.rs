@@ -378,21 +378,25 @@ impl TransmitTime {
 }
 
 /// TCP's transmit paths outside a socket call: retransmit and probe timer, keepalive,
-/// pacing hrtimer, TSQ tasklet. (Delayed and compressed ACKs are the receiver's.)
-const SENDER_CALLBACKS: [&str; 4] = [
+/// pacing hrtimer, TSQ (a tasklet before 6.9, a BH work item since). Delayed and
+/// compressed ACKs are the receiver's.
+const SENDER_CALLBACKS: [&str; 5] = [
     "tcp_write_timer",
     "tcp_keepalive_timer",
     "tcp_pace_kick",
     "tcp_tasklet_func",
+    "tcp_tsq_workfn",
 ];
 
-const CALLBACK_EVENTS: [&str; 6] = [
+const CALLBACK_EVENTS: [&str; 8] = [
     "timer/timer_expire_entry",
     "timer/timer_expire_exit",
     "timer/hrtimer_expire_entry",
     "timer/hrtimer_expire_exit",
     "irq/tasklet_entry",
     "irq/tasklet_exit",
+    "workqueue/workqueue_execute_start",
+    "workqueue/workqueue_execute_end",
 ];
 
 impl TransmitTrace {
@@ -467,12 +471,23 @@ impl TransmitTrace {
             } else if event.starts_with("timer_expire_entry")
                 || event.starts_with("hrtimer_expire_entry")
                 || event.starts_with("tasklet_entry")
+                || event.starts_with("workqueue_execute_start")
             {
-                let function = field("function=").unwrap_or_default();
+                // `function=NAME`, or the workqueue events' `function NAME`.
+                let function = field("function=")
+                    .or_else(|| {
+                        event
+                            .split("function ")
+                            .nth(1)
+                            .and_then(|f| f.split_whitespace().next())
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_default();
                 open.entry(cpu).or_default().push((ts, function));
             } else if event.starts_with("timer_expire_exit")
                 || event.starts_with("hrtimer_expire_exit")
                 || event.starts_with("tasklet_exit")
+                || event.starts_with("workqueue_execute_end")
             {
                 if let Some((start, function)) = open.entry(cpu).or_default().pop() {
                     if SENDER_CALLBACKS.contains(&function.as_str()) {

@@ -198,6 +198,8 @@ pub struct Health {
     pub packets_without_socket: u64,
     pub stale_windows: u64,
     pub dropped_stretches: u64,
+    pub xmits_started: u64,
+    pub transmit_callbacks: u64,
 }
 
 /// What the last tick saw.
@@ -271,6 +273,11 @@ pub fn preflight() -> Result<(), ObserverError> {
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(ObserverError::NoBtf);
+    }
+    if std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1") {
+        tracing::warn!(
+            "this is a PREEMPT_RT kernel: softirqs run in preemptible threads there, so a stretch can include a task that preempted it, and bills are overstated by that time"
+        );
     }
     use caps::Capability::*;
     let effective = caps::read(None, caps::CapSet::Effective).unwrap_or_default();
@@ -399,7 +406,12 @@ impl Observer {
         attached += attach_raw_tracepoints(
             &mut ebpf,
             "dove_callback_exit",
-            &["timer_expire_exit", "hrtimer_expire_exit", "tasklet_exit"],
+            &[
+                "timer_expire_exit",
+                "hrtimer_expire_exit",
+                "tasklet_exit",
+                "workqueue_execute_end",
+            ],
         )?;
         attached += attach_raw_tracepoints(&mut ebpf, "dove_packet_start", &["netif_receive_skb"])?;
         attached += attach_raw_tracepoints(&mut ebpf, "dove_xmit_start", &["net_dev_start_xmit"])?;
@@ -410,6 +422,7 @@ impl Observer {
                 "timer_expire_entry",
                 "hrtimer_expire_entry",
                 "tasklet_entry",
+                "workqueue_execute_start",
             ],
         )?;
         let mut cgroup_programs = vec![("dove_ingress", CgroupSkbAttachType::Ingress)];
@@ -556,7 +569,14 @@ impl Observer {
                     "{COST_MAP} was created afresh; bills continue from {PERCPU_COST_MAP}, nothing pending"
                 );
             }
-            (true, true) | (false, false) => {}
+            (true, true) => {
+                // Everything starts over: no base may linger from a previous layout.
+                for slot in 0..SLOTS as usize {
+                    // SAFETY: in-bounds entry of doved's own map.
+                    unsafe { std::ptr::write_volatile(self.base.at(slot), CpuCost::default()) };
+                }
+            }
+            (false, false) => {}
         }
     }
 
@@ -909,6 +929,8 @@ impl Observer {
                     a.packets_without_socket += h.packets_without_socket;
                     a.stale_windows += h.stale_windows;
                     a.dropped_stretches += h.dropped_stretches;
+                    a.xmits_started += h.xmits_started;
+                    a.transmit_callbacks += h.transmit_callbacks;
                     a
                 })
             })

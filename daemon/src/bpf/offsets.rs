@@ -69,8 +69,8 @@ pub fn resolve(path: &Path) -> Result<KernelOffsets, OffsetsError> {
         // Kernels before 6.1 keep ancestor IDs instead: nested cgroups inside a container
         // are then matched only at the container's own cgroup on transmit.
         cgroup_ancestors: offset("cgroup", "ancestors").unwrap_or(0),
+        cgroup_level: offset("cgroup", "level")?,
         valid: 1,
-        _pad: 0,
     })
 }
 
@@ -112,6 +112,15 @@ mod tests {
         assert_eq!(offsets.skb_sk * 8, bits_offset("sk_buff", "sk"));
         assert_eq!(offsets.cgroup_kn * 8, bits_offset("cgroup", "kn"));
         assert_eq!(offsets.kn_id * 8, bits_offset("kernfs_node", "id"));
+        assert_eq!(offsets.cgroup_level * 8, bits_offset("cgroup", "level"));
+        assert_eq!(
+            offsets.cgroup_ancestors * 8,
+            bits_offset("cgroup", "ancestors")
+        );
+        assert_eq!(
+            offsets.sk_state * 8,
+            bits_offset("sock", "__sk_common") + bits_offset("sock_common", "skc_state")
+        );
         assert_eq!(
             offsets.sk_cgroup * 8,
             bits_offset("sock", "sk_cgrp_data") + bits_offset("sock_cgroup_data", "cgroup")

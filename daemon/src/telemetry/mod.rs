@@ -120,6 +120,8 @@ impl Telemetry {
                 packets_without_socket: h.packets_without_socket,
                 stale_windows: h.stale_windows,
                 dropped_stretches: h.dropped_stretches,
+                xmits_started: h.xmits_started,
+                transmit_callbacks: h.transmit_callbacks,
                 slots_used: snap.slots_used as u64,
                 slots_capacity: snap.slots_capacity as u64,
                 ticks: snap.ticks,
@@ -292,6 +294,18 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
         "counter",
         "Stretches too long to be one packet's processing (a stale mark); charged to nobody.",
         &plain(h.dropped_stretches.to_string()),
+    );
+    family(
+        "dove_xmits_started_total",
+        "counter",
+        "Packets NET_TX softirq windows handed to a driver (charged to their sending socket's owner).",
+        &plain(h.xmits_started.to_string()),
+    );
+    family(
+        "dove_transmit_callbacks_total",
+        "counter",
+        "Timer, hrtimer, tasklet and BH work callbacks in softirq that transmitted for a socket (charged to it).",
+        &plain(h.transmit_callbacks.to_string()),
     );
     family(
         "dove_owner_lookups_total",

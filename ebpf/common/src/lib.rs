@@ -123,10 +123,12 @@ pub struct WindowState {
     /// Stretches longer than [`MAX_STRETCH_NS`], not charged: no packet takes that long,
     /// so the mark was stale.
     pub dropped_stretches: u64,
-    /// Timer, hrtimer or tasklet callbacks in progress in a TIMER/HRTIMER/TASKLET window
-    /// (more than one when a hardirq timer runs inside a softirq one).
-    pub callback_depth: u32,
-    pub _pad: u32,
+    /// The timer, hrtimer, tasklet or BH work item whose callback is in progress in a
+    /// TIMER/HRTIMER/TASKLET window (its address, the first argument of its entry and exit
+    /// tracepoints), or 0. Matching the exit by address, not by counting, keeps a hardirq
+    /// hrtimer inside a softirq callback (whose entry or exit BPF's recursion guard may
+    /// skip) from unbalancing anything.
+    pub callback: u64,
     /// Packets a NET_TX window handed to a driver (`net_dev_start_xmit`).
     pub xmits_started: u64,
     /// Timer, hrtimer and tasklet callbacks that transmitted for a socket (charged).
@@ -150,12 +152,13 @@ pub struct KernelOffsets {
     pub cgroup_kn: u32,
     /// `struct kernfs_node`: `id` (the cgroup ID).
     pub kn_id: u32,
-    /// `struct cgroup`: `ancestors`, the cgroup's ancestors by level (0 when the kernel
-    /// has no such array: then only a socket's own cgroup is looked up).
+    /// `struct cgroup`: `ancestors`, the cgroup's ancestors by level, `level + 1` of them
+    /// (0 when the kernel has no such array: then only a socket's own cgroup is looked up).
     pub cgroup_ancestors: u32,
+    /// `struct cgroup`: `level` (an int; the root is 0).
+    pub cgroup_level: u32,
     /// Non-zero once every offset above is resolved.
     pub valid: u32,
-    pub _pad: u32,
 }
 
 /// [`WindowState::packet_slot`] before the window's first packet.

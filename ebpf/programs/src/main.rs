@@ -153,7 +153,7 @@ pub fn dove_softirq_entry(ctx: RawTracePointContext) -> i32 {
             (*w).active = 0;
             (*w).stale_windows += 1;
         }
-        (*w).callback_depth = 0;
+        (*w).callback = 0;
         if callback_window(vec + 1) {
             // Its callbacks open and close their own stretches.
             (*w).active = vec + 1;
@@ -234,42 +234,42 @@ pub fn dove_xmit_start(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// A timer, hrtimer or tasklet callback begins. Inside a TIMER/HRTIMER/TASKLET window
-/// only callbacks that transmit for a socket are charged (TCP's retransmit, delayed-ACK
-/// and keepalive timers, the pacing hrtimer, the TSQ tasklet): the others are not network
-/// work. Attached to `timer_expire_entry`, `hrtimer_expire_entry` and `tasklet_entry`.
+/// A timer, hrtimer, tasklet or BH work item callback begins. Inside a
+/// TIMER/HRTIMER/TASKLET window only callbacks that transmit for a socket are charged
+/// (TCP's retransmit and keepalive timers, the pacing hrtimer, TSQ's tasklet or, from
+/// 6.9, its BH work item): the others are not network work. Attached to
+/// `timer_expire_entry`, `hrtimer_expire_entry`, `tasklet_entry` and
+/// `workqueue_execute_start` (ignored outside those windows: kworkers run with none open).
 #[raw_tracepoint]
-pub fn dove_callback_entry(_ctx: RawTracePointContext) -> i32 {
+pub fn dove_callback_entry(ctx: RawTracePointContext) -> i32 {
     let Some(w) = WINDOW.get_ptr_mut(0) else {
         return 0;
     };
     unsafe {
-        if !callback_window((*w).active) {
+        // A callback inside another (a hardirq hrtimer in a softirq one) is part of it.
+        if !callback_window((*w).active) || (*w).callback != 0 {
             return 0;
         }
-        // A hardirq hrtimer inside a softirq callback is part of that callback.
-        (*w).callback_depth += 1;
-        if (*w).callback_depth == 1 {
-            (*w).mark_ns = bpf_ktime_get_ns();
-            (*w).packet_slot = NO_PACKET;
-        }
+        (*w).callback = raw_arg0(&ctx);
+        (*w).mark_ns = bpf_ktime_get_ns();
+        (*w).packet_slot = NO_PACKET;
     }
     0
 }
 
 /// A callback ends: its time after its last transmit goes to that transmit's owner.
-/// Attached to `timer_expire_exit`, `hrtimer_expire_exit` and `tasklet_exit`.
+/// Attached to the matching `*_exit` / `workqueue_execute_end` tracepoints.
 #[raw_tracepoint]
-pub fn dove_callback_exit(_ctx: RawTracePointContext) -> i32 {
+pub fn dove_callback_exit(ctx: RawTracePointContext) -> i32 {
     let Some(w) = WINDOW.get_ptr_mut(0) else {
         return 0;
     };
     unsafe {
-        if !callback_window((*w).active) || (*w).callback_depth == 0 {
+        if !callback_window((*w).active) || (*w).callback != raw_arg0(&ctx) {
             return 0;
         }
-        (*w).callback_depth -= 1;
-        if (*w).callback_depth == 0 && (*w).packet_slot != NO_PACKET {
+        (*w).callback = 0;
+        if (*w).packet_slot != NO_PACKET {
             (*w).transmit_callbacks += 1;
             charge_stretch(w, bpf_ktime_get_ns(), (*w).packet_slot, 0);
             (*w).packet_slot = NO_PACKET;
@@ -317,10 +317,10 @@ unsafe fn skb_owner(skb: u64, w: *mut WindowState) -> u32 {
     };
     let generation = core::ptr::read_volatile(&raw const (*settings).generation);
     let mask = core::ptr::read_volatile(&raw const (*settings).level_mask);
-    if generation & 1 == 0
-        && (*w).owner_cache_cgroup == id
-        && (*w).owner_cache_generation == generation
-    {
+    // Without the ancestors array this lookup cannot find a nested cgroup's container,
+    // which the socket hooks' lookup can: it must not leave its answer in their cache.
+    let cacheable = generation & 1 == 0 && (mask == 0 || off.cgroup_ancestors != 0);
+    if cacheable && (*w).owner_cache_cgroup == id && (*w).owner_cache_generation == generation {
         return (*w).owner_cache_slot;
     }
     let mut slot = match SLOT_OF.get(&id) {
@@ -328,9 +328,12 @@ unsafe fn skb_owner(skb: u64, w: *mut WindowState) -> u32 {
         None => UNATTRIBUTED_SLOT,
     };
     if slot == UNATTRIBUTED_SLOT && mask != 0 && off.cgroup_ancestors != 0 {
+        // The array holds `level + 1` entries: never read past the socket cgroup's own.
+        let own_level: i32 = bpf_probe_read_kernel((cgroup + off.cgroup_level as u64) as *const i32)
+            .unwrap_or(0);
         let mut level = MAX_LEVEL;
         while level > 0 {
-            if mask & (1u64 << level) != 0 {
+            if (level as i32) < own_level && mask & (1u64 << level) != 0 {
                 let ancestor = read_u64(cgroup, off.cgroup_ancestors + 8 * level);
                 if ancestor != 0 {
                     let ancestor_id = read_u64(read_u64(ancestor, off.cgroup_kn), off.kn_id);
@@ -343,7 +346,9 @@ unsafe fn skb_owner(skb: u64, w: *mut WindowState) -> u32 {
             level -= 1;
         }
     }
-    if generation & 1 == 0 {
+    // Cache only if doved did not start rewriting the settings meanwhile (the seqlock's
+    // second read: on weakly ordered CPUs the lookups may have seen a newer owner map).
+    if cacheable && core::ptr::read_volatile(&raw const (*settings).generation) == generation {
         (*w).owner_cache_cgroup = id;
         (*w).owner_cache_slot = slot;
         (*w).owner_cache_generation = generation;
@@ -386,9 +391,13 @@ fn owner(skb: *mut __sk_buff, w: *mut WindowState) -> u32 {
             return (*w).owner_cache_slot;
         }
         let slot = resolve(skb, id, mask);
-        (*w).owner_cache_cgroup = id;
-        (*w).owner_cache_slot = slot;
-        (*w).owner_cache_generation = generation;
+        // The seqlock's second read: cache only if doved did not start rewriting the
+        // settings meanwhile (on weakly ordered CPUs the lookups may have seen a newer map).
+        if core::ptr::read_volatile(&raw const (*settings).generation) == generation {
+            (*w).owner_cache_cgroup = id;
+            (*w).owner_cache_slot = slot;
+            (*w).owner_cache_generation = generation;
+        }
         (*w).owner_lookups += 1;
         slot
     }
@@ -434,7 +443,7 @@ fn on_packet(ctx: &SkBuffContext, delivery: bool) {
             return;
         }
         if callback_window((*w).active) {
-            if delivery || (*w).callback_depth == 0 {
+            if delivery || (*w).callback == 0 {
                 return;
             }
             // A callback transmits: the stretch up to here is this socket's (a TSQ
