@@ -105,7 +105,7 @@ fn main() {
                 for _ in 0..*n {
                     let _ = sock.send_to(payload, to);
                     sent += 1;
-                    if sent % 64 == 0 {
+                    if sent.is_multiple_of(64) {
                         std::thread::sleep(Duration::from_micros(200));
                     }
                 }
