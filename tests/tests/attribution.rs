@@ -342,8 +342,13 @@ fn third_party_packets_in_the_same_batches_are_unattributed() {
             billed <= 1.2 * tenant_cost,
             "junk to {what}: the tenant was billed {billed:.2} us per datagram; ftrace saw its datagrams take {tenant_cost:.2} us"
         );
+        // Against its cost alone the bound must be looser: interleaved with a third party,
+        // the tenant's own datagrams really cost more (its reader sleeps between them and
+        // is woken for each, caches are colder): ftrace measured them at 1.2-1.7x their
+        // cost alone on this machine, with the bill within 7% of that. The old rule, which
+        // billed the tenant for the junk, was at 4.7x.
         assert!(
-            billed <= 1.5 * tenant_alone,
+            billed <= 2.5 * tenant_alone,
             "junk to {what}: the tenant was billed {billed:.2} us per datagram, {:.2}x its {tenant_alone:.2} us alone",
             billed / tenant_alone
         );
