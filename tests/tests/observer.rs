@@ -287,13 +287,22 @@ impl MappedCosts {
         }
     }
 
+    /// The slot of `cgroup_id`, waiting up to 5 s for it: the accounting thread hands out
+    /// slots after a registration is acknowledged (registration never waits for it).
     fn slot_of(&self, cgroup_id: u64) -> Option<usize> {
-        (1..dove_ebpf_common::SLOTS as usize).find(|&slot| {
-            // SAFETY: in bounds; doved writes the field before the slot is used.
-            unsafe {
-                std::ptr::read_volatile(&raw const (*self.entry(slot)).cgroup_id) == cgroup_id
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = (1..dove_ebpf_common::SLOTS as usize).find(|&slot| {
+                // SAFETY: in bounds; doved writes the field before the slot is used.
+                unsafe {
+                    std::ptr::read_volatile(&raw const (*self.entry(slot)).cgroup_id) == cgroup_id
+                }
+            });
+            if found.is_some() || Instant::now() > deadline {
+                return found;
             }
-        })
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A u64 field of an entry, shared with doved through atomics.
