@@ -459,15 +459,52 @@ pub fn finish(child: Child) -> Result<u64> {
         .context("traffic helper output")
 }
 
-/// An ftrace instance recording NET_RX/NET_TX softirq entry and exit: an independent
-/// measure of softirq time (tracefs is mounted privately and removed on drop).
-pub struct SoftirqTrace {
+/// A private ftrace instance (tracefs mounted in a temporary directory, so the host's own
+/// tracing is untouched): the tests' instrument that is not DOVE's programs. Events are
+/// disabled, the instance removed and tracefs unmounted on drop.
+pub struct TraceInstance {
     mount: tempfile::TempDir,
     instance: PathBuf,
+    events: Vec<String>,
 }
 
-impl SoftirqTrace {
-    pub fn start() -> Result<Self> {
+/// One line of an ftrace instance's `trace`.
+pub struct TraceLine<'a> {
+    pub cpu: u32,
+    /// Seconds.
+    pub ts: f64,
+    /// The event's name and fields, e.g. `softirq_entry: vec=3 [action=NET_RX]`.
+    pub event: &'a str,
+}
+
+impl<'a> TraceLine<'a> {
+    fn parse(line: &'a str) -> Option<Self> {
+        if line.starts_with('#') {
+            return None;
+        }
+        let cpu = line
+            .split('[')
+            .nth(1)?
+            .split(']')
+            .next()?
+            .trim()
+            .parse()
+            .ok()?;
+        let (before, event) = line.split_once(": ")?;
+        let ts = before.rsplit(' ').next()?.parse().ok()?;
+        Some(Self { cpu, ts, event })
+    }
+
+    /// Nanoseconds from `since` (seconds) to this line.
+    pub fn ns_since(&self, since: f64) -> u64 {
+        ((self.ts - since) * 1e9) as u64
+    }
+}
+
+impl TraceInstance {
+    /// Start tracing `events` (`system/name`), each with its filter if given, after
+    /// writing `settings` (file, value) into the instance.
+    pub fn start(settings: &[(&str, &str)], events: &[(&str, Option<&str>)]) -> Result<Self> {
         let mount = tempfile::Builder::new().prefix("dove-tracefs-").tempdir()?;
         nix::mount::mount(
             Some("nodev"),
@@ -478,17 +515,63 @@ impl SoftirqTrace {
         )
         .context("mounting tracefs")?;
         let instance = mount.path().join("instances").join(unique("dove"));
-        std::fs::create_dir(&instance)?;
-        let w = |p: &str, v: &str| {
-            std::fs::write(instance.join(p), v).with_context(|| format!("writing {p}"))
+        let trace = Self {
+            mount,
+            instance,
+            events: events.iter().map(|(e, _)| (*e).to_owned()).collect(),
         };
-        w("buffer_size_kb", "65536")?;
-        for ev in ["softirq_entry", "softirq_exit"] {
-            w(&format!("events/irq/{ev}/filter"), "vec == 2 || vec == 3")?;
-            w(&format!("events/irq/{ev}/enable"), "1")?;
+        std::fs::create_dir(&trace.instance)?;
+        let w = |p: &str, v: &str| {
+            std::fs::write(trace.instance.join(p), v).with_context(|| format!("writing {p}"))
+        };
+        for (file, value) in settings {
+            w(file, value)?;
+        }
+        for (event, filter) in events {
+            if let Some(filter) = filter {
+                w(&format!("events/{event}/filter"), filter)?;
+            }
+            w(&format!("events/{event}/enable"), "1")?;
         }
         w("tracing_on", "1")?;
-        Ok(Self { mount, instance })
+        Ok(trace)
+    }
+
+    /// Stop tracing and return what was recorded.
+    pub fn stop(&self) -> Result<String> {
+        std::fs::write(self.instance.join("tracing_on"), "0")?;
+        Ok(std::fs::read_to_string(self.instance.join("trace"))?)
+    }
+
+    /// The recorded lines of `text` (from [`Self::stop`]).
+    pub fn lines(text: &str) -> impl Iterator<Item = TraceLine<'_>> {
+        text.lines().filter_map(TraceLine::parse)
+    }
+}
+
+impl Drop for TraceInstance {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.instance.join("tracing_on"), "0");
+        for event in &self.events {
+            let _ = std::fs::write(self.instance.join(format!("events/{event}/enable")), "0");
+        }
+        let _ = std::fs::remove_dir(&self.instance);
+        let _ = nix::mount::umount2(self.mount.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// NET_RX/NET_TX softirq entry and exit on every CPU: an independent measure of softirq
+/// time.
+pub struct SoftirqTrace(TraceInstance);
+
+impl SoftirqTrace {
+    pub fn start() -> Result<Self> {
+        let net = Some("vec == 2 || vec == 3");
+        TraceInstance::start(
+            &[("buffer_size_kb", "65536")],
+            &[("irq/softirq_entry", net), ("irq/softirq_exit", net)],
+        )
+        .map(Self)
     }
 
     /// Stop and return total NET softirq nanoseconds (µs resolution per event).
@@ -498,50 +581,37 @@ impl SoftirqTrace {
 
     /// Stop and return NET softirq time and windows per CPU.
     pub fn stop_by_cpu(&self) -> Result<std::collections::BTreeMap<u32, CpuSoftirq>> {
-        std::fs::write(self.instance.join("tracing_on"), "0")?;
-        let text = std::fs::read_to_string(self.instance.join("trace"))?;
+        let text = self.0.stop()?;
         let mut open: std::collections::HashMap<u32, f64> = Default::default();
         let mut by_cpu: std::collections::BTreeMap<u32, CpuSoftirq> = Default::default();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some(cpu) = line
-                .split('[')
-                .nth(1)
-                .and_then(|r| r.split(']').next())
-                .and_then(|c| c.trim().parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Some((before, event)) = line.split_once(": softirq_") else {
-                continue;
-            };
-            let Some(ts) = before
-                .rsplit(' ')
-                .next()
-                .and_then(|t| t.parse::<f64>().ok())
-            else {
-                continue;
-            };
-            if event.starts_with("entry") {
-                open.insert(cpu, ts);
-            } else if let Some(start) = open.remove(&cpu) {
-                let c = by_cpu.entry(cpu).or_default();
-                c.ns += ((ts - start) * 1e9) as u64;
-                c.windows += 1;
+        for line in TraceInstance::lines(&text) {
+            if line.event.starts_with("softirq_entry") {
+                open.insert(line.cpu, line.ts);
+            } else if line.event.starts_with("softirq_exit") {
+                if let Some(start) = open.remove(&line.cpu) {
+                    let c = by_cpu.entry(line.cpu).or_default();
+                    c.ns += line.ns_since(start);
+                    c.windows += 1;
+                }
             }
         }
         Ok(by_cpu)
     }
 }
 
-/// An ftrace instance on one CPU recording NET_RX windows and the start of every
-/// received packet (`net:netif_receive_skb`, with its length): an independent measure of
-/// what each packet's processing cost inside batched windows. A packet's span runs from
-/// its start to the next packet's start or the window's end (the backlog path hands the
-/// stack one packet at a time); time before a window's first packet is kept apart.
-pub struct PacketTrace {
-    mount: tempfile::TempDir,
-    instance: PathBuf,
+/// One CPU's NET softirq time and window count, as ftrace saw them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSoftirq {
+    pub ns: u64,
+    pub windows: u64,
 }
+
+/// NET_RX windows on one CPU and the start of every received packet
+/// (`net:netif_receive_skb`, with its length): an independent measure of what each
+/// packet's processing cost inside batched windows. A packet's span runs from its start
+/// to the next packet's start or the window's end (the backlog path hands the stack one
+/// packet at a time); time before a window's first packet is kept apart.
+pub struct PacketTrace(TraceInstance);
 
 /// What [`PacketTrace`] saw.
 #[derive(Debug, Clone, Default)]
@@ -568,49 +638,28 @@ impl PacketSpans {
 
 impl PacketTrace {
     pub fn start(cpu: usize) -> Result<Self> {
-        let mount = tempfile::Builder::new().prefix("dove-tracefs-").tempdir()?;
-        nix::mount::mount(
-            Some("nodev"),
-            mount.path(),
-            Some("tracefs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
+        let rx = Some("vec == 3");
+        TraceInstance::start(
+            &[
+                ("buffer_size_kb", "131072"),
+                ("tracing_cpumask", &format!("{:x}", 1u64 << cpu)),
+            ],
+            &[
+                ("irq/softirq_entry", rx),
+                ("irq/softirq_exit", rx),
+                ("net/netif_receive_skb", None),
+            ],
         )
-        .context("mounting tracefs")?;
-        let instance = mount.path().join("instances").join(unique("dove-pkt"));
-        std::fs::create_dir(&instance)?;
-        let w = |p: &str, v: &str| {
-            std::fs::write(instance.join(p), v).with_context(|| format!("writing {p}"))
-        };
-        w("buffer_size_kb", "131072")?;
-        w("tracing_cpumask", &format!("{:x}", 1u64 << cpu))?;
-        for ev in ["softirq_entry", "softirq_exit"] {
-            w(&format!("events/irq/{ev}/filter"), "vec == 3")?;
-            w(&format!("events/irq/{ev}/enable"), "1")?;
-        }
-        w("events/net/netif_receive_skb/enable", "1")?;
-        w("tracing_on", "1")?;
-        Ok(Self { mount, instance })
+        .map(Self)
     }
 
     pub fn stop(&self) -> Result<PacketSpans> {
-        std::fs::write(self.instance.join("tracing_on"), "0")?;
-        let text = std::fs::read_to_string(self.instance.join("trace"))?;
+        let text = self.0.stop()?;
         let mut spans = PacketSpans::default();
         // (mark, length of the packet in flight) while a window is open.
         let mut open: Option<(f64, Option<u32>)> = None;
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((before, event)) = line.split_once(": ") else {
-                continue;
-            };
-            let Some(ts) = before
-                .rsplit(' ')
-                .next()
-                .and_then(|t| t.parse::<f64>().ok())
-            else {
-                continue;
-            };
-            let ns = |since: f64| ((ts - since) * 1e9) as u64;
+        for line in TraceInstance::lines(&text) {
+            let (ts, event) = (line.ts, line.event);
             if event.starts_with("softirq_entry") {
                 open = Some((ts, None));
                 spans.windows += 1;
@@ -619,9 +668,9 @@ impl PacketTrace {
                     Some((mark, Some(len))) => {
                         let e = spans.by_len.entry(len).or_default();
                         e.0 += 1;
-                        e.1 += ns(mark);
+                        e.1 += line.ns_since(mark);
                     }
-                    Some((mark, None)) => spans.empty_ns += ns(mark),
+                    Some((mark, None)) => spans.empty_ns += line.ns_since(mark),
                     None => {}
                 }
             } else if event.starts_with("netif_receive_skb") {
@@ -636,47 +685,15 @@ impl PacketTrace {
                     Some((mark, Some(prev))) => {
                         let e = spans.by_len.entry(prev).or_default();
                         e.0 += 1;
-                        e.1 += ns(mark);
+                        e.1 += line.ns_since(mark);
                     }
-                    Some((mark, None)) => spans.prelude_ns += ns(mark),
+                    Some((mark, None)) => spans.prelude_ns += line.ns_since(mark),
                     None => continue,
                 }
                 open = Some((ts, Some(len)));
             }
         }
         Ok(spans)
-    }
-}
-
-impl Drop for PacketTrace {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.instance.join("tracing_on"), "0");
-        for ev in [
-            "irq/softirq_entry",
-            "irq/softirq_exit",
-            "net/netif_receive_skb",
-        ] {
-            let _ = std::fs::write(self.instance.join(format!("events/{ev}/enable")), "0");
-        }
-        let _ = std::fs::remove_dir(&self.instance);
-        let _ = nix::mount::umount2(self.mount.path(), nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
-/// One CPU's NET softirq time and window count, as ftrace saw them.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CpuSoftirq {
-    pub ns: u64,
-    pub windows: u64,
-}
-
-impl Drop for SoftirqTrace {
-    fn drop(&mut self) {
-        for ev in ["softirq_entry", "softirq_exit"] {
-            let _ = std::fs::write(self.instance.join(format!("events/irq/{ev}/enable")), "0");
-        }
-        let _ = std::fs::remove_dir(&self.instance);
-        let _ = nix::mount::umount2(self.mount.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -363,10 +363,7 @@ fn third_party_packets_in_the_same_batches_are_unattributed() {
 
 /// ftrace on every CPU: NET_TX windows, and the timer, hrtimer and tasklet callbacks that
 /// are TCP's transmit paths (by function name), each timed from its entry to its exit. An instrument of transmit softirq work that does not use DOVE's programs.
-struct TransmitTrace {
-    mount: tempfile::TempDir,
-    instance: std::path::PathBuf,
-}
+struct TransmitTrace(TraceInstance);
 
 #[derive(Debug, Default)]
 struct TransmitTime {
@@ -406,60 +403,20 @@ const CALLBACK_EVENTS: [&str; 8] = [
 
 impl TransmitTrace {
     fn start() -> Self {
-        let mount = tempfile::Builder::new()
-            .prefix("dove-tracefs-")
-            .tempdir()
-            .unwrap();
-        nix::mount::mount(
-            Some("nodev"),
-            mount.path(),
-            Some("tracefs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap();
-        let instance = mount.path().join("instances").join(unique("dove-tx"));
-        std::fs::create_dir(&instance).unwrap();
-        let w = |p: &str, v: &str| std::fs::write(instance.join(p), v).unwrap();
-        w("buffer_size_kb", "65536");
-        for ev in ["irq/softirq_entry", "irq/softirq_exit"] {
-            w(&format!("events/{ev}/filter"), "vec == 2");
-            w(&format!("events/{ev}/enable"), "1");
-        }
-        for ev in CALLBACK_EVENTS {
-            w(&format!("events/{ev}/enable"), "1");
-        }
-        w("tracing_on", "1");
-        Self { mount, instance }
+        let tx = Some("vec == 2");
+        let mut events = vec![("irq/softirq_entry", tx), ("irq/softirq_exit", tx)];
+        events.extend(CALLBACK_EVENTS.iter().map(|e| (*e, None)));
+        Self(TraceInstance::start(&[("buffer_size_kb", "65536")], &events).unwrap())
     }
 
     fn stop(&self) -> TransmitTime {
-        std::fs::write(self.instance.join("tracing_on"), "0").unwrap();
-        let text = std::fs::read_to_string(self.instance.join("trace")).unwrap();
+        let text = self.0.stop().unwrap();
         let mut time = TransmitTime::default();
         let mut net_tx: std::collections::HashMap<u32, f64> = Default::default();
         // Per CPU: callbacks in progress (a hardirq hrtimer may nest in a softirq one).
         let mut open: std::collections::HashMap<u32, Vec<(f64, String)>> = Default::default();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some(cpu) = line
-                .split('[')
-                .nth(1)
-                .and_then(|r| r.split(']').next())
-                .and_then(|c| c.trim().parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Some((before, event)) = line.split_once(": ") else {
-                continue;
-            };
-            let Some(ts) = before
-                .rsplit(' ')
-                .next()
-                .and_then(|t| t.parse::<f64>().ok())
-            else {
-                continue;
-            };
-            let ns = |since: f64| ((ts - since) * 1e9) as u64;
+        for line in TraceInstance::lines(&text) {
+            let (cpu, ts, event) = (line.cpu, line.ts, line.event);
             let field = |name: &str| {
                 event
                     .split_whitespace()
@@ -470,7 +427,7 @@ impl TransmitTrace {
                 net_tx.insert(cpu, ts);
             } else if event.starts_with("softirq_exit") {
                 if let Some(start) = net_tx.remove(&cpu) {
-                    time.net_tx_ns += ns(start);
+                    time.net_tx_ns += line.ns_since(start);
                     time.net_tx_windows += 1;
                 }
             } else if event.starts_with("timer_expire_entry")
@@ -498,26 +455,12 @@ impl TransmitTrace {
                     if SENDER_CALLBACKS.contains(&function.as_str()) {
                         let e = time.callbacks.entry(function).or_default();
                         e.0 += 1;
-                        e.1 += ns(start);
+                        e.1 += line.ns_since(start);
                     }
                 }
             }
         }
         time
-    }
-}
-
-impl Drop for TransmitTrace {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.instance.join("tracing_on"), "0");
-        for ev in CALLBACK_EVENTS
-            .iter()
-            .chain(&["irq/softirq_entry", "irq/softirq_exit"])
-        {
-            let _ = std::fs::write(self.instance.join(format!("events/{ev}/enable")), "0");
-        }
-        let _ = std::fs::remove_dir(&self.instance);
-        let _ = nix::mount::umount2(self.mount.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
