@@ -623,6 +623,10 @@ pub struct PacketSpans {
     /// Windows with no packet.
     pub empty_ns: u64,
     pub windows: u64,
+    /// Packets that began right after a packet of another length in the same window:
+    /// the places where a window changes owner, which are what a per-packet attribution
+    /// rule must get right and a per-window one cannot.
+    pub handovers: u64,
 }
 
 impl PacketSpans {
@@ -686,6 +690,7 @@ impl PacketTrace {
                         let e = spans.by_len.entry(prev).or_default();
                         e.0 += 1;
                         e.1 += line.ns_since(mark);
+                        spans.handovers += u64::from(prev != len);
                     }
                     Some((mark, None)) => spans.prelude_ns += line.ns_since(mark),
                     None => continue,

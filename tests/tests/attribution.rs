@@ -65,6 +65,7 @@ impl std::ops::AddAssign for Run {
         self.spans.prelude_ns += o.spans.prelude_ns;
         self.spans.empty_ns += o.spans.empty_ns;
         self.spans.windows += o.spans.windows;
+        self.spans.handovers += o.spans.handovers;
         self.billed[0] += o.billed[0];
         self.billed[1] += o.billed[1];
         self.unattributed += o.unattributed;
@@ -184,6 +185,23 @@ fn traced_us(run: &Run, k: usize) -> f64 {
     per_packet_us(ns, n)
 }
 
+/// The bed must produce what it claims, or the test proves nothing: windows in which
+/// the owner changes. How many packets a window holds depends on how much faster the
+/// sender is than the softirq CPU, which differs between machines; what the rule is
+/// judged on is the owner changing inside a window, so that is what is required: on
+/// average at least every other packet of the rarer class next to one of the other
+/// class in the same window (one packet per window gives none).
+fn assert_mixes_owners(what: &str, run: &Run) {
+    let rarer = run.packets[0].min(run.packets[1]);
+    assert!(
+        2 * run.spans.handovers >= rarer,
+        "{what}: {} datagrams in {} windows, with only {} owner changes inside a window for {rarer} datagrams of the rarer flow: the bed did not mix owners in its windows",
+        run.sent,
+        run.spans.windows,
+        run.spans.handovers
+    );
+}
+
 /// ftrace's cost of a run with only one flow (class 0), window overhead included, in µs.
 fn alone_us(run: &Run) -> f64 {
     per_packet_us(run.spans.total_ns(), run.packets[0])
@@ -233,10 +251,11 @@ fn mixed_batches_bill_each_owner_its_own_cost() {
         alone_us(&costly_alone)
     );
     eprintln!(
-        "mixed: {} datagrams in {} windows ({:.1} per window), window overhead {:.2} ms; DOVE saw {} begin, {} reach no socket",
+        "mixed: {} datagrams in {} windows ({:.1} per window, {} owner changes inside one), window overhead {:.2} ms; DOVE saw {} begin, {} reach no socket",
         mixed.sent,
         mixed.spans.windows,
         mixed.sent as f64 / mixed.spans.windows.max(1) as f64,
+        mixed.spans.handovers,
         ms(mixed.spans.prelude_ns + mixed.spans.empty_ns),
         mixed.started,
         mixed.without_socket
@@ -258,12 +277,7 @@ fn mixed_batches_bill_each_owner_its_own_cost() {
         "ftrace saw every datagram begin on CPU {}",
         bed.softirq_cpu
     );
-    assert!(
-        mixed.sent >= 3 * mixed.spans.windows,
-        "{} datagrams in {} windows: the mixed run was not batched",
-        mixed.sent,
-        mixed.spans.windows
-    );
+    assert_mixes_owners("mixed", &mixed);
     assert!(
         cost[1] >= 1.4 * cost[0],
         "the costly owner's datagrams cost {:.2} us vs {:.2} us: not different enough to judge a split",
@@ -322,8 +336,8 @@ fn third_party_packets_in_the_same_batches_are_unattributed() {
         let (_, junk_ns) = run.spans.of_len(LENS[1]);
         let billed = per_packet_us(run.billed[0], run.packets[0]);
         eprintln!(
-            "junk to {what}: {} datagrams in {} windows; DOVE saw {} begin, {} reach no socket",
-            run.sent, run.spans.windows, run.started, run.without_socket
+            "junk to {what}: {} datagrams in {} windows, {} owner changes inside one; DOVE saw {} begin, {} reach no socket",
+            run.sent, run.spans.windows, run.spans.handovers, run.started, run.without_socket
         );
         eprintln!(
             "junk to {what}: ftrace tenant {tenant_cost:.2} us/datagram (alone {tenant_alone:.2}), third party {:.2} ms; DOVE billed the tenant {billed:.2} us ({:+.0}%, {:.2}x alone), unattributed {:.2} ms",
@@ -332,12 +346,7 @@ fn third_party_packets_in_the_same_batches_are_unattributed() {
             billed / tenant_alone,
             ms(run.unattributed)
         );
-        assert!(
-            run.sent >= 3 * run.spans.windows,
-            "junk to {what}: {} datagrams in {} windows: not batched",
-            run.sent,
-            run.spans.windows
-        );
+        assert_mixes_owners(&format!("junk to {what}"), &run);
         assert!(
             billed <= 1.2 * tenant_cost,
             "junk to {what}: the tenant was billed {billed:.2} us per datagram; ftrace saw its datagrams take {tenant_cost:.2} us"
