@@ -57,6 +57,15 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
         })
 }
 
+/// Read a procfs file in one `read` where it fits: `read_to_string` probes a file that
+/// reports size 0 with 32-byte reads, and procfs regenerates its text on each.
+fn read_proc(path: impl AsRef<Path>) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::with_capacity(16 * 1024);
+    std::fs::File::open(path)?.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// Everything DOVE records about where a container's processes are accounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
@@ -75,7 +84,7 @@ impl Mounts {
     /// As [`Mounts::resolve_pid`], with procfs at `proc_root`.
     pub fn resolve_pid_in(&self, proc_root: &Path, pid: u32) -> Result<Resolved, CgroupError> {
         let path = proc_root.join(pid.to_string()).join("cgroup");
-        let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Read {
+        let text = read_proc(&path).map_err(|source| CgroupError::Read {
             path: path.clone(),
             source,
         })?;

@@ -72,12 +72,11 @@ impl Mounts {
     /// cgroup2 (crun on a hybrid host is run with it unmounted), look through the mount
     /// namespace of the nearest ancestor that has one, then PID 1's, via `/proc/<pid>/root`.
     pub fn discover() -> Result<Self, CgroupError> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
-            CgroupError::Read {
+        let text =
+            crate::read_proc("/proc/self/mountinfo").map_err(|source| CgroupError::Read {
                 path: "/proc/self/mountinfo".into(),
                 source,
-            }
-        })?;
+            })?;
         if let Some(m) = parse_mountinfo(&text, Path::new("/")) {
             return Ok(m);
         }
@@ -98,10 +97,54 @@ impl Mounts {
     }
 
     fn through_pid(pid: u32) -> Option<Self> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+        let text = crate::read_proc(format!("/proc/{pid}/mountinfo")).ok()?;
         let m = parse_mountinfo(&text, Path::new(&format!("/proc/{pid}/root")))?;
         // /proc/<pid>/root needs ptrace-read access to that process.
         m.unified.mount_point.is_dir().then_some(m)
+    }
+
+    /// The hierarchies where systemd and every distribution mount them (`/sys/fs/cgroup`,
+    /// or on a hybrid host `unified/` and `cpu/` under it), recognised by their file
+    /// system types with a few `statfs` calls, without reading `mountinfo`: its cost grows
+    /// with the host's mounts (hundreds on a Kubernetes node), and the hook pays it on
+    /// every container start. `None` when the host is laid out otherwise; then use
+    /// [`Mounts::discover`].
+    ///
+    /// It assumes each hierarchy is mounted from its root, as those mounts always are. A
+    /// sub-tree bind-mounted there would resolve a container to the wrong directory, whose
+    /// ID doved then finds does not match the path in its own view, and refuses.
+    pub fn at_standard_places() -> Option<Self> {
+        use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC};
+        let fs_type = |path: &str| statfs(path).ok().map(|s| s.filesystem_type());
+        let at = |path: &str| Hierarchy {
+            mount_point: PathBuf::from(path),
+            root: "/".to_owned(),
+        };
+        const TOP: &str = "/sys/fs/cgroup";
+        if fs_type(TOP)? == CGROUP2_SUPER_MAGIC {
+            return Some(Mounts::unified_only(at(TOP)));
+        }
+        const UNIFIED: &str = "/sys/fs/cgroup/unified";
+        const CPU: &str = "/sys/fs/cgroup/cpu";
+        let cpu_controller =
+            fs_type(CPU)? == CGROUP_SUPER_MAGIC && Path::new(CPU).join("cpu.shares").exists();
+        (fs_type(UNIFIED)? == CGROUP2_SUPER_MAGIC && cpu_controller).then(|| Mounts {
+            unified: at(UNIFIED),
+            cpu: Some(at(CPU)),
+            layout: Layout::Hybrid,
+        })
+    }
+
+    /// A pure v2 host: the `cpu` controller is there unless the hierarchy says otherwise.
+    fn unified_only(unified: Hierarchy) -> Self {
+        let has_cpu = std::fs::read_to_string(unified.mount_point.join("cgroup.controllers"))
+            .map(|c| c.split_whitespace().any(|c| c == "cpu"))
+            .unwrap_or(true);
+        Mounts {
+            cpu: has_cpu.then(|| unified.clone()),
+            unified,
+            layout: Layout::Unified,
+        }
     }
 
     pub fn layout(&self) -> Layout {
@@ -154,16 +197,7 @@ pub fn parse_mountinfo(text: &str, prefix: &Path) -> Option<Mounts> {
             cpu: Some(cpu),
             layout: Layout::Hybrid,
         },
-        None => {
-            let has_cpu = std::fs::read_to_string(unified.mount_point.join("cgroup.controllers"))
-                .map(|c| c.split_whitespace().any(|c| c == "cpu"))
-                .unwrap_or(true);
-            Mounts {
-                cpu: has_cpu.then(|| unified.clone()),
-                unified,
-                layout: Layout::Unified,
-            }
-        }
+        None => Mounts::unified_only(unified),
     })
 }
 
@@ -261,5 +295,18 @@ mod tests {
         );
         assert!(sub.dir("/kubepodsX/pod1").is_err());
         assert!(sub.dir("/other").is_err());
+    }
+
+    /// The statfs shortcut must find what mountinfo says, wherever it finds anything.
+    #[test]
+    fn standard_places_agree_with_mountinfo_on_this_host() {
+        let Ok(discovered) = Mounts::discover() else {
+            eprintln!("no cgroup2 on this host: nothing to compare");
+            return;
+        };
+        match Mounts::at_standard_places() {
+            Some(fast) => assert_eq!(fast, discovered),
+            None => eprintln!("cgroups are not at the standard places here: {discovered:?}"),
+        }
     }
 }

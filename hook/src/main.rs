@@ -111,17 +111,22 @@ fn main() -> ExitCode {
             };
         }
     };
-    dove_logging::init("dove-hook", &args.log_level, dove_logging::Target::Auto);
+    let _ = LOG_LEVEL.set(args.log_level.clone());
+    if verbose(&args.log_level) {
+        start_logging();
+    }
     let deadline = started + Duration::from_millis(args.timeout_ms);
     match run(&args, deadline) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if args.fail_closed => {
+            start_logging();
             let e = dove_logging::describe(e.as_ref());
             tracing::error!(stage = args.stage.name(), "{e}");
             eprintln!("dove-hook ({}): {e}", args.stage.name());
             ExitCode::FAILURE
         }
         Err(e) => {
+            start_logging();
             let e = dove_logging::describe(e.as_ref());
             tracing::warn!(
                 stage = args.stage.name(),
@@ -130,6 +135,32 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// The log filter from the command line, for a logger set up on first use.
+static LOG_LEVEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Set up logging, once. A hook that succeeds says nothing at the default level (doved
+/// logs every registration it takes), so the logger is set up when there is a warning to
+/// give, or at start when the operator asked for more: connecting to the journal and
+/// building the filter are a good part of what the hook costs over a process start.
+fn start_logging() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let level = LOG_LEVEL.get().map_or("info", String::as_str);
+        dove_logging::init("dove-hook", level, dove_logging::Target::Auto);
+    });
+}
+
+/// Whether the operator asked for more than warnings (and the default `info`, at which
+/// the hook has nothing more to say than warnings).
+fn verbose(level: &str) -> bool {
+    // RUST_LOG, when set, overrides --log-level (as in `dove_logging::init`).
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned());
+    !matches!(
+        level.trim().to_ascii_lowercase().as_str(),
+        "" | "off" | "error" | "warn" | "info"
+    )
 }
 
 /// Send `request`; when doved cannot be reached (and the hook fails open), leave it in
@@ -193,7 +224,7 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
             },
         )? {
             Reply::Unregistered { existed, .. } => {
-                tracing::info!(id = %state.id, existed, "unregistered");
+                tracing::debug!(id = %state.id, existed, "unregistered");
             }
             other => anyhow::bail!("doved answered unregister with {other:?}"),
         }
@@ -226,7 +257,7 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
         },
     )? {
         Reply::Registered { replaced, .. } => {
-            tracing::info!(%id, cgroup_id, replaced, "registered");
+            tracing::debug!(%id, cgroup_id, replaced, "registered");
             Ok(())
         }
         other => anyhow::bail!("doved answered register with {other:?}"),
@@ -244,6 +275,13 @@ fn configured_cgroup_path(state: &HookState) -> Option<String> {
 /// Where the container's processes are accounted: from the live pid when there is one,
 /// else from the bundle's `linux.cgroupsPath`.
 fn resolve(state: &HookState) -> Result<Resolved> {
+    // The common case without reading mountinfo; anything it cannot resolve gets the
+    // whole discovery below.
+    if let (Some(mounts), Some(pid)) = (Mounts::at_standard_places(), state.pid) {
+        if let Ok(resolved) = mounts.resolve_pid(pid) {
+            return Ok(resolved);
+        }
+    }
     let mounts = Mounts::discover()?;
     // The bundle is read only when the pid does not resolve.
     let mut unreadable = None;
@@ -297,6 +335,7 @@ fn bounded_annotations(mut annotations: BTreeMap<String, String>) -> BTreeMap<St
         }
         annotations.remove(&key);
         total -= size;
+        start_logging();
         tracing::warn!(%key, size, "annotation dropped: annotations exceed {MAX_ANNOTATION_BYTES} bytes");
     }
     annotations
