@@ -50,10 +50,32 @@ impl IrqTimeAccounting {
 
     /// Read the running kernel's configuration, command line and PSI.
     pub fn probe() -> Self {
+        // The configuration cannot change under a running kernel, and reading it (a
+        // quarter of a megabyte, perhaps gzipped) would dominate every status request.
+        static CONFIG_LINE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let config = CONFIG_LINE.get_or_init(|| {
+            Self::kernel_config().map(|text| {
+                text.lines()
+                    .find(|l| l.contains("CONFIG_IRQ_TIME_ACCOUNTING"))
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+        });
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let psi = std::fs::read_to_string("/proc/pressure/irq")
+            .map(Psi::Read)
+            .unwrap_or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Psi::Absent,
+                _ => Psi::Unreadable,
+            });
+        Self::classify(config.as_deref(), &cmdline, psi)
+    }
+
+    fn kernel_config() -> Option<String> {
         let release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
-        let config = std::fs::read_to_string(Path::new("/boot").join(format!("config-{release}")))
+        std::fs::read_to_string(Path::new("/boot").join(format!("config-{release}")))
             .ok()
             .or_else(|| {
                 use std::io::Read;
@@ -63,15 +85,7 @@ impl IrqTimeAccounting {
                     .read_to_string(&mut text)
                     .ok()?;
                 Some(text)
-            });
-        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        let psi = std::fs::read_to_string("/proc/pressure/irq")
-            .map(Psi::Read)
-            .unwrap_or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Psi::Absent,
-                _ => Psi::Unreadable,
-            });
-        Self::classify(config.as_deref(), &cmdline, psi)
+            })
     }
 
     /// The decision, from the texts [`Self::probe`] reads.

@@ -437,8 +437,7 @@ impl Registry {
             inner.record(JournalRecord::Put { container });
             generation = inner.generation;
         }
-        self.persist_wanted.notify_one();
-        self.wait_persisted(generation)
+        self.persist_through(generation)
             .await
             .map_err(RegisterError::Persist)?;
         Ok(replaced)
@@ -487,8 +486,7 @@ impl Registry {
             inner.depart(entry.container, RemovalReason::Unregistered);
             inner.generation
         };
-        self.persist_wanted.notify_one();
-        self.wait_persisted(generation)
+        self.persist_through(generation)
             .await
             .map_err(RegisterError::Persist)?;
         Ok(true)
@@ -523,6 +521,18 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Return once the registry is on disk through `generation`. With no write in
+    /// flight (the common case) the caller writes it: a journal append to the page cache
+    /// is shorter than handing it to the persister and being woken by it. Otherwise the
+    /// persister's next write covers it, and a burst shares that write.
+    async fn persist_through(&self, generation: u64) -> Result<(), String> {
+        match self.persist_lock.try_lock() {
+            Ok(writing) => self.persist_locked(writing).await,
+            Err(_) => self.persist_wanted.notify_one(),
+        }
+        self.wait_persisted(generation).await
+    }
+
     async fn wait_persisted(&self, generation: u64) -> Result<(), String> {
         let mut rx = self.persisted.subscribe();
         loop {
@@ -553,7 +563,11 @@ impl Registry {
     /// Write the current registry and report the outcome to waiters.
     pub async fn persist_now(&self) {
         // One writer at a time: journal records must land in the order they happened.
-        let _writing = self.persist_lock.lock().await;
+        let writing = self.persist_lock.lock().await;
+        self.persist_locked(writing).await;
+    }
+
+    async fn persist_locked(&self, _writing: tokio::sync::MutexGuard<'_, ()>) {
         enum Write {
             /// The records go to the journal first: a crash between the snapshot's rename
             /// and the journal's truncation then replays the complete history over the
@@ -582,16 +596,21 @@ impl Registry {
             (inner.generation, write)
         };
         let store = self.store.clone();
-        let result = tokio::task::spawn_blocking(move || match write {
-            Write::Snapshot(records, bytes) => store
-                .append(&records)
-                .and_then(|()| store.save_snapshot(&bytes)),
+        let result = match write {
             Write::Append(records) if records.is_empty() => Ok(()),
-            Write::Append(records) => store.append(&records),
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+            // A few lines appended to the page cache (no fsync: see `store`): done here.
+            Write::Append(records) => store.append(&records).map_err(|e| e.to_string()),
+            // A whole registry (megabytes with 10,000 containers) is written off the
+            // runtime's threads.
+            Write::Snapshot(records, bytes) => tokio::task::spawn_blocking(move || {
+                store
+                    .append(&records)
+                    .and_then(|()| store.save_snapshot(&bytes))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        };
         match result {
             Ok(()) => self
                 .persisted
