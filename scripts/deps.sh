@@ -13,6 +13,8 @@ packages=(
     iproute2 jq util-linux procps
     # container runtimes and a root filesystem for test containers
     runc crun podman busybox-static
+    # rootless podman (its user namespace needs newuidmap)
+    uidmap
     # eBPF: bpftool inspects what is attached (tests)
     bpftool
     # packaging tests: a fresh Debian root, rpm queries, systemd's unit verifier

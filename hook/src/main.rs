@@ -6,7 +6,6 @@
 //! `--fail-closed` is given, the hook still exits 0.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -197,12 +196,7 @@ fn deliver(args: &Args, deadline: Instant, request: Request) -> Result<Reply> {
 }
 
 fn run(args: &Args, deadline: Instant) -> Result<()> {
-    let mut input = Vec::new();
-    std::io::stdin()
-        .lock()
-        .take(state::MAX_STATE_BYTES as u64 + 1)
-        .read_to_end(&mut input)
-        .context("reading the OCI state from stdin")?;
+    let input = read_stdin_until(deadline, state::MAX_STATE_BYTES + 1)?;
     let state = read_state(&input)?;
     let stage = match (args.stage, state.status.as_deref()) {
         (Stage::Auto, Some("stopped")) => Stage::Poststop,
@@ -221,6 +215,7 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
             Request::Unregister {
                 id: state.id.clone(),
                 cgroup_path: configured_cgroup_path(&state),
+                bundle: Some(state.bundle.display().to_string()),
             },
         )? {
             Reply::Unregistered { existed, .. } => {
@@ -262,6 +257,39 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
         }
         other => anyhow::bail!("doved answered register with {other:?}"),
     }
+}
+
+/// Up to `limit` bytes of stdin, to its end or until `deadline`: a runtime that never
+/// closes the pipe must not hold the container's start beyond the hook's deadline.
+fn read_stdin_until(deadline: Instant, limit: usize) -> Result<Vec<u8>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    // The descriptor itself, not std's buffered handle, so that what poll sees is all
+    // there is.
+    let stdin = std::io::stdin();
+    let stdin = stdin.as_fd();
+    let mut input = Vec::with_capacity(8 * 1024);
+    let mut chunk = [0u8; 16 * 1024];
+    while input.len() < limit {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(left.as_millis().max(1)).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(stdin, PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => anyhow::bail!(
+                "the OCI state on stdin did not end within the hook's deadline ({} bytes read): the runtime kept stdin open",
+                input.len()
+            ),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e).context("waiting for the OCI state on stdin"),
+        }
+        match nix::unistd::read(stdin, &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => input.extend_from_slice(&chunk[..n.min(limit - input.len())]),
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+            Err(e) => return Err(e).context("reading the OCI state from stdin"),
+        }
+    }
+    Ok(input)
 }
 
 /// The container's cgroup as its bundle configures it, when the bundle is still readable:

@@ -26,6 +26,12 @@ pub enum Request {
         /// never removes another container that registered the same ID.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cgroup_path: Option<String>,
+        /// The container's bundle directory, when the client knows it: it names one
+        /// container of one runtime and root, and where both this and the registration
+        /// have one, it decides (a runtime may leave a container outside the cgroup its
+        /// bundle configures, as rootless podman does).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bundle: Option<String>,
     },
     List,
     Status,
@@ -438,6 +444,7 @@ mod tests {
         let env = RequestEnvelope::new(Request::Unregister {
             id: "x".into(),
             cgroup_path: None,
+            bundle: None,
         });
         let json = serde_json::to_string(&env).unwrap();
         assert_eq!(

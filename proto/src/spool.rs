@@ -161,10 +161,12 @@ mod tests {
         let first = Request::Unregister {
             id: "a".into(),
             cgroup_path: None,
+            bundle: None,
         };
         let second = Request::Unregister {
             id: "b".into(),
             cgroup_path: Some("/b".into()),
+            bundle: None,
         };
         spool_write(&spool, &first);
         spool_write(&spool, &second);

@@ -813,6 +813,41 @@ pub fn remove_cgroup_tree(dir: &Path) -> Result<()> {
 
 /// A child process killed (SIGKILL) and reaped on drop, so a failing test leaves no
 /// stray process behind.
+/// A local user made for one test (with subordinate ID ranges, as `useradd` gives every
+/// regular user), removed with its processes on drop.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+}
+
+impl TestUser {
+    pub fn new(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", std::process::id());
+        run(Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/usr/sbin/nologin"])
+            .arg(&name))
+        .expect("useradd");
+        let uid = nix::unistd::User::from_name(&name)
+            .ok()
+            .flatten()
+            .expect("the user just added")
+            .uid
+            .as_raw();
+        Self { name, uid }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        // Rootless podman leaves a pause process holding its user namespace.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-U", &self.uid.to_string()])
+            .status();
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
 pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
@@ -833,6 +868,12 @@ pub struct HookRun {
 /// Run `dove-hook` with `args` and `stdin`, logging to stderr (not journald) so the
 /// test can read what it said.
 pub fn run_hook(socket: &Path, args: &[&str], stdin: &[u8]) -> HookRun {
+    run_hook_stdin(socket, args, stdin, true)
+}
+
+/// As [`run_hook`]; with `close_stdin` false the pipe stays open until the hook exits, as
+/// a runtime that never closes it would leave it.
+pub fn run_hook_stdin(socket: &Path, args: &[&str], stdin: &[u8], close_stdin: bool) -> HookRun {
     let start = Instant::now();
     let mut child = Command::new(bin("dove-hook"))
         .arg("--socket")
@@ -862,7 +903,11 @@ pub fn run_hook(socket: &Path, args: &[&str], stdin: &[u8]) -> HookRun {
         })
     };
     // The hook may exit before reading everything (oversized input): ignore EPIPE.
-    let _ = child.stdin.take().unwrap().write_all(stdin);
+    let mut pipe = child.stdin.take();
+    let _ = pipe.as_mut().unwrap().write_all(stdin);
+    if close_stdin {
+        drop(pipe.take());
+    }
     let mut stderr = String::new();
     child
         .stderr
@@ -871,6 +916,7 @@ pub fn run_hook(socket: &Path, args: &[&str], stdin: &[u8]) -> HookRun {
         .read_to_string(&mut stderr)
         .unwrap();
     let status = child.wait().unwrap();
+    drop(pipe);
     finished.store(true, std::sync::atomic::Ordering::Release);
     let _ = watchdog.join();
     HookRun {

@@ -103,6 +103,42 @@ fn hook_registers_from_live_pid() {
     assert!(daemon.list().is_empty());
 }
 
+/// A runtime that writes the state and never closes stdin must not hold the container's
+/// start past the hook's deadline.
+#[test]
+fn stdin_left_open_never_holds_the_hook_past_its_deadline() {
+    if !require_root("stdin_left_open_never_holds_the_hook_past_its_deadline") {
+        return;
+    }
+    let daemon = TempDaemon::start().unwrap();
+    let parked = Parked::new();
+    let bundle = tempfile::tempdir().unwrap();
+    let state = state_json("open-stdin", Some(parked.pid()), bundle.path());
+    for (args, code) in [
+        (&["--timeout-ms", "300", "createRuntime"][..], 0),
+        (
+            &["--timeout-ms", "300", "--fail-closed", "createRuntime"][..],
+            1,
+        ),
+    ] {
+        let run = run_hook_stdin(&daemon.socket, args, &state, false);
+        eprintln!("{args:?}: exited {} after {:?}", run.code, run.elapsed);
+        assert_eq!(run.code, code, "{}", run.stderr);
+        assert!(
+            run.elapsed < Duration::from_millis(1300),
+            "the hook took {:?} with a 300 ms deadline",
+            run.elapsed
+        );
+        assert!(
+            run.stderr
+                .contains("did not end within the hook's deadline"),
+            "{}",
+            run.stderr
+        );
+    }
+    assert!(daemon.find("open-stdin").is_none());
+}
+
 #[test]
 fn bad_state_input_fails_open_fast_and_closed_on_request() {
     if !require_root("bad_state_input_fails_open_fast_and_closed_on_request") {

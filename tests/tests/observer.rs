@@ -621,6 +621,7 @@ fn a_quota_groups_pending_cost_moves_with_its_slot() {
         .call(dove_proto::Request::Unregister {
             id: "first".into(),
             cgroup_path: None,
+            bundle: None,
         })
         .unwrap();
     assert!(matches!(
@@ -1101,6 +1102,7 @@ fn registration_changes_reach_flows_already_running() {
         .call(dove_proto::Request::Unregister {
             id: "late".into(),
             cgroup_path: None,
+            bundle: None,
         })
         .unwrap()
     {
@@ -1191,6 +1193,7 @@ fn removed_containers_are_billed_exactly_once_across_kill_9() {
         .call(dove_proto::Request::Unregister {
             id: "bill-a".into(),
             cgroup_path: Some(unregistered.path.clone()),
+            bundle: None,
         })
         .unwrap()
     {

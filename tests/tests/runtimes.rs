@@ -225,19 +225,7 @@ fn podman_with_hooks_dir_registers_and_unregisters() {
         .unwrap();
     let hooks_dir = work.path().join("hooks.d");
     std::fs::create_dir_all(&hooks_dir).unwrap();
-    // The shipped hooks.d file, pointed at this build and this daemon.
-    let mut hook: serde_json::Value =
-        serde_json::from_str(include_str!("../../config/hooks.d/dove.json")).unwrap();
-    hook["hook"]["path"] = bin("dove-hook").display().to_string().into();
-    hook["hook"]["args"] = serde_json::json!([
-        "dove-hook",
-        "--socket",
-        daemon.socket,
-        "--timeout-ms",
-        "5000",
-        "auto"
-    ]);
-    std::fs::write(hooks_dir.join("dove.json"), hook.to_string()).unwrap();
+    write_hooks_d(&hooks_dir, &daemon.socket);
 
     let name = unique("podman");
     let parent = TestCgroup::new("dove-test-podman").unwrap();
@@ -313,6 +301,130 @@ fn podman_with_hooks_dir_registers_and_unregisters() {
     );
     daemon.wait_for("podman's container to unregister", WAIT, |l| l.is_empty());
     let _ = podman(&["rm", "-f", &name]).output();
+}
+
+/// Rootless podman: the hook runs as the user (root only inside podman's user
+/// namespace), doved in rootless mode sees the user's uid and accepts the container
+/// because its cgroup is delegated to that user, and the user's poststop removes it.
+#[test]
+fn rootless_podman_registers_in_a_delegated_cgroup() {
+    if !require_root("rootless_podman_registers_in_a_delegated_cgroup") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let user = TestUser::new("dove-rootless");
+    let daemon = TempDaemon::start_with_daemon_settings("rootless = true").unwrap();
+    for dir in [daemon.dir.path(), daemon.socket.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = tempfile::Builder::new()
+        .prefix("dove-rootless-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = work.path().join("home");
+    let hooks_dir = work.path().join("hooks.d");
+    for dir in [&home, &hooks_dir] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    write_hooks_d(&hooks_dir, &daemon.socket);
+    // The user's own copy of the root filesystem: a user namespace cannot use root's.
+    let rootfs = home.join("rootfs");
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(busybox_rootfs())
+        .arg(&rootfs))
+    .unwrap();
+    run(Command::new("chown")
+        .arg("-R")
+        .arg(format!("{0}:{0}", user.uid))
+        .arg(&home))
+    .unwrap();
+    // What systemd gives a user session: a cgroup it owns (cgroup v2 delegation).
+    let session = TestCgroup::new("dove-test-rootless").unwrap();
+    for file in [
+        "",
+        "cgroup.procs",
+        "cgroup.subtree_control",
+        "cgroup.threads",
+    ] {
+        nix::unistd::chown(
+            &session.dir.join(file),
+            Some(nix::unistd::Uid::from_raw(user.uid)),
+            Some(nix::unistd::Gid::from_raw(user.uid)),
+        )
+        .unwrap();
+    }
+
+    // Root moves the shell into the session, which then becomes the user: rootless podman
+    // without systemd leaves its containers in the caller's cgroup.
+    let name = unique("rootless");
+    let script = format!(
+        "echo $$ > {procs} && exec setpriv --reuid={uid} --regid={uid} --init-groups \\
+         env HOME={home} XDG_RUNTIME_DIR={home} \\
+         podman --root {home}/root --runroot {home}/runroot --storage-driver vfs \\
+           --cgroup-manager cgroupfs --events-backend file --runtime runc \\
+           --hooks-dir {hooks} \\
+           run --rm --name {name} --network none --rootfs {rootfs} sleep 3",
+        procs = session.dir.join("cgroup.procs").display(),
+        uid = user.uid,
+        home = home.display(),
+        hooks = hooks_dir.display(),
+        rootfs = rootfs.display(),
+    );
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(&home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(work.path().join("podman.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let podman_err = || std::fs::read_to_string(work.path().join("podman.err")).unwrap_or_default();
+    let child = KillOnDrop(child);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let entry = loop {
+        if let Some(entry) = daemon.list().into_iter().next() {
+            break entry;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rootless podman's container never registered\npodman: {}\ndoved: {}",
+            podman_err(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(entry.registered_by, user.uid, "registered by the user");
+    assert_eq!(entry.registration.cgroup_path, session.path);
+    assert_eq!(entry.registration.cgroup_id, session.id());
+    let mut child = child;
+    let status = child.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "rootless podman run failed: {}",
+        podman_err()
+    );
+    daemon.wait_for("the user's poststop to unregister it", WAIT, |l| {
+        l.is_empty()
+    });
+}
+
+/// The shipped hooks.d file, pointed at this build and `socket`.
+fn write_hooks_d(dir: &Path, socket: &Path) {
+    let mut hook: serde_json::Value =
+        serde_json::from_str(include_str!("../../config/hooks.d/dove.json")).unwrap();
+    hook["hook"]["path"] = bin("dove-hook").display().to_string().into();
+    hook["hook"]["args"] = serde_json::json!([
+        "dove-hook",
+        "--socket",
+        socket,
+        "--timeout-ms",
+        "5000",
+        "auto"
+    ]);
+    std::fs::write(dir.join("dove.json"), hook.to_string()).unwrap();
 }
 
 /// Run `f` on drop.

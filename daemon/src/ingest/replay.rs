@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use dove_proto::spool::{read_spool, SpoolEntry};
 use dove_proto::Request;
 
-use crate::registry::Registry;
+use crate::registry::{Named, Registry};
 
 /// Replay every spooled request; returns how many were applied.
 pub async fn replay_spool(registry: &Registry, dir: &Path) -> usize {
@@ -61,12 +61,20 @@ async fn apply(registry: &Registry, entry: &SpoolEntry) -> bool {
                 }
             }
         }
-        Request::Unregister { id, cgroup_path } => {
+        Request::Unregister {
+            id,
+            cgroup_path,
+            bundle,
+        } => {
             if registered_after(registry, id, entry.spooled_at()) {
                 tracing::info!(%id, %spooled_at, "spool: unregistration skipped, the ID was registered again after it");
                 return false;
             }
-            match registry.unregister(id, cgroup_path.as_deref(), 0).await {
+            let named = Named {
+                cgroup_path: cgroup_path.as_deref(),
+                bundle: bundle.as_deref(),
+            };
+            match registry.unregister(id, named, 0).await {
                 Ok(existed) => {
                     tracing::info!(%id, %spooled_at, existed, "spool: unregistered a container the hook could not deliver");
                     existed

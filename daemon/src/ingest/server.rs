@@ -17,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use crate::irqtime::IrqTimeAccounting;
-use crate::registry::{RegisterError, Registry};
+use crate::registry::{Named, RegisterError, Registry};
 
 /// Who may talk to the daemon besides root, and what they may ask.
 #[derive(Debug, Clone)]
@@ -426,15 +426,19 @@ impl Server {
                     }
                 }
             }
-            Request::Unregister { id, cgroup_path } => {
+            Request::Unregister {
+                id,
+                cgroup_path,
+                bundle,
+            } => {
                 if let Err(e) = dove_proto::validate_id(&id) {
                     return ResponseEnvelope::error(ErrorCode::InvalidContainer, e.to_string());
                 }
-                match self
-                    .registry
-                    .unregister(&id, cgroup_path.as_deref(), uid)
-                    .await
-                {
+                let named = Named {
+                    cgroup_path: cgroup_path.as_deref(),
+                    bundle: bundle.as_deref(),
+                };
+                match self.registry.unregister(&id, named, uid).await {
                     Ok(existed) => {
                         tracing::info!(%id, existed, "unregistered");
                         ResponseEnvelope::ok(Reply::Unregistered { id, existed })

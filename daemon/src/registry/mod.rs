@@ -36,6 +36,13 @@ pub mod store;
 pub use store::Departure;
 use store::{JournalRecord, Store};
 
+/// What an unregistration says about the container it means, beside its ID.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Named<'a> {
+    pub cgroup_path: Option<&'a str>,
+    pub bundle: Option<&'a str>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
     #[error(transparent)]
@@ -444,12 +451,13 @@ impl Registry {
     }
 
     /// Remove a container; returns whether it was registered, once the change is on disk.
-    /// With `cgroup_path`, only a registration of that cgroup (or of one nested in it, or
-    /// holding it) is removed: another container may have registered the same ID since.
+    /// Another container may have registered the same ID since (IDs are unique per runtime
+    /// and root only), so what the client names must match: the bundle where both sides
+    /// have one, else the cgroup (the registered one, one nested in it, or one holding it).
     pub async fn unregister(
         &self,
         id: &str,
-        cgroup_path: Option<&str>,
+        named: Named<'_>,
         by: u32,
     ) -> Result<bool, RegisterError> {
         let generation = {
@@ -472,14 +480,28 @@ impl Registry {
             let names_it = |named: &&str| {
                 same_container(registered, named) || reg.cpu_cgroup_path.as_deref() == Some(*named)
             };
-            if let Some(named) = cgroup_path.filter(|named| !names_it(named)) {
-                tracing::warn!(
-                    %id,
-                    registered,
-                    named,
-                    "unregistration names another cgroup than the registered one: left alone (another container reused the ID)"
-                );
-                return Ok(false);
+            match (named.bundle, reg.bundle.as_deref()) {
+                (Some(named), Some(registered)) if named != registered => {
+                    tracing::warn!(
+                        %id,
+                        registered,
+                        named,
+                        "unregistration names another bundle than the registered one: left alone (another container reused the ID)"
+                    );
+                    return Ok(false);
+                }
+                (Some(_), Some(_)) => {}
+                _ => {
+                    if let Some(named) = named.cgroup_path.filter(|named| !names_it(named)) {
+                        tracing::warn!(
+                            %id,
+                            registered,
+                            named,
+                            "unregistration names another cgroup than the registered one: left alone (another container reused the ID)"
+                        );
+                        return Ok(false);
+                    }
+                }
             }
             let entry = inner.remove_entry(id).expect("looked up above");
             self.detach(&mut inner, id, &entry.watch);
