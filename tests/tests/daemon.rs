@@ -1011,6 +1011,81 @@ fn rootless_peers_write_only_their_own_cgroups() {
     assert!(daemon.find("users").is_none(), "{stderr}");
 }
 
+/// socket_group: a member may read and nothing more, and membership is the peer's own
+/// credentials (what the kernel checked against the socket's mode), not the group
+/// database: `nobody` given the group as a supplementary group is a member, though
+/// /etc/group does not list it.
+#[test]
+fn socket_group_members_read_by_their_credentials_and_never_write() {
+    if !require_root("socket_group_members_read_by_their_credentials_and_never_write") {
+        return;
+    }
+    const NOBODY: &str = "65534";
+    let group = format!("dove-readers-{}", std::process::id());
+    run(Command::new("groupadd").arg(&group)).unwrap();
+    struct RemoveGroup(String);
+    impl Drop for RemoveGroup {
+        fn drop(&mut self) {
+            let _ = Command::new("groupdel").arg(&self.0).status();
+        }
+    }
+    let _group = RemoveGroup(group.clone());
+    let gid = nix::unistd::Group::from_name(&group)
+        .unwrap()
+        .unwrap()
+        .gid
+        .to_string();
+    let daemon =
+        TempDaemon::start_with_daemon_settings(&format!("socket_group = \"{group}\"")).unwrap();
+    for dir in [daemon.dir.path(), daemon.socket.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let keep = TestCgroup::new("dove-test-keep").unwrap();
+    daemon.register(&keep, "keep");
+    let socket = daemon.socket.display().to_string();
+    // nobody, with or without the group as a supplementary group.
+    let as_nobody = |groups: &str, program: &str, args: &[&str], stdin: &[u8]| {
+        let mut child = Command::new("setpriv")
+            .args([
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                &format!("--groups={groups}"),
+            ])
+            .arg(bin(program))
+            .args(["--socket", &socket])
+            .args(args)
+            .env("DOVE_LOG_STDERR", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = as_nobody(&gid, "dovectl", &["list"], b"");
+    assert!(ok && out.contains("keep"), "a member lists: {out}");
+    let (ok, out) = as_nobody(NOBODY, "dovectl", &["list"], b"");
+    assert!(!ok, "a non-member is refused: {out}");
+    let bundle = tempfile::tempdir().unwrap();
+    let (ok, out) = as_nobody(
+        &gid,
+        "dove-hook",
+        &["--fail-closed", "poststop"],
+        &state_json("keep", None, bundle.path()),
+    );
+    assert!(
+        !ok && out.contains("delegated to it"),
+        "a member may not write: {out}"
+    );
+    assert!(daemon.find("keep").is_some());
+}
+
 /// A doved that is stopped (SIGTERM) when the test is done with it, or fails.
 struct Stopped(std::process::Child);
 

@@ -64,10 +64,11 @@ impl Access {
         }
     }
 
-    fn role(&self, uid: u32, gid: u32) -> Option<Role> {
+    /// `groups`: the peer's supplementary groups (SO_PEERGROUPS).
+    fn role(&self, uid: u32, gid: u32, groups: &[u32]) -> Option<Role> {
         if uid == 0 {
             Some(Role::Root)
-        } else if self.in_group(uid, gid) {
+        } else if self.in_group(gid, groups) {
             Some(Role::Reader)
         } else if self.rootless {
             Some(Role::Delegate)
@@ -76,21 +77,15 @@ impl Access {
         }
     }
 
-    fn in_group(&self, uid: u32, gid: u32) -> bool {
+    /// Membership as the peer's credentials hold it when it connected, the same
+    /// credentials the kernel checked against the socket file's group and mode: not as
+    /// the group database says now (a process keeps the groups it started with, and one
+    /// given a group by `setgroups` or `sg` is in it without being listed).
+    fn in_group(&self, gid: u32, groups: &[u32]) -> bool {
         let Some((group_gid, _)) = &self.group else {
             return false;
         };
-        if gid == group_gid.as_raw() {
-            return true;
-        }
-        // Supplementary membership, as the group database says now.
-        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten();
-        match (user, Group::from_gid(*group_gid).ok().flatten()) {
-            (Some(user), Some(group)) => group.mem.contains(&user.name),
-            _ => false,
-        }
+        gid == group_gid.as_raw() || groups.contains(&group_gid.as_raw())
     }
 
     fn describe(&self) -> String {
@@ -189,6 +184,38 @@ pub fn bind(path: &Path, access: &Access) -> Result<std::os::unix::net::UnixList
     Ok(listener)
 }
 
+/// The peer's supplementary groups as they were when it connected (SO_PEERGROUPS).
+fn peer_groups(stream: &UnixStream) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    // Twice at most: a first answer of ERANGE says how many there are.
+    for _ in 0..2 {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of gid_t that the kernel fills; the fd is
+        // the stream's, open for this call.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / GID);
+            return Ok(groups);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) {
+            return Err(err);
+        }
+        groups.resize(len as usize / GID, 0);
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ERANGE))
+}
+
 /// The listening socket systemd passed us (socket activation), if any.
 pub fn activated_listener() -> Option<std::os::unix::net::UnixListener> {
     const SD_LISTEN_FDS_START: RawFd = 3;
@@ -282,7 +309,14 @@ impl Server {
                 return;
             }
         };
-        let Some(role) = self.info.access.role(cred.uid(), cred.gid()) else {
+        let groups = match peer_groups(&stream) {
+            Ok(groups) => groups,
+            Err(e) => {
+                tracing::warn!("cannot read the peer's groups, connection dropped: {e}");
+                return;
+            }
+        };
+        let Some(role) = self.info.access.role(cred.uid(), cred.gid(), &groups) else {
             tracing::warn!(
                 uid = cred.uid(),
                 gid = cred.gid(),
