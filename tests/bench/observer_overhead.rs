@@ -1,17 +1,33 @@
-//! Benchmark: what the eBPF observer costs, and what a tick costs.
+//! Benchmark: what the eBPF observer costs per datagram, per program, and per tick.
 //!
-//! 1. A bounded 64-byte UDP flood over a veth pair between two namespaces, the sink in a
-//!    registered cgroup: datagrams/s delivered and CPU ns per delivered datagram (all
-//!    CPUs' busy time from /proc/stat over the run), interleaved round by round because
-//!    shared 2-core machines drift by tens of percent over minutes: without any program;
-//!    with empty programs at DOVE's five per-packet hooks (`ebpf/programs/src/floor.rs`:
-//!    the kernel's dispatch cost, the floor under anything attached there); with doved;
-//!    with doved without its egress program.
-//! 2. The per-tick aggregation cost with 0 and with 1,000 registered containers.
+//! 1. Floods of 64-byte UDP over a veth pair between two namespaces, sender pinned to
+//!    CPU 0 and sink to CPU 1, on three paths:
+//!    - the worst case: veth without RPS, where every datagram is its own softirq window,
+//!      run on the sender's CPU; the sink registered;
+//!    - the batched path: RPS steers every packet to CPU 1, whose NET_RX windows drain
+//!      the backlog in batches (as NAPI does on a NIC); the sink registered;
+//!    - unregistered traffic: the worst-case path with the sink in an unregistered cgroup
+//!      while 1,000 other containers are registered.
+//!
+//!    Each path runs four variants: without DOVE; empty programs at DOVE's six
+//!    per-packet hooks (`ebpf/programs/src/floor.rs`: the kernel's dispatch cost, the
+//!    floor under anything attached there); the same at its four tracepoints only (what
+//!    every packet would still pay with the socket programs attached only at registered
+//!    containers' cgroups); doved. Every round runs every (path,
+//!    variant) pair once, in an order shuffled afresh each round, because shared 2-core
+//!    machines drift by tens of percent over minutes. Datagrams are counted by the
+//!    receiving namespace's own UDP counters (`/proc/net/snmp`: delivered plus dropped at
+//!    the socket, so buffer drops do not pass for cost), CPU time from `/proc/stat`.
+//!    Reported: median and interquartile range of datagrams/s and of CPU ns per datagram.
+//! 2. A separate pass with `kernel.bpf_stats_enabled` (it adds about 20 ns to every
+//!    program run, so never in the timed rounds): each of doved's programs' mean run time.
+//! 3. The aggregation tick with 0, 1,000 and 4,000 registered containers (4,095 is the
+//!    slot maps' capacity).
 //!
 //! Prints numbers; asserts nothing. Run as root after a release build:
 //!     cargo build --release --workspace --bins && cargo bench -p dove-tests --bench observer_overhead
-//! ROUNDS (default 5) and FLOOD_SECONDS (default 2) tune the flood.
+//! ROUNDS (default 10) and FLOOD_SECONDS (default 1) tune the floods; SEED repeats an
+//! order.
 
 use std::time::Duration;
 
@@ -21,52 +37,212 @@ use dove_tests::*;
 static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dove-floor.bpf.o"));
 
-/// Which of DOVE's hooks get an empty program.
-#[derive(Clone, Copy)]
-struct Hooks {
-    softirq: bool,
-    cgroup_skb: bool,
-}
+const SENDER_CPU: usize = 0;
+const SINK_CPU: usize = 1;
 
-/// Empty programs attached where DOVE attaches its own; detached on drop.
-fn attach_floor(hooks: Hooks) -> aya::Ebpf {
+/// Empty programs attached where DOVE attaches its per-packet programs (with
+/// `cgroup_skb`, also at the root's socket hooks); detached on drop.
+fn attach_floor(cgroup_skb: bool) -> aya::Ebpf {
     let mut ebpf = aya::Ebpf::load(FLOOR_OBJECT).expect("loading the floor programs");
-    if hooks.softirq {
-        for (name, tracepoint) in [
-            ("floor_softirq_entry", "softirq_entry"),
-            ("floor_softirq_exit", "softirq_exit"),
-            ("floor_packet_start", "netif_receive_skb"),
-        ] {
-            let program: &mut RawTracePoint = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            program.load().unwrap();
-            program.attach(tracepoint).unwrap();
-        }
+    for (name, tracepoint) in [
+        ("floor_softirq_entry", "softirq_entry"),
+        ("floor_softirq_exit", "softirq_exit"),
+        ("floor_packet_start", "netif_receive_skb"),
+        ("floor_xmit_start", "net_dev_start_xmit"),
+    ] {
+        let program: &mut RawTracePoint = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+        program.attach(tracepoint).unwrap();
     }
-    if hooks.cgroup_skb {
-        let root = std::fs::File::open(unified_mount()).unwrap();
-        for (name, kind) in [
-            ("floor_ingress", CgroupSkbAttachType::Ingress),
-            ("floor_egress", CgroupSkbAttachType::Egress),
-        ] {
-            let program: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            program.load().unwrap();
-            program
-                .attach(&root, kind, CgroupAttachMode::Single)
-                .unwrap();
-        }
+    if !cgroup_skb {
+        return ebpf;
+    }
+    let root = std::fs::File::open(unified_mount()).unwrap();
+    for (name, kind) in [
+        ("floor_ingress", CgroupSkbAttachType::Ingress),
+        ("floor_egress", CgroupSkbAttachType::Egress),
+    ] {
+        let program: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+        program
+            .attach(&root, kind, CgroupAttachMode::Single)
+            .unwrap();
     }
     ebpf
 }
 
-/// What is attached during one flood.
-enum Setup {
-    Nothing,
-    Floor(Hooks),
-    /// doved with these extra `[observer]` settings, the sink registered.
-    Dove(&'static str),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Without,
+    Floor,
+    /// The floor without the socket hooks: what every packet would still pay if the
+    /// cgroup_skb programs were attached only at registered containers' cgroups.
+    TracepointFloor,
+    Dove,
 }
 
-fn busy_jiffies() -> (u64, u64) {
+impl Variant {
+    const ALL: [Variant; 4] = [
+        Variant::Without,
+        Variant::Floor,
+        Variant::TracepointFloor,
+        Variant::Dove,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Without => "without DOVE",
+            Variant::Floor => "empty programs at DOVE's hooks (floor)",
+            Variant::TracepointFloor => "empty programs at its tracepoints only",
+            Variant::Dove => "DOVE",
+        }
+    }
+}
+
+struct Path {
+    label: &'static str,
+    rps: bool,
+    sink_registered: bool,
+    /// Other containers registered while DOVE runs.
+    crowd: usize,
+}
+
+const PATHS: [Path; 3] = [
+    Path {
+        label: "worst case: veth, a softirq window per datagram, sink registered",
+        rps: false,
+        sink_registered: true,
+        crowd: 0,
+    },
+    Path {
+        label: "batched: RPS to CPU 1, windows drain the backlog, sink registered",
+        rps: true,
+        sink_registered: true,
+        crowd: 0,
+    },
+    Path {
+        label: "unregistered traffic: veth, sink unregistered, 1,000 containers registered",
+        rps: false,
+        sink_registered: false,
+        crowd: 1000,
+    },
+];
+
+struct Bed {
+    net: NetPair,
+    sink: TestCgroup,
+    crowd: Vec<TestCgroup>,
+    _crowd_parent: TestCgroup,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let net = NetPair::new().unwrap();
+        let parent = TestCgroup::new("dove-bench-crowd").unwrap();
+        let crowd = (0..1000)
+            .map(|i| parent.child(&format!("c{i}")).unwrap())
+            .collect();
+        Bed {
+            net,
+            sink: TestCgroup::new("dove-bench-sink").unwrap(),
+            crowd,
+            _crowd_parent: parent,
+        }
+    }
+
+    fn set_rps(&self, on: bool) {
+        if on {
+            self.net.steer_b_to(SINK_CPU).unwrap();
+        } else {
+            self.net.rps_off().unwrap();
+        }
+    }
+
+    /// What `variant` attaches for `path`, kept alive for the flood.
+    fn attach(&self, path: &Path, variant: Variant) -> Box<dyn std::any::Any> {
+        match variant {
+            Variant::Without => Box::new(()),
+            Variant::Floor => Box::new(attach_floor(true)),
+            Variant::TracepointFloor => Box::new(attach_floor(false)),
+            Variant::Dove => {
+                let daemon = TempDaemon::with_observer().unwrap();
+                if path.sink_registered {
+                    daemon.register(&self.sink, "sink");
+                }
+                for (i, cg) in self.crowd.iter().take(path.crowd).enumerate() {
+                    daemon.register(cg, &format!("c{i}"));
+                }
+                Box::new(daemon)
+            }
+        }
+    }
+
+    fn flood(&self, port: u16, seconds: f64) -> Flood {
+        let addr = format!("{}:{port}", self.net.addr_b);
+        let sink = self
+            .net
+            .spawn_on(
+                Some(SINK_CPU),
+                &self.net.b,
+                Some(&self.sink),
+                &["udp-sink", &addr, "60"],
+                true,
+            )
+            .unwrap();
+        let before = (udp_counters(&self.net.b), busy_ns());
+        let start = std::time::Instant::now();
+        let sent = finish(
+            self.net
+                .spawn_on(
+                    Some(SENDER_CPU),
+                    &self.net.a,
+                    None,
+                    &["udp-flood", &addr, &seconds.to_string(), "64"],
+                    false,
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        // The receiving side drains its backlog.
+        std::thread::sleep(Duration::from_millis(20));
+        let elapsed = start.elapsed().as_secs_f64();
+        let after = (udp_counters(&self.net.b), busy_ns());
+        drop(KillOnDrop(sink));
+        let processed = (after.0 .0 + after.0 .1) - (before.0 .0 + before.0 .1);
+        Flood {
+            sent,
+            processed,
+            dropped: after.0 .1 - before.0 .1,
+            per_second: processed as f64 / elapsed,
+            cpu_ns: (after.1 - before.1) as f64 / processed.max(1) as f64,
+        }
+    }
+}
+
+struct Flood {
+    sent: u64,
+    processed: u64,
+    dropped: u64,
+    per_second: f64,
+    cpu_ns: f64,
+}
+
+/// The namespace's UDP `InDatagrams` and `InErrors` (buffer drops and the like).
+fn udp_counters(ns: &str) -> (u64, u64) {
+    let snmp =
+        run(std::process::Command::new("ip").args(["netns", "exec", ns, "cat", "/proc/net/snmp"]))
+            .unwrap();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let field = |name: &str| {
+        let i = names.split_whitespace().position(|n| n == name).unwrap();
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    };
+    (field("InDatagrams"), field("InErrors"))
+}
+
+/// All CPUs' busy time so far, in ns (USER_HZ jiffies from /proc/stat).
+fn busy_ns() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();
     let cpu: Vec<u64> = stat
         .lines()
@@ -77,137 +253,165 @@ fn busy_jiffies() -> (u64, u64) {
         .map(|v| v.parse().unwrap())
         .collect();
     // user nice system idle iowait irq softirq steal
-    let idle = cpu[3] + cpu[4];
-    let total: u64 = cpu.iter().take(8).sum();
-    (total - idle, total)
+    let busy: u64 = cpu.iter().take(8).sum::<u64>() - cpu[3] - cpu[4];
+    busy * 10_000_000
 }
 
-struct Run {
-    pps: f64,
-    cpu_ns_per_packet: f64,
-}
-
-fn flood(net: &NetPair, sink_cgroup: &TestCgroup, port: u16, seconds: f64) -> Run {
-    let addr = format!("{}:{port}", net.addr_b);
-    let sink = net
-        .spawn(&net.b, Some(sink_cgroup), &["udp-sink", &addr, "60"], true)
-        .unwrap();
-    let hz = 100.0; // USER_HZ
-    let (busy0, _) = busy_jiffies();
-    let start = std::time::Instant::now();
-    finish(
-        net.spawn(
-            &net.a,
-            None,
-            &["udp-flood", &addr, &seconds.to_string(), "64"],
-            false,
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let elapsed = start.elapsed().as_secs_f64();
-    let (busy1, _) = busy_jiffies();
-    let received = finish(sink).unwrap() as f64;
-    Run {
-        pps: received / elapsed,
-        cpu_ns_per_packet: (busy1 - busy0) as f64 / hz * 1e9 / received,
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median and interquartile range.
+fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.25), at(0.75))
 }
 
-fn spread(v: &[f64]) -> String {
-    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().cloned().fold(0.0, f64::max);
-    format!("{lo:.0}..{hi:.0}")
-}
+/// xorshift64*: enough to shuffle an order, with a seed that can be given back.
+struct Shuffle(u64);
 
-fn main() {
-    if !require_root("observer_overhead bench") {
-        return;
+impl Shuffle {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let seconds: f64 = std::env::var("FLOOD_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2.0);
-    let net = NetPair::new().unwrap();
-    let ctr = TestCgroup::new("dove-bench-sink").unwrap();
-    let both = Hooks {
-        softirq: true,
-        cgroup_skb: true,
-    };
-    let variants = [
-        ("without DOVE", Setup::Nothing),
-        (
-            "empty programs at all five per-packet hooks",
-            Setup::Floor(both),
-        ),
-        (
-            "empty programs, tracepoints only (softirq, packet start)",
-            Setup::Floor(Hooks {
-                softirq: true,
-                cgroup_skb: false,
-            }),
-        ),
-        (
-            "empty programs, cgroup_skb only",
-            Setup::Floor(Hooks {
-                softirq: false,
-                cgroup_skb: true,
-            }),
-        ),
-        ("with DOVE", Setup::Dove("")),
-        (
-            "with DOVE, no egress program",
-            Setup::Dove("egress = false"),
-        ),
-    ];
-    let mut pps = vec![Vec::new(); variants.len()];
-    let mut cpu = vec![Vec::new(); variants.len()];
-    for round in 0..rounds {
-        for (i, (_, setup)) in variants.iter().enumerate() {
-            let port = 6000 + (round * variants.len() + i) as u16;
-            let _attached: Box<dyn std::any::Any> = match setup {
-                Setup::Nothing => Box::new(()),
-                Setup::Floor(hooks) => Box::new(attach_floor(*hooks)),
-                Setup::Dove(settings) => {
-                    let daemon = TempDaemon::with_observer_settings(settings).unwrap();
-                    daemon.register(&ctr, "sink");
-                    Box::new(daemon)
-                }
-            };
-            let run = flood(&net, &ctr, port, seconds);
-            pps[i].push(run.pps);
-            cpu[i].push(run.cpu_ns_per_packet);
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
         }
     }
-    println!("64-byte UDP flood over veth, {rounds} interleaved rounds of {seconds} s each:");
-    for (i, (label, _)) in variants.iter().enumerate() {
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn timed_rounds(bed: &Bed, rounds: usize, seconds: f64) {
+    let seed = env_or(
+        "SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1,
+    );
+    let mut order = Shuffle(seed);
+    let pairs: Vec<(usize, usize)> = (0..PATHS.len())
+        .flat_map(|p| (0..Variant::ALL.len()).map(move |v| (p, v)))
+        .collect();
+    let mut results: Vec<Vec<Flood>> = (0..pairs.len()).map(|_| Vec::new()).collect();
+    let mut port = 6000u16;
+    for _ in 0..rounds {
+        let mut this_round: Vec<usize> = (0..pairs.len()).collect();
+        order.shuffle(&mut this_round);
+        for k in this_round {
+            let (p, v) = pairs[k];
+            let path = &PATHS[p];
+            bed.set_rps(path.rps);
+            let _attached = bed.attach(path, Variant::ALL[v]);
+            port += 1;
+            results[k].push(bed.flood(port, seconds));
+        }
+    }
+    bed.set_rps(false);
+
+    println!(
+        "64-byte UDP floods, sender on CPU {SENDER_CPU}, sink on CPU {SINK_CPU}: {rounds} rounds of {seconds} s, every (path, variant) once per round in a shuffled order (SEED={seed})"
+    );
+    println!("  datagrams the receiving side processed (delivered + dropped at the socket), median [interquartile range]");
+    for (p, path) in PATHS.iter().enumerate() {
+        println!("{}:", path.label);
+        let of = |v: usize| &results[p * Variant::ALL.len() + v];
+        let stats = |v: usize| {
+            (
+                quartiles(of(v).iter().map(|f| f.per_second).collect()),
+                quartiles(of(v).iter().map(|f| f.cpu_ns).collect()),
+            )
+        };
+        let (base_rate, base_cpu) = stats(0);
+        for (v, variant) in Variant::ALL.iter().enumerate() {
+            let (rate, cpu) = stats(v);
+            let floods = of(v);
+            let sent: u64 = floods.iter().map(|f| f.sent).sum();
+            let processed: u64 = floods.iter().map(|f| f.processed).sum();
+            let dropped: u64 = floods.iter().map(|f| f.dropped).sum();
+            println!(
+                "  {:<40} {:>7.0} datagrams/s [{:.0}..{:.0}]  {:>6.0} CPU ns/datagram [{:.0}..{:.0}]  vs without: {:.3}x datagrams/s, {:.3}x CPU ns  ({} sent, {} processed, {} dropped)",
+                variant.label(),
+                rate.0,
+                rate.1,
+                rate.2,
+                cpu.0,
+                cpu.1,
+                cpu.2,
+                rate.0 / base_rate.0,
+                cpu.0 / base_cpu.0,
+                sent,
+                processed,
+                dropped
+            );
+        }
+        let (floor_rate, floor_cpu) = stats(1);
+        let (dove_rate, dove_cpu) = stats(3);
         println!(
-            "  {label:<42} {:>7.0} datagrams/s (spread {}), {:>5.0} CPU ns/datagram (spread {}); ratio to without: {:.3} datagrams/s, {:.3} CPU ns",
-            median(pps[i].clone()),
-            spread(&pps[i]),
-            median(cpu[i].clone()),
-            spread(&cpu[i]),
-            median(pps[i].clone()) / median(pps[0].clone()),
-            median(cpu[i].clone()) / median(cpu[0].clone()),
+            "  DOVE over its floor: {:.3}x datagrams/s, {:.3}x CPU ns per datagram",
+            dove_rate.0 / floor_rate.0,
+            dove_cpu.0 / floor_cpu.0
         );
     }
-    let (floor, dove) = (1, 4);
-    println!(
-        "  DOVE's own work (with DOVE / empty programs at all five per-packet hooks): {:.3} datagrams/s, {:.3} CPU ns",
-        median(pps[dove].clone()) / median(pps[floor].clone()),
-        median(cpu[dove].clone()) / median(cpu[floor].clone())
-    );
+}
 
-    // Per-tick aggregation cost.
+/// Each doved program's mean run time on each path, from the kernel's own statistics.
+fn program_costs(bed: &Bed, seconds: f64) {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let was = std::fs::read_to_string(STATS).unwrap_or_default();
+    println!("doved's programs, mean run time per run (kernel.bpf_stats_enabled, a separate pass; stats add ~20 ns per run):");
+    for (p, path) in PATHS.iter().enumerate() {
+        bed.set_rps(path.rps);
+        let attached = bed.attach(path, Variant::Dove);
+        std::fs::write(STATS, "1").unwrap();
+        let flood = bed.flood(7000 + p as u16, seconds);
+        let programs = run(std::process::Command::new("bpftool").args(["prog", "show", "--json"]));
+        std::fs::write(
+            STATS,
+            if was.trim().is_empty() {
+                "0"
+            } else {
+                was.trim()
+            },
+        )
+        .unwrap();
+        drop(attached);
+        let programs: serde_json::Value = serde_json::from_str(&programs.unwrap()).unwrap();
+        let mut rows: Vec<String> = programs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| {
+                p["name"].as_str().is_some_and(|n| n.starts_with("dove_"))
+                    && p["run_cnt"].as_u64().unwrap_or(0) > 0
+            })
+            .map(|p| {
+                let runs = p["run_cnt"].as_u64().unwrap();
+                let ns = p["run_time_ns"].as_u64().unwrap_or(0);
+                format!(
+                    "{} {:.0} ns x {:.2}/datagram",
+                    p["name"].as_str().unwrap(),
+                    ns as f64 / runs as f64,
+                    runs as f64 / flood.processed.max(1) as f64
+                )
+            })
+            .collect();
+        rows.sort();
+        println!("  {}: {}", path.label, rows.join("; "));
+    }
+    bed.set_rps(false);
+}
+
+fn tick_costs(bed: &Bed) {
     let daemon = TempDaemon::with_observer().unwrap();
     let tick_cost = |daemon: &TempDaemon| {
         let mut samples = Vec::new();
@@ -220,21 +424,43 @@ fn main() {
                 samples.push(h.last_tick_ns as f64 / 1e3);
             }
         }
-        median(samples)
+        quartiles(samples).0
     };
-    let empty = tick_cost(&daemon);
-    let parent = TestCgroup::new("dove-bench-many").unwrap();
-    let cgroups: Vec<TestCgroup> = (0..1000)
-        .map(|i| parent.child(&format!("c{i}")).unwrap())
-        .collect();
-    for (i, cg) in cgroups.iter().enumerate() {
+    println!("aggregation tick (median of 20 ticks, 2 CPUs):");
+    println!("  {:>5} containers: {:>8.1} µs", 0, tick_cost(&daemon));
+    for (i, cg) in bed.crowd.iter().enumerate() {
         daemon.register(cg, &format!("c{i}"));
     }
     let full = tick_cost(&daemon);
-    println!("aggregation tick (median of 20 ticks, 2 CPUs):");
-    println!("  0 containers:     {empty:>8.1} µs");
     println!(
-        "  1,000 containers: {full:>8.1} µs  ({:.1}% of a 100 ms period)",
+        "  {:>5} containers: {full:>8.1} µs  ({:.2}% of a 100 ms period)",
+        bed.crowd.len(),
         full / 1e3
     );
+    let parent = TestCgroup::new("dove-bench-more").unwrap();
+    let more: Vec<TestCgroup> = (bed.crowd.len()..4000)
+        .map(|i| parent.child(&format!("m{i}")).unwrap())
+        .collect();
+    for (i, cg) in more.iter().enumerate() {
+        daemon.register(cg, &format!("m{i}"));
+    }
+    let most = tick_cost(&daemon);
+    println!(
+        "  {:>5} containers: {most:>8.1} µs  ({:.2}% of a 100 ms period)",
+        4000,
+        most / 1e3
+    );
+    drop(daemon);
+}
+
+fn main() {
+    if !require_root("observer_overhead bench") {
+        return;
+    }
+    let rounds: usize = env_or("ROUNDS", 10);
+    let seconds: f64 = env_or("FLOOD_SECONDS", 1.0);
+    let bed = Bed::new();
+    timed_rounds(&bed, rounds, seconds);
+    program_costs(&bed, seconds);
+    tick_costs(&bed);
 }

@@ -372,6 +372,15 @@ impl NetPair {
     /// Steer every packet `b` receives to `cpu`'s backlog (RPS): it is then processed in
     /// NET_RX windows on that CPU, in batches when the sender outpaces it.
     pub fn steer_b_to(&self, cpu: usize) -> Result<()> {
+        self.rps_mask(1u64 << cpu)
+    }
+
+    /// Stop steering: packets are processed where they arrive again.
+    pub fn rps_off(&self) -> Result<()> {
+        self.rps_mask(0)
+    }
+
+    fn rps_mask(&self, mask: u64) -> Result<()> {
         run(Command::new("ip").args([
             "netns",
             "exec",
@@ -379,8 +388,7 @@ impl NetPair {
             "sh",
             "-c",
             &format!(
-                "echo {:x} > /sys/class/net/{}/queues/rx-0/rps_cpus",
-                1u64 << cpu,
+                "echo {mask:x} > /sys/class/net/{}/queues/rx-0/rps_cpus",
                 self.dev_b
             ),
         ]))

@@ -1,4 +1,4 @@
-//! Empty programs at DOVE's five per-packet hooks, for the overhead benchmark
+//! Empty programs at DOVE's six per-packet hooks, for the overhead benchmark
 //! (`tests/bench/observer_overhead.rs`): what the kernel's hook dispatch costs before a
 //! program does any work, the floor under what DOVE's programs can cost. doved never
 //! loads them.
@@ -22,6 +22,11 @@ pub fn floor_softirq_exit(_ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "netif_receive_skb")]
 pub fn floor_packet_start(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+#[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
+pub fn floor_xmit_start(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
