@@ -378,6 +378,11 @@ struct TransmitTrace(TraceInstance);
 struct TransmitTime {
     net_tx_ns: u64,
     net_tx_windows: u64,
+    /// NET_TX time by the length of the packet being sent (`net_dev_start_xmit`, L2
+    /// header included): each packet's stretch runs from its start to the next packet's
+    /// or the window's end, and a window's time before its first packet joins that
+    /// packet, as DOVE's rule has it.
+    by_len: std::collections::BTreeMap<u32, (u64, u64)>,
     /// TCP callback → (runs, ns).
     callbacks: std::collections::BTreeMap<String, (u64, u64)>,
 }
@@ -413,7 +418,11 @@ const CALLBACK_EVENTS: [&str; 8] = [
 impl TransmitTrace {
     fn start() -> Self {
         let tx = Some("vec == 2");
-        let mut events = vec![("irq/softirq_entry", tx), ("irq/softirq_exit", tx)];
+        let mut events = vec![
+            ("irq/softirq_entry", tx),
+            ("irq/softirq_exit", tx),
+            ("net/net_dev_start_xmit", None),
+        ];
         events.extend(CALLBACK_EVENTS.iter().map(|e| (*e, None)));
         Self(TraceInstance::start(&[("buffer_size_kb", "65536")], &events).unwrap())
     }
@@ -421,7 +430,10 @@ impl TransmitTrace {
     fn stop(&self) -> TransmitTime {
         let text = self.0.stop().unwrap();
         let mut time = TransmitTime::default();
-        let mut net_tx: std::collections::HashMap<u32, f64> = Default::default();
+        // Per CPU: the open NET_TX window's start, and the packet in flight (its length and
+        // where its stretch began).
+        let mut net_tx: std::collections::HashMap<u32, (f64, Option<(u32, f64)>)> =
+            Default::default();
         // Per CPU: callbacks in progress (a hardirq hrtimer may nest in a softirq one).
         let mut open: std::collections::HashMap<u32, Vec<(f64, String)>> = Default::default();
         for line in TraceInstance::lines(&text) {
@@ -432,13 +444,36 @@ impl TransmitTrace {
                     .find_map(|f| f.strip_prefix(name))
                     .map(|v| v.split('+').next().unwrap_or(v).to_owned())
             };
+            let close = |time: &mut TransmitTime, packet: Option<(u32, f64)>| {
+                if let Some((len, mark)) = packet {
+                    let e = time.by_len.entry(len).or_default();
+                    e.0 += 1;
+                    e.1 += line.ns_since(mark);
+                }
+            };
             if event.starts_with("softirq_entry") {
-                net_tx.insert(cpu, ts);
+                net_tx.insert(cpu, (ts, None));
             } else if event.starts_with("softirq_exit") {
-                if let Some(start) = net_tx.remove(&cpu) {
+                if let Some((start, packet)) = net_tx.remove(&cpu) {
                     time.net_tx_ns += line.ns_since(start);
                     time.net_tx_windows += 1;
+                    close(&mut time, packet);
                 }
+            } else if event.starts_with("net_dev_start_xmit") {
+                let Some((start, packet)) = net_tx.get_mut(&cpu) else {
+                    continue;
+                };
+                let Some(len) = field("len=").and_then(|l| l.parse().ok()) else {
+                    continue;
+                };
+                let mark = match packet.take() {
+                    Some((prev, mark)) => {
+                        close(&mut time, Some((prev, mark)));
+                        ts
+                    }
+                    None => *start,
+                };
+                *packet = Some((len, mark));
             } else if event.starts_with("timer_expire_entry")
                 || event.starts_with("hrtimer_expire_entry")
                 || event.starts_with("tasklet_entry")
@@ -473,6 +508,114 @@ impl TransmitTrace {
     }
 }
 
+/// A rate-limited qdisc (tbf) on the sending namespace's veth.
+fn rate_limit(net: &NetPair) {
+    run(std::process::Command::new("ip").args([
+        "netns", "exec", &net.a, "tc", "qdisc", "add", "dev", &net.dev_a, "root", "tbf", "rate",
+        "200mbit", "burst", "16k", "limit", "40k",
+    ]))
+    .unwrap();
+}
+
+/// The datagram size of an unregistered competitor for the qdisc, and the length
+/// `net_dev_start_xmit` reports for its packets (Ethernet, IPv4 and UDP headers).
+const COMPETITOR_SIZE: u32 = 1000;
+const COMPETITOR_LEN: u32 = COMPETITOR_SIZE + 14 + 20 + 8;
+
+/// The same sender while an unregistered neighbour sends UDP through the same qdisc:
+/// NET_TX windows then release both flows' packets, and the sender must be billed for
+/// its own packets' share, not for the neighbour's, which goes to nobody. ftrace
+/// classifies each released packet by its length (the neighbour's datagrams have one
+/// size of their own).
+#[test]
+fn a_neighbours_packets_in_the_same_qdisc_are_not_billed_to_the_sender() {
+    if !require_root("a_neighbours_packets_in_the_same_qdisc_are_not_billed_to_the_sender") {
+        return;
+    }
+    let _serial = serial();
+    let daemon = TempDaemon::with_observer().unwrap();
+    let net = NetPair::new().unwrap();
+    let sender = TestCgroup::new("dove-test-sender").unwrap();
+    daemon.register(&sender, "sender");
+    rate_limit(&net);
+    let to = format!("{}:5501", net.addr_b);
+    let to_neighbour = format!("{}:5502", net.addr_b);
+    let sink = net
+        .spawn(&net.b, None, &["tcp-sink", &to, "60"], true)
+        .unwrap();
+    let neighbours_sink = KillOnDrop(
+        net.spawn(&net.b, None, &["udp-sink", &to_neighbour, "60"], true)
+            .unwrap(),
+    );
+    let before = settled(&daemon);
+    let trace = TransmitTrace::start();
+    let neighbour = net
+        .spawn(
+            &net.a,
+            None,
+            // About a third of the qdisc's rate: TCP still gets through.
+            &[
+                "udp-pace",
+                &to_neighbour,
+                "8000",
+                "30",
+                &COMPETITOR_SIZE.to_string(),
+            ],
+            false,
+        )
+        .unwrap();
+    finish(
+        net.spawn(&net.a, Some(&sender), &["tcp-send", &to, "20000000"], false)
+            .unwrap(),
+    )
+    .unwrap();
+    let kernel = trace.stop();
+    let after = settled(&daemon);
+    drop(KillOnDrop(neighbour));
+    drop(neighbours_sink);
+    let bytes = finish(sink).unwrap();
+    let (neighbours, neighbours_ns) = kernel
+        .by_len
+        .get(&COMPETITOR_LEN)
+        .copied()
+        .unwrap_or_default();
+    let senders_net_tx = kernel.net_tx_ns - neighbours_ns;
+    let senders = senders_net_tx + kernel.callbacks.values().map(|(_, ns)| ns).sum::<u64>();
+    let tx = cost(&after, "sender").tx_ns - cost(&before, "sender").tx_ns;
+    let unattributed_tx = after.unattributed.tx_ns - before.unattributed.tx_ns;
+    eprintln!(
+        "20 MB beside a UDP flood through tbf: ftrace NET_TX {:.2} ms in {} windows, of it the neighbour's {} packets {:.2} ms; the sender's NET_TX and TCP callbacks {:.2} ms; DOVE billed the sender tx {:.2} ms ({:.0}%), unattributed tx {:.2} ms",
+        ms(kernel.net_tx_ns),
+        kernel.net_tx_windows,
+        neighbours,
+        ms(neighbours_ns),
+        ms(senders),
+        ms(tx),
+        tx as f64 / senders.max(1) as f64 * 100.0,
+        ms(unattributed_tx)
+    );
+    assert_eq!(bytes, 20_000_000, "the stream arrived");
+    assert!(
+        neighbours_ns as f64 >= 0.2 * kernel.net_tx_ns as f64,
+        "the neighbour's packets took {:.2} ms of {:.2} ms NET_TX: the bed does not share the qdisc",
+        ms(neighbours_ns),
+        ms(kernel.net_tx_ns)
+    );
+    assert!(
+        (tx as f64 - senders as f64).abs() <= 0.2 * senders as f64 + 5e6,
+        "the sender was billed {:.2} ms of transmit work; ftrace saw its own take {:.2} ms (and the neighbour's {:.2} ms)",
+        ms(tx),
+        ms(senders),
+        ms(neighbours_ns)
+    );
+    assert!(
+        unattributed_tx as f64 >= 0.8 * neighbours_ns as f64,
+        "unattributed tx {:.2} ms of the neighbour's {:.2} ms",
+        ms(unattributed_tx),
+        ms(neighbours_ns)
+    );
+}
+
 /// A container that only sends, over TCP through a rate-limiting qdisc (tbf) whose short
 /// queue overflows: the qdisc releases packets in NET_TX softirq, TCP small queues resume
 /// the sender from a tasklet, and losses are repaired from TCP's timers. No socket hook runs in either; DOVE must still bill the
@@ -487,11 +630,7 @@ fn transmit_work_is_billed_to_the_sender() {
     let net = NetPair::new().unwrap();
     let sender = TestCgroup::new("dove-test-sender").unwrap();
     daemon.register(&sender, "sender");
-    run(std::process::Command::new("ip").args([
-        "netns", "exec", &net.a, "tc", "qdisc", "add", "dev", &net.dev_a, "root", "tbf", "rate",
-        "200mbit", "burst", "16k", "limit", "40k",
-    ]))
-    .unwrap();
+    rate_limit(&net);
     let to = format!("{}:5501", net.addr_b);
     // The receiver is nobody's: its ACKs and receive work are unattributed.
     let sink = net

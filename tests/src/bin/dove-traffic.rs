@@ -14,6 +14,7 @@
 //!   dove-traffic tcp-sink ADDR SECONDS            accept one stream, drain it; prints bytes
 //!   dove-traffic tcp-send ADDR BYTES              connect and send BYTES
 //!   dove-traffic udp-flood ADDR SECONDS SIZE      send unpaced for SECONDS; prints datagrams sent
+//!   dove-traffic udp-pace ADDR RATE SECONDS SIZE  send RATE datagrams/s for SECONDS
 //!
 //! Sinks print `ready` once bound, and their count when the peer is done or time is up.
 
@@ -164,6 +165,26 @@ fn main() {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
+        }
+        "udp-pace" => {
+            let rate: u64 = arg(2).parse().unwrap();
+            let secs: f64 = arg(3).parse().unwrap();
+            let size: usize = arg(4).parse().unwrap();
+            let sock = udp_sender(addr);
+            sock.connect(addr).unwrap();
+            let payload = vec![0x5au8; size];
+            let start = Instant::now();
+            let mut sent = 0u64;
+            // Catch up every millisecond with what the rate allows so far.
+            while start.elapsed().as_secs_f64() < secs {
+                let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                while sent < due {
+                    let _ = sock.send(&payload);
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            println!("{sent}");
         }
         "udp-flood" => {
             let secs: f64 = arg(2).parse().unwrap();
