@@ -110,27 +110,43 @@ impl Mounts {
     /// every container start. `None` when the host is laid out otherwise; then use
     /// [`Mounts::discover`].
     ///
-    /// It assumes each hierarchy is mounted from its root, as those mounts always are. A
-    /// sub-tree bind-mounted there would resolve a container to the wrong directory, whose
-    /// ID doved then finds does not match the path in its own view, and refuses.
+    /// Only in the initial cgroup namespace, where `/proc/<pid>/cgroup` paths are
+    /// paths from the hierarchy's root, and only for mounts of a hierarchy's root (whose
+    /// directory is inode 1): anything else, a sub-tree bind-mounted there or a private
+    /// cgroup namespace, is left to mountinfo, which says how the paths relate.
     pub fn at_standard_places() -> Option<Self> {
         use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC};
-        let fs_type = |path: &str| statfs(path).ok().map(|s| s.filesystem_type());
-        let at = |path: &str| Hierarchy {
-            mount_point: PathBuf::from(path),
+        use std::os::unix::fs::MetadataExt;
+        /// `PROC_CGROUP_INIT_INO`: the initial cgroup namespace.
+        const INITIAL_CGROUP_NS: u64 = 0xEFFF_FFFB;
+        if std::fs::metadata("/proc/self/ns/cgroup").ok()?.ino() != INITIAL_CGROUP_NS {
+            return None;
+        }
+        let fs_type = |path: &Path| statfs(path).ok().map(|s| s.filesystem_type());
+        let hierarchy_root = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.ino() == 1);
+        let at = |path: PathBuf| Hierarchy {
+            mount_point: path,
             root: "/".to_owned(),
         };
-        const TOP: &str = "/sys/fs/cgroup";
-        if fs_type(TOP)? == CGROUP2_SUPER_MAGIC {
-            return Some(Mounts::unified_only(at(TOP)));
+        let top = Path::new("/sys/fs/cgroup");
+        if fs_type(top)? == CGROUP2_SUPER_MAGIC {
+            return hierarchy_root(top).then(|| Mounts::unified_only(at(top.to_owned())));
         }
-        const UNIFIED: &str = "/sys/fs/cgroup/unified";
-        const CPU: &str = "/sys/fs/cgroup/cpu";
+        let unified = top.join("unified");
+        // Usually a symlink to `cpu,cpuacct`, the mount itself.
+        let cpu = match std::fs::read_link(top.join("cpu")) {
+            Ok(target) => top.join(target),
+            Err(_) => top.join("cpu"),
+        };
         let cpu_controller =
-            fs_type(CPU)? == CGROUP_SUPER_MAGIC && Path::new(CPU).join("cpu.shares").exists();
-        (fs_type(UNIFIED)? == CGROUP2_SUPER_MAGIC && cpu_controller).then(|| Mounts {
-            unified: at(UNIFIED),
-            cpu: Some(at(CPU)),
+            fs_type(&cpu)? == CGROUP_SUPER_MAGIC && cpu.join("cpu.shares").exists();
+        (fs_type(&unified)? == CGROUP2_SUPER_MAGIC
+            && cpu_controller
+            && hierarchy_root(&unified)
+            && hierarchy_root(&cpu))
+        .then(|| Mounts {
+            unified: at(unified),
+            cpu: Some(at(cpu)),
             layout: Layout::Hybrid,
         })
     }

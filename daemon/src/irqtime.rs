@@ -52,15 +52,19 @@ impl IrqTimeAccounting {
     pub fn probe() -> Self {
         // The configuration cannot change under a running kernel, and reading it (a
         // quarter of a megabyte, perhaps gzipped) would dominate every status request.
-        static CONFIG_LINE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        let config = CONFIG_LINE.get_or_init(|| {
-            Self::kernel_config().map(|text| {
-                text.lines()
+        // Kept only once found: /boot may be mounted, or the configs module loaded, later.
+        static CONFIG_LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let config = match CONFIG_LINE.get() {
+            Some(line) => Some(line.clone()),
+            None => Self::kernel_config().map(|text| {
+                let line = text
+                    .lines()
                     .find(|l| l.contains("CONFIG_IRQ_TIME_ACCOUNTING"))
                     .unwrap_or_default()
-                    .to_owned()
-            })
-        });
+                    .to_owned();
+                CONFIG_LINE.get_or_init(|| line).clone()
+            }),
+        };
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         let psi = std::fs::read_to_string("/proc/pressure/irq")
             .map(Psi::Read)

@@ -136,6 +136,13 @@ fn main() -> ExitCode {
     }
 }
 
+fn refused_as_bad_request(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<ClientError>(),
+        Some(ClientError::Daemon(e)) if e.code == ErrorCode::BadRequest
+    )
+}
+
 /// The log filter from the command line, for a logger set up on first use.
 static LOG_LEVEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -209,15 +216,22 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
     };
 
     if stage == Stage::Poststop {
-        match deliver(
+        let unregister = |bundle| Request::Unregister {
+            id: state.id.clone(),
+            cgroup_path: configured_cgroup_path(&state),
+            bundle,
+        };
+        let reply = match deliver(
             args,
             deadline,
-            Request::Unregister {
-                id: state.id.clone(),
-                cgroup_path: configured_cgroup_path(&state),
-                bundle: Some(state.bundle.display().to_string()),
-            },
-        )? {
+            unregister(Some(state.bundle.display().to_string())),
+        ) {
+            // A doved from before `bundle` existed refuses the field it does not know:
+            // say it the old way rather than leave the container registered.
+            Err(e) if refused_as_bad_request(&e) => deliver(args, deadline, unregister(None))?,
+            other => other?,
+        };
+        match reply {
             Reply::Unregistered { existed, .. } => {
                 tracing::debug!(id = %state.id, existed, "unregistered");
             }
@@ -279,7 +293,9 @@ fn read_stdin_until(deadline: Instant, limit: usize) -> Result<Vec<u8>> {
                 "the OCI state on stdin did not end within the hook's deadline ({} bytes read): the runtime kept stdin open",
                 input.len()
             ),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) => {}
+            // Poll again with what is left of the deadline; a read now could block.
+            Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e).context("waiting for the OCI state on stdin"),
         }
         match nix::unistd::read(stdin, &mut chunk) {

@@ -830,6 +830,22 @@ pub struct TestUser {
 
 impl TestUser {
     pub fn new(prefix: &str) -> Self {
+        // Users a killed test run left behind (their name ends in its pid).
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        for line in passwd.lines() {
+            let mut fields = line.split(':');
+            let (Some(name), Some(uid)) = (fields.next(), fields.nth(1)) else {
+                continue;
+            };
+            let stale = name
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if let (true, Ok(uid)) = (stale, uid.parse()) {
+                Self::remove(name, uid);
+            }
+        }
         let name = format!("{prefix}-{}", std::process::id());
         run(Command::new("useradd")
             .args(["--no-create-home", "--shell", "/usr/sbin/nologin"])
@@ -845,14 +861,32 @@ impl TestUser {
     }
 }
 
+impl TestUser {
+    /// Kill the user's processes and remove it, its subordinate ID ranges (userdel does)
+    /// and what rootless podman leaves in /dev/shm.
+    fn remove(name: &str, uid: u32) {
+        for _ in 0..50 {
+            // Rootless podman leaves a pause process holding its user namespace.
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-U", &uid.to_string()])
+                .status();
+            let removed = Command::new("userdel")
+                .arg(name)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if removed {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = std::fs::remove_file(format!("/dev/shm/libpod_rootless_lock_{uid}"));
+    }
+}
+
 impl Drop for TestUser {
     fn drop(&mut self) {
-        // Rootless podman leaves a pause process holding its user namespace.
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-U", &self.uid.to_string()])
-            .status();
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = Command::new("userdel").arg(&self.name).status();
+        Self::remove(&self.name, self.uid);
     }
 }
 

@@ -315,6 +315,51 @@ fn daemon_dying_mid_request_is_reported() {
     server.join().unwrap();
 }
 
+/// A doved from before unregistrations named their bundle refuses the unknown field
+/// (its requests deny unknown fields): the hook says it again without, rather than leave
+/// the container registered.
+#[test]
+fn poststop_to_a_doved_that_predates_bundles_still_unregisters() {
+    let bundle = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("old.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            let request = dove_proto::read_frame(&mut conn, dove_proto::MAX_FRAME_BYTES).unwrap();
+            let request: serde_json::Value = serde_json::from_slice(&request).unwrap();
+            let reply = if request["request"].get("bundle").is_some() {
+                dove_proto::ResponseEnvelope::error(
+                    dove_proto::ErrorCode::BadRequest,
+                    "unknown field `bundle`",
+                )
+            } else {
+                dove_proto::ResponseEnvelope::ok(Reply::Unregistered {
+                    id: "old".into(),
+                    existed: true,
+                })
+            };
+            dove_proto::write_frame(&mut conn, &serde_json::to_vec(&reply).unwrap()).unwrap();
+            seen.push(request);
+        }
+        seen
+    });
+    let run = run_hook(
+        &socket,
+        &["--fail-closed", "poststop"],
+        &state_json("old", None, bundle.path()),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let seen = server.join().unwrap();
+    assert_eq!(
+        seen[0]["request"]["bundle"],
+        bundle.path().display().to_string()
+    );
+    assert!(seen[1]["request"].get("bundle").is_none(), "{seen:?}");
+}
+
 fn raw_exchange(socket: &std::path::Path, bytes: &[u8]) -> Option<serde_json::Value> {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1080,10 +1125,29 @@ fn socket_group_members_read_by_their_credentials_and_never_write() {
         &state_json("keep", None, bundle.path()),
     );
     assert!(
-        !ok && out.contains("delegated to it"),
+        !ok && out.contains("may read"),
         "a member may not write: {out}"
     );
     assert!(daemon.find("keep").is_some());
+    // Not even in a cgroup delegated to it: that is rootless mode's, and it is off.
+    let own = Parked::new();
+    nix::unistd::chown(
+        &own.cgroup.dir,
+        Some(nix::unistd::Uid::from_raw(65534)),
+        None,
+    )
+    .unwrap();
+    let (ok, out) = as_nobody(
+        &gid,
+        "dove-hook",
+        &["--fail-closed", "createRuntime"],
+        &state_json("members", Some(own.pid()), bundle.path()),
+    );
+    assert!(
+        !ok && out.contains("may read"),
+        "a member may not register: {out}"
+    );
+    assert!(daemon.find("members").is_none());
 }
 
 /// A doved that is stopped (SIGTERM) when the test is done with it, or fails.

@@ -506,6 +506,11 @@ impl Server {
         };
         let cgroup_path = match (role, writes_cgroup) {
             (Role::Root, _) | (Role::Reader, None) | (_, Some(None)) => return Ok(()),
+            (Role::Reader, Some(Some(_))) if !self.info.access.rootless => {
+                return Err(format!(
+                    "uid {uid} is in socket_group, which may read doved's state but not register or unregister containers: run the hook as root, or set rootless = true to let users register containers in cgroups delegated to them"
+                ))
+            }
             (Role::Delegate, None) => {
                 return Err(format!(
                     "uid {uid} may register and unregister its own containers but not read doved's state: list, status, stats and bills need root or socket_group"
