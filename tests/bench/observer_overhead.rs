@@ -364,34 +364,49 @@ fn timed_rounds(bed: &Bed, rounds: usize, seconds: f64) {
     }
 }
 
+/// Every program loaded now, as bpftool reports them.
+fn programs() -> Vec<serde_json::Value> {
+    let json = run(std::process::Command::new("bpftool").args(["prog", "show", "--json"])).unwrap();
+    match serde_json::from_str(&json).unwrap() {
+        serde_json::Value::Array(programs) => programs,
+        _ => Vec::new(),
+    }
+}
+
+/// IDs of loaded programs named like DOVE's.
+fn dove_program_ids() -> std::collections::BTreeSet<u64> {
+    programs()
+        .iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("dove_")))
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
 /// Each doved program's mean run time on each path, from the kernel's own statistics.
 fn program_costs(bed: &Bed, seconds: f64) {
     const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let was = std::fs::read_to_string(STATS).unwrap_or_default();
+    let was = if was.trim().is_empty() {
+        "0"
+    } else {
+        was.trim()
+    };
     println!("doved's programs, mean run time per run (kernel.bpf_stats_enabled, a separate pass; stats add ~20 ns per run):");
     for (p, path) in PATHS.iter().enumerate() {
         bed.set_rps(path.rps);
+        // Only the programs of the doved started here, not an installed one's.
+        let others = dove_program_ids();
         let attached = bed.attach(path, Variant::Dove);
         std::fs::write(STATS, "1").unwrap();
         let flood = bed.flood(7000 + p as u16, seconds);
-        let programs = run(std::process::Command::new("bpftool").args(["prog", "show", "--json"]));
-        std::fs::write(
-            STATS,
-            if was.trim().is_empty() {
-                "0"
-            } else {
-                was.trim()
-            },
-        )
-        .unwrap();
+        let programs = programs();
+        std::fs::write(STATS, was).unwrap();
         drop(attached);
-        let programs: serde_json::Value = serde_json::from_str(&programs.unwrap()).unwrap();
         let mut rows: Vec<String> = programs
-            .as_array()
-            .unwrap()
             .iter()
             .filter(|p| {
                 p["name"].as_str().is_some_and(|n| n.starts_with("dove_"))
+                    && !p["id"].as_u64().is_some_and(|id| others.contains(&id))
                     && p["run_cnt"].as_u64().unwrap_or(0) > 0
             })
             .map(|p| {
@@ -459,6 +474,13 @@ fn main() {
     }
     let rounds: usize = env_or("ROUNDS", 10);
     let seconds: f64 = env_or("FLOOD_SECONDS", 1.0);
+    let others = dove_program_ids();
+    if !others.is_empty() {
+        println!(
+            "NOTE: {} programs of another doved (an installed one?) are loaded: every variant below also runs them, so \"without DOVE\" is not without it and the ratios understate DOVE's cost. Stop it (systemctl stop doved) for a clean run.",
+            others.len()
+        );
+    }
     let bed = Bed::new();
     timed_rounds(&bed, rounds, seconds);
     program_costs(&bed, seconds);
