@@ -508,13 +508,40 @@ impl TransmitTrace {
     }
 }
 
-/// A rate-limited qdisc (tbf) on the sending namespace's veth.
-fn rate_limit(net: &NetPair) {
-    run(std::process::Command::new("ip").args([
-        "netns", "exec", &net.a, "tc", "qdisc", "add", "dev", &net.dev_a, "root", "tbf", "rate",
-        "200mbit", "burst", "16k", "limit", "40k",
-    ]))
-    .unwrap();
+/// The transmit tests' bed: a registered sender behind a rate-limited qdisc (tbf) on
+/// the sending namespace's veth, and an unregistered TCP sink (its ACKs and receive work
+/// are unattributed) listening at `to`.
+struct TransmitBed {
+    daemon: TempDaemon,
+    net: NetPair,
+    sender: TestCgroup,
+    to: String,
+    sink: std::process::Child,
+}
+
+impl TransmitBed {
+    fn new() -> Self {
+        let daemon = TempDaemon::with_observer().unwrap();
+        let net = NetPair::new().unwrap();
+        let sender = TestCgroup::new("dove-test-sender").unwrap();
+        daemon.register(&sender, "sender");
+        run(std::process::Command::new("ip").args([
+            "netns", "exec", &net.a, "tc", "qdisc", "add", "dev", &net.dev_a, "root", "tbf",
+            "rate", "200mbit", "burst", "16k", "limit", "40k",
+        ]))
+        .unwrap();
+        let to = format!("{}:5501", net.addr_b);
+        let sink = net
+            .spawn(&net.b, None, &["tcp-sink", &to, "60"], true)
+            .unwrap();
+        Self {
+            daemon,
+            net,
+            sender,
+            to,
+            sink,
+        }
+    }
 }
 
 /// The datagram size of an unregistered competitor for the qdisc, and the length
@@ -533,16 +560,14 @@ fn a_neighbours_packets_in_the_same_qdisc_are_not_billed_to_the_sender() {
         return;
     }
     let _serial = serial();
-    let daemon = TempDaemon::with_observer().unwrap();
-    let net = NetPair::new().unwrap();
-    let sender = TestCgroup::new("dove-test-sender").unwrap();
-    daemon.register(&sender, "sender");
-    rate_limit(&net);
-    let to = format!("{}:5501", net.addr_b);
+    let TransmitBed {
+        daemon,
+        net,
+        sender,
+        to,
+        sink,
+    } = TransmitBed::new();
     let to_neighbour = format!("{}:5502", net.addr_b);
-    let sink = net
-        .spawn(&net.b, None, &["tcp-sink", &to, "60"], true)
-        .unwrap();
     let neighbours_sink = KillOnDrop(
         net.spawn(&net.b, None, &["udp-sink", &to_neighbour, "60"], true)
             .unwrap(),
@@ -626,16 +651,13 @@ fn transmit_work_is_billed_to_the_sender() {
         return;
     }
     let _serial = serial();
-    let daemon = TempDaemon::with_observer().unwrap();
-    let net = NetPair::new().unwrap();
-    let sender = TestCgroup::new("dove-test-sender").unwrap();
-    daemon.register(&sender, "sender");
-    rate_limit(&net);
-    let to = format!("{}:5501", net.addr_b);
-    // The receiver is nobody's: its ACKs and receive work are unattributed.
-    let sink = net
-        .spawn(&net.b, None, &["tcp-sink", &to, "60"], true)
-        .unwrap();
+    let TransmitBed {
+        daemon,
+        net,
+        sender,
+        to,
+        sink,
+    } = TransmitBed::new();
     let before = settled(&daemon);
     let trace = TransmitTrace::start();
     finish(
