@@ -216,9 +216,10 @@ fn run(args: &Args, deadline: Instant) -> Result<()> {
     };
 
     if stage == Stage::Poststop {
+        let cgroup_path = configured_cgroup_path(&state);
         let unregister = |bundle| Request::Unregister {
             id: state.id.clone(),
-            cgroup_path: configured_cgroup_path(&state),
+            cgroup_path: cgroup_path.clone(),
             bundle,
         };
         let reply = match deliver(
