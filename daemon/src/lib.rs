@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bills::Ledger;
-use crate::bpf::accounting::Accounting;
+use crate::bpf::accounting::{Accounting, AccountingThread};
 use crate::bpf::observer::{self, Observer};
 use crate::config::Config;
 use crate::enforce::Enforcement;
@@ -80,27 +80,43 @@ struct Privileged {
 /// Run the daemon until SIGTERM or SIGINT.
 ///
 /// Everything that needs a capability (loading and attaching programs, mounting bpffs,
-/// handing maps to the scheduler, binding sockets) happens first, on this thread alone;
-/// then every capability is dropped, and only then does the async runtime start its
-/// threads. Capabilities belong to threads: a thread started before the drop would keep
-/// them.
+/// handing maps to the scheduler, binding sockets) happens first, on this thread alone.
+/// Then the accounting thread starts and keeps only what attaching programs at
+/// registered cgroups needs; this thread drops everything, and only then does the async
+/// runtime start its threads. Capabilities belong to threads: a thread started before
+/// the drop would keep them.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     let privileged = acquire(&config)?;
-    let keep_bpf = config.observer.enabled && observer::map_updates_need_cap_bpf();
-    observer::drop_capabilities(keep_bpf).map_err(DaemonError::Capabilities)?;
-    if keep_bpf {
-        tracing::info!(
-            "all capabilities dropped but CAP_BPF (this kernel checks it on every map update)"
-        );
-    } else {
-        tracing::info!("all capabilities dropped");
+    let accounting_thread = match privileged.observer {
+        Some(_) => {
+            let keep = observer::accounting_capabilities();
+            let thread =
+                AccountingThread::reserve(keep.clone()).map_err(DaemonError::Capabilities)?;
+            tracing::info!(
+                kept = ?keep,
+                "the accounting thread keeps only these capabilities (attaching programs at registered cgroups)"
+            );
+            Some(thread)
+        }
+        None => None,
+    };
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let expected = 1 + usize::from(accounting_thread.is_some());
+    if threads != expected {
+        return Err(DaemonError::Capabilities(format!(
+            "{threads} threads are running where {expected} were expected: the others would keep their capabilities"
+        )));
     }
+    observer::drop_capabilities(&[]).map_err(DaemonError::Capabilities)?;
+    tracing::info!("all capabilities of the serving threads dropped");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(DaemonError::Thread)?;
-    runtime.block_on(serve(config, privileged))
+    runtime.block_on(serve(config, privileged, accounting_thread))
 }
 
 fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
@@ -174,7 +190,11 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
     })
 }
 
-async fn serve(config: Config, privileged: Privileged) -> Result<(), DaemonError> {
+async fn serve(
+    config: Config,
+    privileged: Privileged,
+    accounting_thread: Option<AccountingThread>,
+) -> Result<(), DaemonError> {
     let d = &config.daemon;
     let Privileged {
         mounts,
@@ -218,36 +238,36 @@ async fn serve(config: Config, privileged: Privileged) -> Result<(), DaemonError
         Duration::from_secs(config.metrics.removed_grace_s),
     ));
     let stop_accounting = Arc::new(AtomicBool::new(false));
-    let accounting = match observer {
-        Some(observer) => {
+    let accounting = match (observer, accounting_thread) {
+        (Some(observer), Some(thread)) => {
             let subscription = registry.subscribe();
-            let accounting = Accounting::start(
-                observer,
-                &subscription,
-                Arc::clone(&registry),
-                Arc::clone(&ledger),
-                Arc::clone(&telemetry),
-                match enforcement {
-                    Enforcement::Kernel | Enforcement::External => mounts.cpu.clone(),
-                    Enforcement::None => None,
-                },
-            );
-            Some((accounting, subscription))
+            let registry = Arc::clone(&registry);
+            let ledger = Arc::clone(&ledger);
+            let telemetry = Arc::clone(&telemetry);
+            let enforce_in = match enforcement {
+                Enforcement::Kernel | Enforcement::External => mounts.cpu.clone(),
+                Enforcement::None => None,
+            };
+            let tick = Duration::from_millis(config.observer.tick_ms);
+            let stop = Arc::clone(&stop_accounting);
+            let (started, ready) = tokio::sync::oneshot::channel();
+            let handle = thread.run(move || {
+                let accounting = Accounting::start(
+                    observer,
+                    &subscription,
+                    registry,
+                    ledger,
+                    telemetry,
+                    enforce_in,
+                );
+                let _ = started.send(());
+                accounting.run(subscription, tick, stop);
+            });
+            // The first snapshot is published before anything is served.
+            let _ = ready.await;
+            Some(handle)
         }
-        None => None,
-    };
-
-    let accounting = match accounting {
-        Some((accounting, subscription)) => Some(
-            accounting
-                .spawn(
-                    subscription,
-                    Duration::from_millis(config.observer.tick_ms),
-                    Arc::clone(&stop_accounting),
-                )
-                .map_err(DaemonError::Thread)?,
-        ),
-        None => None,
+        _ => None,
     };
     if let Some(listener) = metrics {
         tokio::spawn(telemetry::serve_metrics(

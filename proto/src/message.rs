@@ -315,7 +315,12 @@ pub struct ContainerStats {
 /// How the eBPF observer is doing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObserverHealth {
+    /// Tracepoint attachments plus the socket programs' cgroup links.
     pub programs_attached: u64,
+    /// Cgroups the socket programs are attached at: each registered cgroup with no
+    /// registered ancestor.
+    #[serde(default)]
+    pub hooked_cgroups: u64,
     pub windows: u64,
     pub packets_in_window: u64,
     /// Packets seen in process context: already billed to the sending task, not charged.
@@ -327,7 +332,8 @@ pub struct ObserverHealth {
     /// Received packets that began inside a NET_RX window.
     #[serde(default)]
     pub packets_started: u64,
-    /// Of those, packets that reached no socket hook (closed ports, drops, forwarding):
+    /// Of those, packets that reached no socket hook (closed ports, drops, forwarding,
+    /// sockets of unregistered cgroups):
     /// their time is unattributed.
     #[serde(default)]
     pub packets_without_socket: u64,

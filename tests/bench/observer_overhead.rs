@@ -9,12 +9,12 @@
 //!    - unregistered traffic: the worst-case path with the sink in an unregistered cgroup
 //!      while 1,000 other containers are registered.
 //!
-//!    Each path runs four variants: without DOVE; empty programs at DOVE's six
-//!    per-packet hooks (`ebpf/programs/src/floor.rs`: the kernel's dispatch cost, the
-//!    floor under anything attached there); the same at its four tracepoints only (what
-//!    every packet would still pay with the socket programs attached only at registered
-//!    containers' cgroups); doved. Every round runs every (path,
-//!    variant) pair once, in an order shuffled afresh each round, because shared 2-core
+//!    Each path runs four variants: without DOVE; empty programs where DOVE attaches its
+//!    per-packet programs (`ebpf/programs/src/floor.rs`: four tracepoints, and the two
+//!    socket hooks at the registered cgroups: the kernel's dispatch cost, the floor under
+//!    anything attached there); the same with the socket hooks at the cgroup v2 root
+//!    instead (the floor of a design that runs them for every socket on the host);
+//!    doved. Every round runs every (path, variant) pair once, in an order shuffled afresh each round, because shared 2-core
 //!    machines drift by tens of percent over minutes. Datagrams are counted by the
 //!    receiving namespace's own UDP counters (`/proc/net/snmp`: delivered plus dropped at
 //!    the socket, so buffer drops do not pass for cost), CPU time from `/proc/stat`.
@@ -40,9 +40,9 @@ static FLOOR_OBJECT: &[u8] =
 const SENDER_CPU: usize = 0;
 const SINK_CPU: usize = 1;
 
-/// Empty programs attached where DOVE attaches its per-packet programs (with
-/// `cgroup_skb`, also at the root's socket hooks); detached on drop.
-fn attach_floor(cgroup_skb: bool) -> aya::Ebpf {
+/// Empty programs at DOVE's four per-packet tracepoints and at the socket hooks of the
+/// cgroup at `socket_hooks_at`; detached on drop.
+fn attach_floor(socket_hooks_at: &std::path::Path) -> aya::Ebpf {
     let mut ebpf = aya::Ebpf::load(FLOOR_OBJECT).expect("loading the floor programs");
     for (name, tracepoint) in [
         ("floor_softirq_entry", "softirq_entry"),
@@ -54,10 +54,7 @@ fn attach_floor(cgroup_skb: bool) -> aya::Ebpf {
         program.load().unwrap();
         program.attach(tracepoint).unwrap();
     }
-    if !cgroup_skb {
-        return ebpf;
-    }
-    let root = std::fs::File::open(unified_mount()).unwrap();
+    let cgroup = std::fs::File::open(socket_hooks_at).unwrap();
     for (name, kind) in [
         ("floor_ingress", CgroupSkbAttachType::Ingress),
         ("floor_egress", CgroupSkbAttachType::Egress),
@@ -65,7 +62,7 @@ fn attach_floor(cgroup_skb: bool) -> aya::Ebpf {
         let program: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into().unwrap();
         program.load().unwrap();
         program
-            .attach(&root, kind, CgroupAttachMode::Single)
+            .attach(&cgroup, kind, CgroupAttachMode::Single)
             .unwrap();
     }
     ebpf
@@ -75,9 +72,9 @@ fn attach_floor(cgroup_skb: bool) -> aya::Ebpf {
 enum Variant {
     Without,
     Floor,
-    /// The floor without the socket hooks: what every packet would still pay if the
-    /// cgroup_skb programs were attached only at registered containers' cgroups.
-    TracepointFloor,
+    /// The floor with the socket hooks at the cgroup v2 root: what a design that runs
+    /// them for every socket on the host starts from.
+    RootFloor,
     Dove,
 }
 
@@ -85,15 +82,15 @@ impl Variant {
     const ALL: [Variant; 4] = [
         Variant::Without,
         Variant::Floor,
-        Variant::TracepointFloor,
+        Variant::RootFloor,
         Variant::Dove,
     ];
 
     fn label(self) -> &'static str {
         match self {
             Variant::Without => "without DOVE",
-            Variant::Floor => "empty programs at DOVE's hooks (floor)",
-            Variant::TracepointFloor => "empty programs at its tracepoints only",
+            Variant::Floor => "empty programs where DOVE attaches (floor)",
+            Variant::RootFloor => "the same, socket hooks at the cgroup root",
             Variant::Dove => "DOVE",
         }
     }
@@ -132,7 +129,7 @@ struct Bed {
     net: NetPair,
     sink: TestCgroup,
     crowd: Vec<TestCgroup>,
-    _crowd_parent: TestCgroup,
+    crowd_parent: TestCgroup,
 }
 
 impl Bed {
@@ -146,7 +143,7 @@ impl Bed {
             net,
             sink: TestCgroup::new("dove-bench-sink").unwrap(),
             crowd,
-            _crowd_parent: parent,
+            crowd_parent: parent,
         }
     }
 
@@ -162,8 +159,11 @@ impl Bed {
     fn attach(&self, path: &Path, variant: Variant) -> Box<dyn std::any::Any> {
         match variant {
             Variant::Without => Box::new(()),
-            Variant::Floor => Box::new(attach_floor(true)),
-            Variant::TracepointFloor => Box::new(attach_floor(false)),
+            // DOVE attaches its socket programs at the registered sink, or, with the sink
+            // unregistered, at the crowd's cgroups (one parent stands in for them).
+            Variant::Floor if path.sink_registered => Box::new(attach_floor(&self.sink.dir)),
+            Variant::Floor => Box::new(attach_floor(&self.crowd_parent.dir)),
+            Variant::RootFloor => Box::new(attach_floor(&unified_mount())),
             Variant::Dove => {
                 let daemon = TempDaemon::with_observer().unwrap();
                 if path.sink_registered {
@@ -171,6 +171,16 @@ impl Bed {
                 }
                 for (i, cg) in self.crowd.iter().take(path.crowd).enumerate() {
                     daemon.register(cg, &format!("c{i}"));
+                }
+                // Links are made as the accounting thread takes the registrations in.
+                let hooked = path.crowd + usize::from(path.sink_registered);
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while daemon.stats().health.hooked_cgroups < hooked as u64 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{hooked} cgroups never hooked"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 Box::new(daemon)
             }

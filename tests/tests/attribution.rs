@@ -25,7 +25,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Packet loads in the costly owner's socket filter: enough that its datagrams cost
 /// about twice a plain one's in softirq, all of it after the cgroup ingress hook.
-const FILTER_LOADS: &str = "2000";
+const FILTER_LOADS: &str = "4000";
 const ROUNDS: usize = 3;
 /// Datagram sizes of the two flows in a run, and the lengths the kernel's
 /// `netif_receive_skb` event reports for them (IPv4 and UDP headers included).

@@ -430,10 +430,12 @@ fn restart_mid_traffic_keeps_counters_and_never_double_attaches() {
             "round {round}: {s:?}\n{}",
             daemon.log_text()
         );
-        let attached = attached_dove_programs(&daemon);
+        let here = attached_dove_programs(&daemon, &ctr.dir);
+        let at_root = attached_dove_programs(&daemon, &unified_mount());
         assert_eq!(
-            attached, 2,
-            "round {round}: cgroup_skb programs at the root: {attached}"
+            (here, at_root),
+            (2, 0),
+            "round {round}: cgroup_skb programs at the container's cgroup and at the root"
         );
     }
     finish(sender).unwrap();
@@ -445,6 +447,103 @@ fn restart_mid_traffic_keeps_counters_and_never_double_attaches() {
         "counters went backwards: {seen:?}"
     );
     assert!(seen.last().unwrap() > seen.first().unwrap());
+}
+
+/// The socket programs run only for registered cgroups' sockets: attached at each
+/// registered cgroup with no registered ancestor (a program runs for its cgroup's
+/// descendants too, so attaching at both would run it twice per packet), handed down to
+/// the registered descendants when that cgroup goes, and never run for a socket of an
+/// unregistered cgroup.
+#[test]
+fn socket_programs_run_only_in_registered_cgroups() {
+    if !require_root("socket_programs_run_only_in_registered_cgroups") {
+        return;
+    }
+    let _serial = serial();
+    let daemon = TempDaemon::with_observer().unwrap();
+    let net = NetPair::new().unwrap();
+    let outer = TestCgroup::new("dove-test-outer").unwrap();
+    let inner = outer.child("inner").unwrap();
+    let stranger = TestCgroup::new("dove-test-stranger").unwrap();
+    // (attached at outer, at inner, running for inner's sockets, running for stranger's)
+    let placement = || {
+        (
+            attached_dove_programs(&daemon, &outer.dir),
+            attached_dove_programs(&daemon, &inner.dir),
+            effective_dove_programs(&daemon, &inner.dir),
+            effective_dove_programs(&daemon, &stranger.dir),
+        )
+    };
+    let wait_for = |want: (usize, usize, usize, usize), step: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut now = placement();
+        while now != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            now = placement();
+        }
+        assert_eq!(
+            now,
+            want,
+            "{step}: (at outer, at inner, effective at inner, effective at stranger)\n{}",
+            daemon.log_text()
+        );
+    };
+    wait_for((0, 0, 0, 0), "nothing registered");
+    daemon.register(&inner, "inner");
+    wait_for((0, 2, 2, 0), "inner registered");
+    daemon.register(&outer, "outer");
+    wait_for((2, 0, 2, 0), "outer registered over it");
+    // A cgroup registered below an attached one runs its ancestor's programs, once.
+    let late = outer.child("late").unwrap();
+    daemon.register(&late, "late");
+    settled(&daemon);
+    assert_eq!(
+        (
+            attached_dove_programs(&daemon, &late.dir),
+            effective_dove_programs(&daemon, &late.dir)
+        ),
+        (0, 2),
+        "registered below a registered cgroup: (attached, effective)"
+    );
+    assert_eq!(daemon.stats().health.hooked_cgroups, 1);
+
+    // Datagrams to an unregistered cgroup's socket meet no socket program.
+    let addr = format!("{}:5311", net.addr_b);
+    let sink = net
+        .spawn(&net.b, Some(&stranger), &["udp-sink", &addr, "20"], true)
+        .unwrap();
+    let before = settled(&daemon).health;
+    finish(
+        net.spawn(&net.a, None, &["udp-send", &addr, "3000", "64"], false)
+            .unwrap(),
+    )
+    .unwrap();
+    let received = finish(sink).unwrap();
+    let after = settled(&daemon).health;
+    let hooked = (after.packets_in_window + after.packets_outside_window)
+        - (before.packets_in_window + before.packets_outside_window);
+    let started = after.packets_started - before.packets_started;
+    eprintln!("unregistered: {received} datagrams, {started} packets started, {hooked} socket program runs");
+    assert!(received > 1000, "only {received} datagrams arrived");
+    assert!(started >= received, "the tracepoints saw {started} packets");
+    assert_eq!(hooked, 0, "socket programs ran for unregistered traffic");
+
+    match daemon
+        .client()
+        .call(dove_proto::Request::Unregister {
+            id: "outer".into(),
+            cgroup_path: None,
+            bundle: None,
+        })
+        .unwrap()
+    {
+        dove_proto::Reply::Unregistered { existed: true, .. } => {}
+        other => panic!("unexpected reply {other:?}"),
+    }
+    wait_for((0, 2, 2, 0), "outer unregistered, inner inherits");
+    assert_eq!(attached_dove_programs(&daemon, &late.dir), 2);
+    inner.remove().unwrap();
+    wait_for((0, 0, 0, 0), "inner's cgroup removed");
 }
 
 /// Pending cost is what an enforcer deducts from a quota: it accrues only while one
@@ -890,34 +989,47 @@ fn restart_over_one_cost_map_of_another_layout_keeps_bills_continuous() {
     }
 }
 
-/// `daemon`'s cgroup_skb programs attached at the cgroup v2 root, counted by bpftool.
-/// A DOVE installed on the host attaches programs of the same names there too; this
-/// daemon's are the ones that use the window map pinned in its own directory.
-fn attached_dove_programs(daemon: &TempDaemon) -> usize {
-    let json = |args: &[&str], path: Option<&std::path::Path>| -> serde_json::Value {
-        let mut cmd = std::process::Command::new("bpftool");
-        cmd.arg("-j").args(args);
-        if let Some(p) = path {
-            cmd.arg(p);
-        }
+/// `daemon`'s cgroup_skb programs attached at cgroup directory `at` (not inherited from
+/// above), counted by bpftool. A DOVE installed on the host attaches programs of the same
+/// names; this daemon's are the ones that use the window map pinned in its own directory.
+fn attached_dove_programs(daemon: &TempDaemon, at: &std::path::Path) -> usize {
+    dove_programs_at(daemon, at, false)
+}
+
+/// `daemon`'s cgroup_skb programs that run for sockets of cgroup `at`, wherever attached.
+fn effective_dove_programs(daemon: &TempDaemon, at: &std::path::Path) -> usize {
+    dove_programs_at(daemon, at, true)
+}
+
+fn dove_programs_at(daemon: &TempDaemon, at: &std::path::Path, effective: bool) -> usize {
+    let json = |args: &[&std::ffi::OsStr]| -> serde_json::Value {
         // A program listed a moment ago may be gone (a daemon restarting): no answer.
-        run(&mut cmd)
+        run(std::process::Command::new("bpftool").arg("-j").args(args))
             .ok()
             .and_then(|out| serde_json::from_str(out.trim()).ok())
             .unwrap_or(serde_json::Value::Null)
     };
     let window = daemon.pin_dir.as_ref().unwrap().join("DOVE_WINDOW");
-    let window_id = json(&["map", "show", "pinned"], Some(&window))["id"]
+    let window_id = json(&[
+        "map".as_ref(),
+        "show".as_ref(),
+        "pinned".as_ref(),
+        window.as_ref(),
+    ])["id"]
         .as_u64()
         .expect("the test daemon pinned its window map");
-    let attached = json(&["cgroup", "show"], Some(&unified_mount()));
-    attached
+    let mut show = vec!["cgroup".as_ref(), "show".as_ref(), at.as_os_str()];
+    if effective {
+        show.push("effective".as_ref());
+    }
+    json(&show)
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|p| p["id"].as_u64())
         .filter(|id| {
-            json(&["prog", "show", "id", &id.to_string()], None)["map_ids"]
+            let id = id.to_string();
+            json(&["prog".as_ref(), "show".as_ref(), "id".as_ref(), id.as_ref()])["map_ids"]
                 .as_array()
                 .is_some_and(|maps| maps.iter().any(|m| m.as_u64() == Some(window_id)))
         })
@@ -1276,40 +1388,63 @@ fn starts_and_stops_never_hang_while_cgroups_churn() {
     );
 }
 
-/// Capabilities belong to threads: every thread of a running doved (the async runtime's,
-/// the accounting thread) must have none left, not just the one that dropped them.
+/// Capabilities belong to threads: every thread of a running doved (the async runtime's)
+/// must have none left, not just the one that dropped them; the accounting thread keeps
+/// CAP_NET_ADMIN alone (CAP_BPF too before 6.0), to attach programs as containers register.
 #[test]
-fn no_thread_of_doved_keeps_a_capability() {
-    if !require_root("no_thread_of_doved_keeps_a_capability") {
+fn only_the_accounting_thread_keeps_a_capability_and_only_net_admin() {
+    if !require_root("only_the_accounting_thread_keeps_a_capability_and_only_net_admin") {
         return;
     }
     let _serial = serial();
     let daemon = TempDaemon::with_observer().unwrap();
     let ctr = TestCgroup::new("dove-test-caps").unwrap();
-    // Registrations after the drop still reach the maps.
+    // Registrations after the drop still reach the maps, and attach.
     daemon.register(&ctr, "caps");
     settled(&daemon);
     assert_eq!(daemon.stats().health.slots_used, 1);
+    assert_eq!(attached_dove_programs(&daemon, &ctr.dir), 2);
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
         .unwrap()
         .map(|t| t.unwrap().path())
         .collect();
     assert!(tasks.len() >= 3, "doved runs {} threads", tasks.len());
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_BPF: u64 = 1 << 39;
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy();
+    let before_6 = release
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+        < Some(6);
+    let accounting_keeps = CAP_NET_ADMIN | if before_6 { CAP_BPF } else { 0 };
+    let mut accounting_threads = 0;
     for task in tasks {
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        let accounting = comm.trim() == "dove-accounting";
+        accounting_threads += usize::from(accounting);
         let status = std::fs::read_to_string(task.join("status")).unwrap();
-        for set in ["CapPrm:", "CapEff:", "CapInh:", "CapAmb:"] {
+        for set in ["CapPrm:", "CapEff:", "CapInh:", "CapAmb:", "CapBnd:"] {
             let line = status
                 .lines()
                 .find(|l| l.starts_with(set))
                 .unwrap_or_else(|| panic!("{set} missing"));
-            assert!(
-                line.ends_with("0000000000000000"),
+            let value = u64::from_str_radix(line[set.len()..].trim(), 16).unwrap();
+            let allowed = match set {
+                "CapPrm:" | "CapEff:" | "CapBnd:" if accounting => accounting_keeps,
+                _ => 0,
+            };
+            assert_eq!(
+                value,
+                allowed,
                 "{} ({}): {line}",
                 task.display(),
-                status.lines().next().unwrap_or_default()
+                comm.trim()
             );
         }
     }
+    assert_eq!(accounting_threads, 1);
 }
 
 /// The metrics endpoint holds a bounded number of connections: 200 idle ones cost doved

@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,6 +22,51 @@ use crate::registry::{Departure, Registry, RegistryEvent, Subscription};
 use crate::telemetry::Telemetry;
 
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The thread the accounting runs on, started while doved still holds its capabilities.
+/// It keeps the ones it needs for life and drops the rest at once, before the main
+/// thread drops all of its own: attaching the socket programs at a cgroup when a
+/// container registers needs CAP_NET_ADMIN (`BPF_LINK_CREATE` checks it for cgroup_skb
+/// programs), and kernels before 6.0 check CAP_BPF on every map update.
+pub struct AccountingThread {
+    work: SyncSender<Box<dyn FnOnce() + Send>>,
+    thread: JoinHandle<()>,
+}
+
+impl AccountingThread {
+    /// Start the thread; it keeps `keep` and nothing else.
+    pub fn reserve(keep: Vec<caps::Capability>) -> Result<Self, String> {
+        let (work, jobs) = std::sync::mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(1);
+        let (dropped, outcome) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("dove-accounting".into())
+            .spawn(move || {
+                let result = crate::bpf::observer::drop_capabilities(&keep);
+                let failed = result.is_err();
+                let _ = dropped.send(result);
+                if failed {
+                    return;
+                }
+                if let Ok(job) = jobs.recv() {
+                    job();
+                }
+            })
+            .map_err(|e| format!("starting the accounting thread: {e}"))?;
+        match outcome.recv() {
+            Ok(Ok(())) => Ok(Self { work, thread }),
+            Ok(Err(e)) => Err(format!("the accounting thread: {e}")),
+            Err(_) => Err("the accounting thread died while dropping capabilities".into()),
+        }
+    }
+
+    /// Run `job` on the thread; join the handle to wait for it.
+    pub fn run(self, job: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+        // The thread waits for exactly this one job, so the send cannot block or fail
+        // unless the thread is gone, which the join then reports.
+        let _ = self.work.send(Box::new(job));
+        self.thread
+    }
+}
 
 pub struct Accounting {
     observer: Observer,
@@ -75,42 +121,33 @@ impl Accounting {
         &self.observer
     }
 
-    /// Run on a thread of its own until `stop`, then publish a last snapshot.
-    pub fn spawn(
-        mut self,
-        subscription: Subscription,
-        tick: Duration,
-        stop: Arc<AtomicBool>,
-    ) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("dove-accounting".into())
-            .spawn(move || {
-                let events = subscription.events;
-                let mut next_tick = Instant::now() + tick;
-                let mut next_prune = Instant::now() + PRUNE_EVERY;
-                while !stop.load(Ordering::Acquire) {
-                    match events.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
-                        Ok(RegistryEvent::Registered(c)) => self.registered(&c),
-                        Ok(RegistryEvent::Removed(d)) => self.removed(d),
-                        Err(RecvTimeoutError::Timeout) => {}
-                        // The registry is gone: only the shutdown is left to wait for.
-                        Err(RecvTimeoutError::Disconnected) => std::thread::sleep(tick),
-                    }
-                    let now = Instant::now();
-                    if now >= next_tick {
-                        self.retry_unrecorded();
-                        self.publish();
-                        next_tick = (next_tick + tick).max(now);
-                    }
-                    if now >= next_prune {
-                        if let Err(e) = self.ledger.prune(false) {
-                            tracing::error!("{e}");
-                        }
-                        next_prune = now + PRUNE_EVERY;
-                    }
-                }
+    /// Run until `stop`, then publish a last snapshot.
+    pub fn run(mut self, subscription: Subscription, tick: Duration, stop: Arc<AtomicBool>) {
+        let events = subscription.events;
+        let mut next_tick = Instant::now() + tick;
+        let mut next_prune = Instant::now() + PRUNE_EVERY;
+        while !stop.load(Ordering::Acquire) {
+            match events.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+                Ok(RegistryEvent::Registered(c)) => self.registered(&c),
+                Ok(RegistryEvent::Removed(d)) => self.removed(d),
+                Err(RecvTimeoutError::Timeout) => {}
+                // The registry is gone: only the shutdown is left to wait for.
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(tick),
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.retry_unrecorded();
                 self.publish();
-            })
+                next_tick = (next_tick + tick).max(now);
+            }
+            if now >= next_prune {
+                if let Err(e) = self.ledger.prune(false) {
+                    tracing::error!("{e}");
+                }
+                next_prune = now + PRUNE_EVERY;
+            }
+        }
+        self.publish();
     }
 
     fn publish(&mut self) {
@@ -119,10 +156,11 @@ impl Accounting {
 
     fn registered(&mut self, container: &Container) {
         let reg = &container.registration;
-        self.holders
-            .entry(reg.cgroup_id)
-            .or_default()
-            .insert(reg.id.clone());
+        let holders = self.holders.entry(reg.cgroup_id).or_default();
+        if holders.is_empty() {
+            self.observer.hook_sockets(&reg.cgroup_path);
+        }
+        holders.insert(reg.id.clone());
         let quota = self.enforce_in.as_ref().and_then(|cpu| {
             quota_group(
                 cpu,
@@ -148,6 +186,7 @@ impl Accounting {
                 return;
             }
             self.holders.remove(&reg.cgroup_id);
+            self.observer.unhook_sockets(&reg.cgroup_path);
         }
         let Some(cost) = self.observer.cost_of(reg.cgroup_id) else {
             tracing::warn!(id = %reg.id, "removed with no bill: its traffic was never measured (no observer slot)");

@@ -7,7 +7,7 @@
 //! it dies they detach, so a restart never leaves the programs attached twice, and an
 //! exclusive lock on `pin_dir` keeps two daemons from sharing one set of maps.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::programs::cgroup_skb::CgroupSkbLinkId;
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use dove_ebpf_common::{
@@ -57,11 +58,6 @@ pub enum ObserverError {
     },
     #[error("map {name}: {detail}")]
     Map { name: &'static str, detail: String },
-    #[error("opening the cgroup v2 root {path}: {source}")]
-    CgroupRoot {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("all {0} cost slots are in use: raise SLOTS in ebpf/common or unregister containers")]
     SlotsFull(u32),
     #[error("enforcement.mode = \"kernel\" but this kernel has no DOVE scheduler patch ({SLOT_SYSCTL} is missing): boot a kernel built with kernel-patch/ and CONFIG_SCHED_DOVE=y, or set enforcement.mode = \"auto\" or \"none\"")]
@@ -209,7 +205,10 @@ pub struct Snapshot {
     pub by_cgroup: HashMap<u64, Cost>,
     pub unattributed: Cost,
     pub health: Health,
+    /// Tracepoint attachments plus cgroup_skb links.
     pub programs_attached: usize,
+    /// Cgroups the cgroup_skb programs are attached at (the outermost registered ones).
+    pub hooked_cgroups: usize,
     pub slots_used: usize,
     pub slots_capacity: u32,
     pub tick_duration_ns: u64,
@@ -238,7 +237,8 @@ pub struct Observer {
     /// Slots released recently, with the tick at which they may be reused: programs on
     /// other CPUs may still be adding to them for a moment after the release.
     quarantine: Vec<(u32, u64)>,
-    programs_attached: usize,
+    tracepoints_attached: usize,
+    socket_hooks: SocketHooks,
     ticks: u64,
     /// Last [`Settings::generation`] published.
     generation: u32,
@@ -251,6 +251,145 @@ pub struct Observer {
     published_mask: u64,
     /// Whether new cost is added to the pending counters (an enforcer consumes them).
     accrue_pending: bool,
+}
+
+/// Where the cgroup_skb programs are attached: at every registered cgroup that has no
+/// registered ancestor. A program attached at a cgroup runs for its descendants' sockets
+/// too, so attaching below an attached cgroup would run it twice per packet.
+struct SocketHooks {
+    /// The cgroup v2 mount the registered paths are relative to.
+    root: PathBuf,
+    programs: Vec<(&'static str, CgroupSkbAttachType)>,
+    /// Registered cgroups, by path in the v2 hierarchy.
+    registered: BTreeSet<String>,
+    /// Outermost registered cgroup → its links, one per program.
+    attached: BTreeMap<String, Vec<(&'static str, CgroupSkbLinkId)>>,
+}
+
+impl SocketHooks {
+    fn new(root: &Path, programs: Vec<(&'static str, CgroupSkbAttachType)>) -> Self {
+        Self {
+            root: root.to_owned(),
+            programs,
+            registered: BTreeSet::new(),
+            attached: BTreeMap::new(),
+        }
+    }
+
+    fn links(&self) -> usize {
+        self.attached.values().map(Vec::len).sum()
+    }
+
+    fn add(&mut self, ebpf: &mut Ebpf, path: &str) {
+        if !self.registered.insert(path.to_owned()) || covered(&self.registered, path) {
+            return;
+        }
+        // Detach below before attaching here: for a moment their packets run no DOVE
+        // program (unattributed) rather than two.
+        let from = below_prefix(path);
+        let below = descendants(self.attached.range(from..).map(|(p, _)| p), path);
+        for inner in below {
+            self.detach(ebpf, &inner);
+        }
+        self.attach(ebpf, path);
+    }
+
+    fn remove(&mut self, ebpf: &mut Ebpf, path: &str) {
+        if !self.registered.remove(path) || !self.attached.contains_key(path) {
+            return;
+        }
+        self.detach(ebpf, path);
+        // Its outermost registered descendants are now uncovered (nothing above `path`
+        // was registered, or it would not have been attached).
+        let mut outermost: Vec<String> = Vec::new();
+        let from = below_prefix(path);
+        for inner in descendants(self.registered.range(from..), path) {
+            if !outermost.last().is_some_and(|o| is_below(&inner, o)) {
+                outermost.push(inner);
+            }
+        }
+        for inner in outermost {
+            self.attach(ebpf, &inner);
+        }
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf, path: &str) {
+        let dir = self.root.join(path.trim_start_matches('/'));
+        let cgroup = match std::fs::File::open(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                // Removed meanwhile: the registry forgets it on its own.
+                tracing::warn!(
+                    cgroup = path,
+                    "cannot attach DOVE's socket programs at {}: {e}; its packets go unattributed",
+                    dir.display()
+                );
+                return;
+            }
+        };
+        let mut links = Vec::with_capacity(self.programs.len());
+        for &(name, kind) in &self.programs {
+            let attached = program::<CgroupSkb>(ebpf, name).and_then(|p| {
+                // `Single` makes a bpf_link, which stacks with other programs here;
+                // AllowMultiple through a link is refused with EINVAL on some kernels.
+                p.attach(&cgroup, kind, CgroupAttachMode::Single)
+                    .map_err(|source| ObserverError::Program {
+                        what: format!("attaching {name} at {}", dir.display()),
+                        source,
+                    })
+            });
+            match attached {
+                Ok(link) => links.push((name, link)),
+                Err(e) => tracing::error!(cgroup = path, "{e}; its packets go unattributed"),
+            }
+        }
+        if !links.is_empty() {
+            self.attached.insert(path.to_owned(), links);
+        }
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf, path: &str) {
+        for (name, link) in self.attached.remove(path).unwrap_or_default() {
+            // A link whose cgroup is gone detached itself; closing it cannot fail.
+            if let Ok(p) = program::<CgroupSkb>(ebpf, name) {
+                let _ = p.detach(link);
+            }
+        }
+    }
+}
+
+/// Whether `path` lies strictly below `ancestor` in the cgroup tree.
+fn is_below(path: &str, ancestor: &str) -> bool {
+    let ancestor = ancestor.trim_end_matches('/');
+    path.strip_prefix(ancestor)
+        .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
+}
+
+/// Whether a strict ancestor of `path` is in `registered`.
+fn covered(registered: &BTreeSet<String>, path: &str) -> bool {
+    let mut at = path.trim_end_matches('/');
+    while let Some(cut) = at.rfind('/') {
+        at = &at[..cut];
+        if registered.contains(if at.is_empty() { "/" } else { at }) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The first of the paths strictly below `path`: they all start with it, and sort
+/// together from there.
+fn below_prefix(path: &str) -> String {
+    format!("{}/", path.trim_end_matches('/'))
+}
+
+/// The paths of `sorted` (starting at [`below_prefix`]) that are below `path`.
+fn descendants<'a>(sorted: impl Iterator<Item = &'a String>, path: &str) -> Vec<String> {
+    let prefix = below_prefix(path);
+    sorted
+        .take_while(|p| p.starts_with(&prefix))
+        .cloned()
+        .collect()
 }
 
 fn kernel_release() -> String {
@@ -339,8 +478,9 @@ fn ensure_bpffs(dir: &Path) -> Result<(), ObserverError> {
 }
 
 impl Observer {
-    /// Load and attach. `cgroup_root` is the cgroup v2 mount the cgroup_skb programs
-    /// attach to (they then see every socket's traffic, filtered by the slot map).
+    /// Load and attach the tracepoint programs. `cgroup_root` is the cgroup v2 mount under
+    /// which [`Observer::hook_sockets`] attaches the cgroup_skb programs, one pair per
+    /// outermost registered cgroup: sockets of unregistered cgroups run no DOVE program.
     pub fn start(pin_dir: &Path, cgroup_root: &Path, egress: bool) -> Result<Self, ObserverError> {
         preflight()?;
         // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default).
@@ -395,13 +535,6 @@ impl Observer {
         reset_windows(&mut ebpf)?;
         publish_offsets(&mut ebpf)?;
         let mut attached = 0;
-        let root =
-            std::fs::File::open(cgroup_root).map_err(|source| ObserverError::CgroupRoot {
-                path: cgroup_root.to_owned(),
-                source,
-            })?;
-        // Exit first and entry last: every window the programs see is then whole (an
-        // exit without its entry finds no open window and does nothing).
         attached += attach_raw_tracepoints(&mut ebpf, "dove_softirq_exit", &["softirq_exit"])?;
         attached += attach_raw_tracepoints(
             &mut ebpf,
@@ -425,25 +558,16 @@ impl Observer {
                 "workqueue_execute_start",
             ],
         )?;
-        let mut cgroup_programs = vec![("dove_ingress", CgroupSkbAttachType::Ingress)];
+        let mut socket_programs = vec![("dove_ingress", CgroupSkbAttachType::Ingress)];
         if egress {
-            cgroup_programs.push(("dove_egress", CgroupSkbAttachType::Egress));
+            socket_programs.push(("dove_egress", CgroupSkbAttachType::Egress));
         }
-        for (name, kind) in cgroup_programs {
+        for (name, _) in &socket_programs {
             let program: &mut CgroupSkb = program(&mut ebpf, name)?;
             program.load().map_err(|source| ObserverError::Program {
                 what: format!("loading {name}"),
                 source,
             })?;
-            // `Single` creates a bpf_link, which stacks with other programs here;
-            // AllowMultiple through a link is refused with EINVAL on some kernels.
-            program
-                .attach(&root, kind, CgroupAttachMode::Single)
-                .map_err(|source| ObserverError::Program {
-                    what: format!("attaching {name} at {}", cgroup_root.display()),
-                    source,
-                })?;
-            attached += 1;
         }
         attached += attach_raw_tracepoints(&mut ebpf, "dove_softirq_entry", &["softirq_entry"])?;
 
@@ -484,7 +608,8 @@ impl Observer {
             owned: HashMap::new(),
             free: (1..SLOTS).collect(),
             quarantine: Vec::new(),
-            programs_attached: attached,
+            tracepoints_attached: attached,
+            socket_hooks: SocketHooks::new(cgroup_root, socket_programs),
             ticks: 0,
             generation: pinned.generation,
             inherited_levels: pinned.level_mask,
@@ -500,7 +625,7 @@ impl Observer {
             cpus = nr_cpus,
             slots_in_use = observer.owned.len(),
             pin_dir = %pin_dir.display(),
-            "eBPF observer attached (softirq raw tracepoints, cgroup_skb ingress/egress at {})",
+            "eBPF observer attached (softirq raw tracepoints; cgroup_skb programs attach at each registered cgroup under {})",
             cgroup_root.display()
         );
         Ok(observer)
@@ -590,6 +715,18 @@ impl Observer {
             // The level is unknown until the registry reports the container again.
             self.owned.insert(cgroup_id, (slot, 0));
         }
+    }
+
+    /// Run the socket programs for `cgroup_path` (in the v2 hierarchy) and its
+    /// descendants, unless a registered ancestor's attachment already covers it.
+    pub fn hook_sockets(&mut self, cgroup_path: &str) {
+        self.socket_hooks.add(&mut self._ebpf, cgroup_path);
+    }
+
+    /// Stop running the socket programs for `cgroup_path`; its registered descendants
+    /// get attachments of their own.
+    pub fn unhook_sockets(&mut self, cgroup_path: &str) {
+        self.socket_hooks.remove(&mut self._ebpf, cgroup_path);
     }
 
     /// Start charging `cgroup_id` (at cgroup level `level`) to its own slot, and, when
@@ -940,7 +1077,8 @@ impl Observer {
             by_cgroup,
             unattributed,
             health,
-            programs_attached: self.programs_attached,
+            programs_attached: self.tracepoints_attached + self.socket_hooks.links(),
+            hooked_cgroups: self.socket_hooks.attached.len(),
             slots_capacity: SLOTS - 1,
             tick_duration_ns: start.elapsed().as_nanos() as u64,
             ticks: self.ticks,
@@ -1168,30 +1306,29 @@ pub fn map_updates_need_cap_bpf() -> bool {
     parse_version(&kernel_release()).is_none_or(|v| v < (6, 0))
 }
 
-/// Drop every capability but CAP_BPF when `keep_bpf`: after the programs are attached and
-/// the maps mapped, doved needs none (map updates go through fds it already holds; from
-/// 6.0 the kernel checks capabilities only when maps are created and programs loaded).
-///
-/// Capabilities belong to threads, so this must run while the calling thread is the
-/// process's only one; it refuses otherwise.
-pub fn drop_capabilities(keep_bpf: bool) -> Result<(), String> {
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(0);
-    if threads != 1 {
-        return Err(format!(
-            "{threads} threads are running: the others would keep their capabilities"
-        ));
+/// The capabilities doved keeps after setup, in the accounting thread alone: none for
+/// the maps (updates go through fds it already holds; from 6.0 the kernel checks
+/// capabilities only when maps are created and programs loaded, before that CAP_BPF on
+/// every command), CAP_NET_ADMIN to attach the socket programs as containers register.
+pub fn accounting_capabilities() -> Vec<caps::Capability> {
+    let mut keep = vec![caps::Capability::CAP_NET_ADMIN];
+    if map_updates_need_cap_bpf() {
+        keep.push(caps::Capability::CAP_BPF);
     }
+    keep
+}
+
+/// Drop every capability of the calling thread but `keep`, from every set, the bounding
+/// set included. Capabilities belong to threads: each thread drops its own, and threads
+/// started afterwards inherit what their creator kept.
+pub fn drop_capabilities(keep: &[caps::Capability]) -> Result<(), String> {
     for cap in caps::all() {
         // Shrinking the bounding set needs CAP_SETPCAP, so do it first.
-        let _ = caps::drop(None, caps::CapSet::Bounding, cap);
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, caps::CapSet::Bounding, cap);
+        }
     }
-    let keep: caps::CapsHashSet = if keep_bpf {
-        [caps::Capability::CAP_BPF].into_iter().collect()
-    } else {
-        Default::default()
-    };
+    let keep: caps::CapsHashSet = keep.iter().copied().collect();
     for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable] {
         caps::clear(None, set).map_err(|e| e.to_string())?;
     }
@@ -1218,5 +1355,35 @@ mod tests {
         assert!(parse_version("6.1.0-18-amd64").unwrap() >= MIN_KERNEL);
         assert!(parse_version("5.4.0").unwrap() < MIN_KERNEL);
         assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn cgroup_tree_relations() {
+        assert!(is_below("/a/b", "/a"));
+        assert!(is_below("/a/b/c", "/a"));
+        assert!(is_below("/a", "/"));
+        assert!(!is_below("/ab", "/a"), "a sibling sharing a prefix");
+        assert!(!is_below("/a", "/a"));
+        assert!(!is_below("/a/", "/a"));
+
+        let registered: BTreeSet<String> = ["/k/pod", "/k/pod/c1", "/kx", "/other/deep/x"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert!(covered(&registered, "/k/pod/c1"));
+        assert!(covered(&registered, "/k/pod/c2/sub"));
+        assert!(!covered(&registered, "/k/pod"));
+        assert!(covered(&registered, "/kx/y"));
+        assert!(!covered(&registered, "/other/deep"));
+        let mut with_root = registered.clone();
+        with_root.insert("/".into());
+        assert!(covered(&with_root, "/k/pod"));
+
+        let from = below_prefix("/k");
+        assert_eq!(
+            descendants(registered.range(from..), "/k"),
+            ["/k/pod", "/k/pod/c1"],
+            "/kx is not below /k"
+        );
     }
 }

@@ -111,6 +111,7 @@ impl Telemetry {
             unattributed: counters(&snap.unattributed),
             health: ObserverHealth {
                 programs_attached: snap.programs_attached as u64,
+                hooked_cgroups: snap.hooked_cgroups as u64,
                 windows: h.windows,
                 packets_in_window: h.packets_in_window,
                 packets_outside_window: h.packets_outside_window,
@@ -256,8 +257,14 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
     family(
         "dove_programs_attached",
         "gauge",
-        "eBPF programs doved has attached.",
+        "eBPF program attachments doved holds (tracepoints and cgroup links).",
         &plain(h.programs_attached.to_string()),
+    );
+    family(
+        "dove_hooked_cgroups",
+        "gauge",
+        "Cgroups DOVE's socket programs are attached at (registered, with no registered ancestor).",
+        &plain(h.hooked_cgroups.to_string()),
     );
     family(
         "dove_softirq_windows_total",
