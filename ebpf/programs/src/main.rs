@@ -3,9 +3,10 @@
 //! Softirq windows come from the `softirq_entry` / `softirq_exit` raw tracepoints; the
 //! start of each received packet's processing from the `netif_receive_skb` raw
 //! tracepoint (it fires in `__netif_receive_skb_core`, on every receive path); packet
-//! ownership from `cgroup_skb` programs attached at the cgroup v2 root, which run where
-//! the stack hands an skb to a socket (ingress) and where a socket's skb is transmitted
-//! (egress) and can read the socket's cgroup ID.
+//! ownership from `cgroup_skb` programs that doved attaches at each outermost registered
+//! cgroup, which run where the stack hands an skb to a socket of that cgroup or below it
+//! (ingress) and where such a socket's skb is transmitted (egress), and read the socket's
+//! cgroup ID. Sockets of unregistered cgroups run neither.
 //!
 //! The rule: a packet's stretch runs from its start to the next packet's start (or the
 //! window's end) and is charged, when it closes, to the owner the first socket hook in it
