@@ -136,6 +136,9 @@ fn run(args: &Args) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
+                if status.enforcement == "cpumax" {
+                    print_quotas(&stats(&mut client)?);
+                }
             }
         }
     }
@@ -242,6 +245,11 @@ fn print_status(s: &Status) {
         s.cpu_controller_mount.as_deref().unwrap_or("not mounted")
     );
     println!("enforcement:   {}", s.enforcement);
+    if s.enforcement == "cpumax" && s.irq_time_accounting_state != "active" {
+        println!(
+            "  note: without IRQ time accounting the task a softirq interrupted was billed for it too; cpumax deducts the cost from the owner's quota but cannot credit that task"
+        );
+    }
     println!("observer:      {}", s.observer);
     let irq_time = match s.irq_time_accounting_state.as_str() {
         "active" => "active (softirq time is not billed to the interrupted task)",
@@ -260,6 +268,47 @@ fn print_status(s: &Status) {
         s.dropped_vanished
     );
     println!("registry write failures: {}", s.persist_failures);
+}
+
+/// Per container, the quota the cpu.max controller acts on (`stats --json` has it too).
+fn print_quotas(s: &Stats) {
+    let ms = |us: u64| format!("{:.1}ms", us as f64 / 1e3);
+    let rows: Vec<[String; 6]> = s
+        .containers
+        .iter()
+        .map(|c| match &c.quota {
+            Some(q) => [
+                c.id.clone(),
+                format!("{}/{}", ms(q.base_quota_us), ms(q.period_us)),
+                ms(q.effective_quota_us),
+                ms(q.softirq_per_period_us),
+                format!("{:.3}s", q.forgiven_ns as f64 / 1e9),
+                q.cgroup.clone(),
+            ],
+            None => [
+                c.id.clone(),
+                "no quota".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "left alone".into(),
+            ],
+        })
+        .collect();
+    println!();
+    println!("cpumax: each tick a quota is lowered by its containers' softirq cost, never under its floor");
+    print_columns(
+        [
+            "CONTAINER",
+            "BASE/PERIOD",
+            "EFFECTIVE",
+            "SOFTIRQ/PERIOD",
+            "FORGIVEN",
+            "QUOTA CGROUP",
+        ],
+        &rows,
+        &[1, 2, 3, 4],
+    );
 }
 
 /// A table of containers by softirq time; with `previous`, also the CPU share over the

@@ -35,16 +35,28 @@ pub enum EnforcementMode {
     #[default]
     Auto,
     Kernel,
+    /// The user-space cpu.max controller (`enforce/cpumax.rs`).
+    Cpumax,
     /// Accrue pending cost in the pinned DOVE_COST map for an enforcer outside doved,
     /// which takes it with an atomic exchange (the contract the kernel patch follows).
     External,
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnforcementConfig {
     pub mode: EnforcementMode,
+    pub cpumax_floor_percent: u32,
+}
+
+impl Default for EnforcementConfig {
+    fn default() -> Self {
+        Self {
+            mode: EnforcementMode::Auto,
+            cpumax_floor_percent: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -153,6 +165,12 @@ impl Config {
             key,
             message: message.to_owned(),
         };
+        if !(1..=100).contains(&self.enforcement.cpumax_floor_percent) {
+            return Err(bad(
+                "enforcement.cpumax_floor_percent",
+                "must be 1 to 100: the share of a quota cpumax never takes away",
+            ));
+        }
         let d = &self.daemon;
         if !d.socket.is_absolute() {
             return Err(bad("daemon.socket", "must be an absolute path"));
@@ -250,7 +268,11 @@ mod tests {
             ("[observer]\npin_dir = \"dove\"\n", "observer.pin_dir"),
             ("[metrics]\nlisten = \"everywhere\"\n", "metrics.listen"),
             ("[observer]\nenable = true\n", "enable"),
-            ("[enforcement]\nmode = \"cpumax\"\n", "cpumax"),
+            ("[enforcement]\nmode = \"cpu\"\n", "cpu"),
+            (
+                "[enforcement]\ncpumax_floor_percent = 0\n",
+                "enforcement.cpumax_floor_percent",
+            ),
             ("[bills]\nretention_days = 0\n", "bills.retention_days"),
             (
                 "[metrics]\nremoved_grace_s = 100000\n",

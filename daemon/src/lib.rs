@@ -25,6 +25,7 @@ use crate::bills::Ledger;
 use crate::bpf::accounting::{Accounting, AccountingThread};
 use crate::bpf::observer::{self, Observer};
 use crate::config::Config;
+use crate::enforce::cpumax::CpuMax;
 use crate::enforce::Enforcement;
 use crate::ingest::replay;
 use crate::ingest::server::{self, Access, DaemonInfo, Server};
@@ -59,6 +60,8 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Enforce(#[from] enforce::EnforceError),
     #[error("dropping capabilities after setup: {0}")]
     Capabilities(String),
 }
@@ -71,6 +74,7 @@ struct Privileged {
     ledger: Arc<Ledger>,
     observer: Option<Observer>,
     enforcement: Enforcement,
+    cpumax: Option<CpuMax>,
     listener: std::os::unix::net::UnixListener,
     /// The socket path doved bound (and removes at exit); None when systemd passed it.
     bound_path: Option<PathBuf>,
@@ -156,7 +160,23 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         tracing::info!("eBPF observer disabled (observer.enabled = false)");
         None
     };
-    let enforcement = enforce::start(config.enforcement.mode, observer.as_mut())?;
+    let enforcement = enforce::start(
+        config.enforcement.mode,
+        observer.as_mut(),
+        mounts.cpu.is_some(),
+    )?;
+    // Quotas a crashed doved left lowered are restored before anything else runs.
+    let cpumax = match enforcement {
+        Enforcement::CpuMax => Some(
+            CpuMax::start(
+                &d.state_dir,
+                config.enforcement.cpumax_floor_percent,
+                Duration::from_millis(config.observer.tick_ms),
+            )
+            .map_err(enforce::EnforceError::from)?,
+        ),
+        _ => None,
+    };
     let (listener, bound_path) = match activated {
         Some(l) => {
             tracing::info!("using the socket systemd passed (socket activation)");
@@ -184,6 +204,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         ledger,
         observer,
         enforcement,
+        cpumax,
         listener,
         bound_path,
         metrics,
@@ -203,6 +224,7 @@ async fn serve(
         ledger,
         observer,
         enforcement,
+        cpumax,
         listener,
         bound_path,
         metrics,
@@ -245,7 +267,9 @@ async fn serve(
             let ledger = Arc::clone(&ledger);
             let telemetry = Arc::clone(&telemetry);
             let enforce_in = match enforcement {
-                Enforcement::Kernel | Enforcement::External => mounts.cpu.clone(),
+                Enforcement::Kernel | Enforcement::External | Enforcement::CpuMax => {
+                    mounts.cpu.clone()
+                }
                 Enforcement::None => None,
             };
             let tick = Duration::from_millis(config.observer.tick_ms);
@@ -259,6 +283,7 @@ async fn serve(
                     ledger,
                     telemetry,
                     enforce_in,
+                    cpumax,
                 );
                 let _ = started.send(());
                 accounting.run(subscription, tick, stop);

@@ -310,6 +310,27 @@ pub struct ContainerStats {
     pub cgroup_id: u64,
     #[serde(flatten)]
     pub cost: CostCounters,
+    /// The quota the cpu.max controller acts on for this container, in mode `cpumax`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaState>,
+}
+
+/// A CFS quota under the cpu.max controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaState {
+    /// The cgroup whose quota it is: the nearest at or above the container's with one.
+    pub cgroup: String,
+    pub period_us: u64,
+    /// The quota the runtime or orchestrator set, restored when DOVE lets go.
+    pub base_quota_us: u64,
+    /// The quota now in force: the base less this period's deduction.
+    pub effective_quota_us: u64,
+    /// Softirq cost attributed in the last control period, per CFS period.
+    pub softirq_per_period_us: u64,
+    /// Attributed cost not yet deducted.
+    pub debt_ns: u64,
+    /// Cost forgiven because the quota could not absorb it.
+    pub forgiven_ns: u64,
 }
 
 /// How the eBPF observer is doing.

@@ -31,6 +31,10 @@ struct Args {
     /// Check the configuration (--config, or the built-in one) and exit.
     #[arg(long)]
     check_config: bool,
+    /// Put back every CFS quota the cpu.max controller lowered (from the ledger in the
+    /// state directory) and exit. The unit runs it after doved stops, however it stopped.
+    #[arg(long)]
+    restore_quotas: bool,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +93,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             dove_logging::Target::Stderr
         },
     );
+    if args.restore_quotas {
+        let restored = doved::enforce::cpumax::restore_ledger(&config.daemon.state_dir)?;
+        println!("{restored} CFS quota(s) restored");
+        return Ok(());
+    }
     doved::run(config)?;
     Ok(())
 }

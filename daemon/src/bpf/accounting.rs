@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use dove_proto::{Bill, Container};
 
 use crate::bills::Ledger;
-use crate::bpf::observer::{cgroup_level, quota_group, Cost, Observer};
+use crate::bpf::observer::{cgroup_level, quota_dir, Cost, Observer};
+use crate::enforce::cpumax::CpuMax;
 use crate::registry::{Departure, Registry, RegistryEvent, Subscription};
 use crate::telemetry::Telemetry;
 
@@ -80,6 +81,9 @@ pub struct Accounting {
     holders: HashMap<u64, BTreeSet<String>>,
     /// Bills the ledger could not take yet (disk full): retried every tick.
     unrecorded: Vec<(Departure, Bill)>,
+    /// The cpu.max controller, in enforcement mode `cpumax`.
+    cpumax: Option<CpuMax>,
+    last_control: Instant,
 }
 
 impl Accounting {
@@ -93,6 +97,7 @@ impl Accounting {
         ledger: Arc<Ledger>,
         telemetry: Arc<Telemetry>,
         enforce_in: Option<dove_cgroup::Hierarchy>,
+        cpumax: Option<CpuMax>,
     ) -> Self {
         let mut this = Self {
             observer,
@@ -102,6 +107,8 @@ impl Accounting {
             enforce_in,
             holders: HashMap::new(),
             unrecorded: Vec::new(),
+            cpumax,
+            last_control: Instant::now(),
         };
         // Live containers first, so a departure that shares a cgroup with one leaves the
         // cost with it; then the departures, whose slots survived in the pinned maps.
@@ -148,10 +155,30 @@ impl Accounting {
             }
         }
         self.publish();
+        if let Some(cpumax) = &mut self.cpumax {
+            cpumax.restore_all();
+        }
     }
 
     fn publish(&mut self) {
-        self.telemetry.publish(self.observer.tick());
+        let snapshot = self.observer.tick();
+        if let Some(cpumax) = &mut self.cpumax {
+            let now = Instant::now();
+            let observer = &self.observer;
+            cpumax.control(
+                |group| observer.take_pending(group),
+                now - self.last_control,
+            );
+            self.last_control = now;
+            let quotas = self
+                .holders
+                .values()
+                .flatten()
+                .filter_map(|id| cpumax.status_of(id).map(|s| (id.clone(), s)))
+                .collect();
+            self.telemetry.publish_quotas(quotas);
+        }
+        self.telemetry.publish(snapshot);
     }
 
     fn registered(&mut self, container: &Container) {
@@ -162,21 +189,28 @@ impl Accounting {
         }
         holders.insert(reg.id.clone());
         let quota = self.enforce_in.as_ref().and_then(|cpu| {
-            quota_group(
+            quota_dir(
                 cpu,
                 reg.cpu_cgroup_path.as_deref().unwrap_or(&reg.cgroup_path),
             )
         });
-        if let Err(e) = self
-            .observer
-            .add(reg.cgroup_id, cgroup_level(&reg.cgroup_path), quota)
-        {
+        if let Some(cpumax) = &mut self.cpumax {
+            cpumax.join(&reg.id, quota.clone());
+        }
+        if let Err(e) = self.observer.add(
+            reg.cgroup_id,
+            cgroup_level(&reg.cgroup_path),
+            quota.map(|(group, _)| group),
+        ) {
             tracing::error!(id = %reg.id, "container's traffic will be unattributed: {e}");
         }
     }
 
     fn removed(&mut self, departure: Departure) {
         let reg = &departure.container.registration;
+        if let Some(cpumax) = &mut self.cpumax {
+            cpumax.leave(&reg.id);
+        }
         if let Some(ids) = self.holders.get_mut(&reg.cgroup_id) {
             ids.remove(&reg.id);
             if !ids.is_empty() {

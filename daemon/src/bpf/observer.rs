@@ -81,6 +81,11 @@ pub fn kernel_patched() -> bool {
 /// The nearest cgroup at or above `path` in the `cpu` hierarchy that has a CFS quota,
 /// by its ID: the task group whose runtime the scheduler refills.
 pub fn quota_group(cpu: &dove_cgroup::Hierarchy, path: &str) -> Option<u64> {
+    quota_dir(cpu, path).map(|(id, _)| id)
+}
+
+/// [`quota_group`], with the group's directory.
+pub fn quota_dir(cpu: &dove_cgroup::Hierarchy, path: &str) -> Option<(u64, PathBuf)> {
     use std::os::unix::fs::MetadataExt;
     let mut dir = cpu.dir(path).ok()?;
     loop {
@@ -93,7 +98,8 @@ pub fn quota_group(cpu: &dove_cgroup::Hierarchy, path: &str) -> Option<u64> {
                 .map(|s| s.trim() != "-1")
         };
         if v2.or_else(v1) == Some(true) {
-            return std::fs::metadata(&dir).ok().map(|m| m.ino());
+            let id = std::fs::metadata(&dir).ok()?.ino();
+            return Some((id, dir));
         }
         if dir == cpu.mount_point || !dir.pop() {
             return None;
@@ -835,6 +841,17 @@ impl Observer {
                 }
             }
         }
+    }
+
+    /// Take the cost that accrued for `quota_group` since the last call (ns), leaving zero:
+    /// the exchange the patched scheduler does, for the cpu.max controller.
+    pub fn take_pending(&self, quota_group: u64) -> u64 {
+        let Some(&slot) = self.enforce_slot.get(&quota_group) else {
+            return 0;
+        };
+        // SAFETY: in-bounds entry; pending_ns is shared through atomics.
+        unsafe { atomic_field(&raw mut (*self.cost.at(slot as usize)).pending_ns) }
+            .swap(0, Ordering::SeqCst)
     }
 
     /// Move `from`'s pending cost onto `to`'s.

@@ -1,9 +1,21 @@
-//! Who deducts a container's softirq cost from its CFS quota. Today that is the patched
-//! scheduler, to which doved hands its cost maps; the cpu.max controller and early drop
-//! join here for kernels without the patch.
+//! Who deducts a container's softirq cost from its CFS quota: the patched scheduler, to
+//! which doved hands its cost maps, or on other kernels the cpu.max controller
+//! ([`cpumax`]); early drop joins here.
+
+pub mod cpumax;
 
 use crate::bpf::observer::{self, Observer, ObserverError};
 use crate::config::EnforcementMode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnforceError {
+    #[error(transparent)]
+    Observer(#[from] ObserverError),
+    #[error("enforcement.mode = \"cpumax\" but no cpu controller is mounted (neither cpu.max on cgroup v2 nor a v1 cpu hierarchy): mount one, or set enforcement.mode = \"auto\" or \"none\"")]
+    NoCpuController,
+    #[error(transparent)]
+    Quota(#[from] cpumax::QuotaError),
+}
 
 /// The enforcement in effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +24,8 @@ pub enum Enforcement {
     None,
     /// The patched scheduler, from the cost maps doved handed it.
     Kernel,
+    /// The user-space cpu.max controller.
+    CpuMax,
     /// An enforcer outside doved, from the pinned cost map.
     External,
 }
@@ -21,6 +35,7 @@ impl Enforcement {
         match self {
             Enforcement::None => "none",
             Enforcement::Kernel => "kernel",
+            Enforcement::CpuMax => "cpumax",
             Enforcement::External => "external",
         }
     }
@@ -28,10 +43,13 @@ impl Enforcement {
 
 /// Decide from the configured mode and the running kernel, and hand the scheduler the
 /// cost maps when it will enforce. Needs privileges (it writes the scheduler's sysctls).
+///
+/// `cpu_controller`: whether a `cpu` controller is mounted (cpumax needs one).
 pub fn start(
     mode: EnforcementMode,
     observer: Option<&mut Observer>,
-) -> Result<Enforcement, ObserverError> {
+    cpu_controller: bool,
+) -> Result<Enforcement, EnforceError> {
     let Some(observer) = observer else {
         return Ok(Enforcement::None);
     };
@@ -39,12 +57,20 @@ pub fn start(
         EnforcementMode::None => Enforcement::None,
         EnforcementMode::External => Enforcement::External,
         EnforcementMode::Kernel if !observer::kernel_patched() => {
-            return Err(ObserverError::KernelUnpatched);
+            return Err(ObserverError::KernelUnpatched.into());
+        }
+        EnforcementMode::Cpumax if !cpu_controller => return Err(EnforceError::NoCpuController),
+        EnforcementMode::Cpumax => Enforcement::CpuMax,
+        EnforcementMode::Auto if !observer::kernel_patched() && cpu_controller => {
+            tracing::info!(
+                "the kernel has no DOVE scheduler patch ({} is missing): the cpu.max controller deducts softirq cost from quotas",
+                observer::SLOT_SYSCTL
+            );
+            Enforcement::CpuMax
         }
         EnforcementMode::Auto if !observer::kernel_patched() => {
             tracing::info!(
-                "the kernel has no DOVE scheduler patch ({} is missing): measuring only, quotas are not charged",
-                observer::SLOT_SYSCTL
+                "no DOVE scheduler patch and no cpu controller mounted: measuring only, quotas are not charged"
             );
             Enforcement::None
         }
@@ -57,6 +83,9 @@ pub fn start(
             observer.hand_to_kernel()?;
             tracing::info!("enforcement: kernel (cost maps handed to the patched scheduler)");
         }
+        Enforcement::CpuMax => tracing::info!(
+            "enforcement: cpumax (each tick, quotas are lowered by the softirq cost attributed to their containers)"
+        ),
         Enforcement::External => tracing::info!(
             "enforcement: external (pending cost accrues in the pinned {} map for an enforcer outside doved)",
             dove_ebpf_common::COST_MAP

@@ -5,11 +5,14 @@ use std::fmt::Write as _;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use dove_proto::{Bill, ContainerStats, CostCounters, ObserverHealth, Stats};
+use std::collections::HashMap;
+
+use dove_proto::{Bill, ContainerStats, CostCounters, ObserverHealth, QuotaState, Stats};
 use tokio::net::TcpListener;
 
 use crate::bills::Ledger;
 use crate::bpf::observer::{Cost, Snapshot};
+use crate::enforce::cpumax::GroupStatus;
 use crate::enforce::Enforcement;
 use crate::registry::Registry;
 
@@ -35,6 +38,8 @@ pub struct Telemetry {
     pub enforcement: Enforcement,
     pub tick_ms: u64,
     snapshot: RwLock<Snapshot>,
+    /// Container ID → its quota under the cpu.max controller.
+    quotas: RwLock<HashMap<String, QuotaState>>,
     ledger: Arc<Ledger>,
     /// How long a removed container's final counters stay in the metrics.
     removed_grace: Duration,
@@ -64,6 +69,7 @@ impl Telemetry {
             enforcement,
             tick_ms,
             snapshot: RwLock::new(Snapshot::default()),
+            quotas: RwLock::new(HashMap::new()),
             ledger,
             removed_grace,
         }
@@ -85,8 +91,31 @@ impl Telemetry {
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snapshot;
     }
 
+    /// What the cpu.max controller did this tick, by container ID.
+    pub fn publish_quotas(&self, quotas: HashMap<String, GroupStatus>) {
+        let quotas = quotas
+            .into_iter()
+            .map(|(id, g)| {
+                (
+                    id,
+                    QuotaState {
+                        cgroup: g.dir.display().to_string(),
+                        period_us: g.base.period_us,
+                        base_quota_us: g.base.quota_us.unwrap_or(0),
+                        effective_quota_us: g.effective_quota_us,
+                        softirq_per_period_us: g.softirq_per_period_us,
+                        debt_ns: g.debt_ns,
+                        forgiven_ns: g.forgiven_ns,
+                    },
+                )
+            })
+            .collect();
+        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = quotas;
+    }
+
     pub fn stats(&self, registry: &Registry) -> Stats {
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        let quotas = self.quotas.read().unwrap_or_else(|p| p.into_inner());
         let mut containers: Vec<ContainerStats> = registry
             .list()
             .into_iter()
@@ -96,6 +125,7 @@ impl Telemetry {
                     .get(&c.registration.cgroup_id)
                     .map(counters)
                     .unwrap_or_default(),
+                quota: quotas.get(&c.registration.id).cloned(),
                 id: c.registration.id,
                 cgroup_path: c.registration.cgroup_path,
                 cgroup_id: c.registration.cgroup_id,
@@ -166,6 +196,7 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
                     tx_packets: bill.tx_packets,
                     pending_ns: 0,
                 },
+                quota: None,
             });
         }
     }
@@ -200,6 +231,44 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
         }
         v
     };
+    let per_quota = |f: &dyn Fn(&QuotaState) -> String| -> Vec<(String, String)> {
+        containers
+            .iter()
+            .filter_map(|c| {
+                c.quota.as_ref().map(|q| {
+                    (
+                        format!("{},quota_cgroup=\"{}\"", labels(c), escape(&q.cgroup)),
+                        f(q),
+                    )
+                })
+            })
+            .collect()
+    };
+    let us = |v: u64| (v as f64 / 1e6).to_string();
+    family(
+        "dove_cpu_quota_base_seconds",
+        "gauge",
+        "CFS quota per period the runtime or orchestrator set (cpumax restores it).",
+        &per_quota(&|q| us(q.base_quota_us)),
+    );
+    family(
+        "dove_cpu_quota_effective_seconds",
+        "gauge",
+        "CFS quota per period in force: the base less the softirq cost cpumax deducts.",
+        &per_quota(&|q| us(q.effective_quota_us)),
+    );
+    family(
+        "dove_cpu_quota_period_seconds",
+        "gauge",
+        "CFS period of the quota cpumax acts on.",
+        &per_quota(&|q| us(q.period_us)),
+    );
+    family(
+        "dove_quota_forgiven_seconds_total",
+        "counter",
+        "Attributed softirq cost cpumax could not deduct: more than the quota above its floor absorbs.",
+        &per_quota(&|q| seconds(q.forgiven_ns).to_string()),
+    );
     family(
         "dove_softirq_seconds_total",
         "counter",

@@ -1,0 +1,273 @@
+//! Enforcement on a stock kernel: the cpu.max controller against this host's `cpu`
+//! controller (a v1 hierarchy here: `cpu.cfs_quota_us`), under real softirq cost.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dove_tests::*;
+
+/// The container's cgroup in the `cpu` hierarchy, with a 50 ms per 100 ms quota.
+struct CpuCgroup {
+    dir: PathBuf,
+    v1: bool,
+}
+
+impl CpuCgroup {
+    fn new(v2: &TestCgroup) -> Option<Self> {
+        let v1_root = Path::new("/sys/fs/cgroup/cpu");
+        let (dir, v1) = if v1_root.join("cpu.cfs_quota_us").exists() {
+            (v1_root.join(v2.path.trim_start_matches('/')), true)
+        } else {
+            (v2.dir.clone(), false)
+        };
+        std::fs::create_dir_all(&dir).ok()?;
+        let cg = Self { dir, v1 };
+        if cg.v1 {
+            std::fs::write(cg.dir.join("cpu.cfs_period_us"), "100000").unwrap();
+        }
+        cg.set_quota_us(50_000);
+        Some(cg)
+    }
+
+    fn set_quota_us(&self, quota: u64) {
+        if self.v1 {
+            std::fs::write(self.dir.join("cpu.cfs_quota_us"), quota.to_string()).unwrap();
+        } else {
+            std::fs::write(self.dir.join("cpu.max"), format!("{quota} 100000")).unwrap();
+        }
+    }
+
+    fn quota_us(&self) -> u64 {
+        let text = if self.v1 {
+            std::fs::read_to_string(self.dir.join("cpu.cfs_quota_us")).unwrap()
+        } else {
+            std::fs::read_to_string(self.dir.join("cpu.max")).unwrap()
+        };
+        text.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// The lowest quota seen within `within`, polling every 10 ms.
+    fn lowest_within(&self, within: Duration) -> u64 {
+        let end = Instant::now() + within;
+        let mut lowest = u64::MAX;
+        while Instant::now() < end {
+            lowest = lowest.min(self.quota_us());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        lowest
+    }
+
+    /// Wait until the quota reads `quota`; how long that took.
+    fn back_to(&self, quota: u64, within: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if self.quota_us() == quota {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+}
+
+/// A 64-byte UDP flood into a sink in `ctr` for `seconds`, in the background.
+fn flood(net: &NetPair, ctr: &TestCgroup, port: u16, seconds: f64) -> (KillOnDrop, KillOnDrop) {
+    let addr = format!("{}:{port}", net.addr_b);
+    let sink = net
+        .spawn(&net.b, Some(ctr), &["udp-sink", &addr, "60"], true)
+        .unwrap();
+    let sender = net
+        .spawn(
+            &net.a,
+            None,
+            &["udp-flood", &addr, &seconds.to_string(), "64"],
+            false,
+        )
+        .unwrap();
+    (KillOnDrop(sender), KillOnDrop(sink))
+}
+
+fn quota_state(daemon: &TempDaemon, id: &str) -> Option<dove_proto::QuotaState> {
+    daemon
+        .stats()
+        .containers
+        .into_iter()
+        .find(|c| c.id == id)
+        .and_then(|c| c.quota)
+}
+
+/// The controller lowers a container's quota while its traffic costs softirq time and
+/// gives it back when the cost stops; a quota someone else sets meanwhile becomes the
+/// base; the base comes back after a `kill -9` (at the next start, and from
+/// `doved --restore-quotas` as the unit's ExecStopPost runs it), and after unregistering
+/// while doved was down.
+#[test]
+fn cpumax_lowers_the_quota_by_softirq_cost_and_always_restores_the_base() {
+    if !require_root("cpumax_lowers_the_quota_by_softirq_cost_and_always_restores_the_base") {
+        return;
+    }
+    let mut daemon = TempDaemon::with_observer_config("", "cpumax").unwrap();
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-test-cpumax").unwrap();
+    let cpu = CpuCgroup::new(&ctr).expect("a cpu controller to test against");
+    daemon.register(&ctr, "flooded");
+
+    // 1. Lowered under traffic, by about its cost, never under the 10% floor.
+    let traffic = flood(&net, &ctr, 5401, 3.0);
+    let lowest = cpu.lowest_within(Duration::from_millis(1500));
+    let state = quota_state(&daemon, "flooded").expect("the container is enforced");
+    eprintln!("under a flood: lowest quota {lowest} us of 50000; {state:?}");
+    assert!(
+        lowest < 45_000,
+        "a flood costing softirq time lowered the quota only to {lowest} us\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        lowest >= 5_000,
+        "the floor (10% of the base) did not hold: {lowest}"
+    );
+    assert_eq!(state.base_quota_us, 50_000);
+    assert_eq!(state.period_us, 100_000);
+    assert!(state.softirq_per_period_us > 0);
+    let status = run(std::process::Command::new(bin("dovectl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("status"))
+    .unwrap();
+    assert!(
+        status.contains("enforcement:   cpumax")
+            && status
+                .lines()
+                .any(|l| l.starts_with("flooded") && l.contains("50.0ms/100.0ms")),
+        "{status}"
+    );
+    drop(traffic);
+    let back = cpu.back_to(50_000, Duration::from_secs(3));
+    eprintln!("back to the base {back:?} after the flood stopped");
+    assert!(
+        back.is_some(),
+        "the quota never came back: {}",
+        cpu.quota_us()
+    );
+
+    // 2. An external change while lowered is adopted, not overwritten.
+    let traffic = flood(&net, &ctr, 5402, 4.0);
+    assert!(cpu.lowest_within(Duration::from_millis(800)) < 45_000);
+    cpu.set_quota_us(80_000);
+    std::thread::sleep(Duration::from_millis(300));
+    let state = quota_state(&daemon, "flooded").unwrap();
+    assert_eq!(state.base_quota_us, 80_000, "{state:?}");
+    let lowest = cpu.lowest_within(Duration::from_millis(500));
+    assert!(
+        (8_000..80_000).contains(&lowest),
+        "lowered from the new base: {lowest}"
+    );
+    drop(traffic);
+    assert!(
+        cpu.back_to(80_000, Duration::from_secs(3)).is_some(),
+        "restored to the adopted base, not the old one: {}",
+        cpu.quota_us()
+    );
+
+    // 3. kill -9 while lowered: the next start restores the base before serving.
+    let traffic = flood(&net, &ctr, 5403, 4.0);
+    assert!(cpu.lowest_within(Duration::from_millis(800)) < 72_000);
+    daemon.kill9();
+    let left = cpu.quota_us();
+    drop(traffic);
+    assert!(left < 80_000, "doved died with the quota lowered ({left})");
+    daemon.spawn().unwrap();
+    assert!(
+        daemon
+            .log_text()
+            .contains("CFS quotas a previous doved had lowered were restored to their bases"),
+        "{}",
+        daemon.log_text()
+    );
+    // The cost left pending when doved died is still deducted, then the base returns.
+    let back = cpu.back_to(80_000, Duration::from_secs(2));
+    eprintln!("restart after kill -9: base back {back:?} after doved serves");
+    assert!(back.is_some(), "{}", cpu.quota_us());
+
+    // 4. Killed while lowered, restored with no doved running.
+    let traffic = flood(&net, &ctr, 5404, 4.0);
+    assert!(cpu.lowest_within(Duration::from_millis(800)) < 72_000);
+    daemon.kill9();
+    drop(traffic);
+    assert!(cpu.quota_us() < 80_000);
+    // What ExecStopPost runs, with nothing else running.
+    let out = run(std::process::Command::new(bin("doved"))
+        .arg("--config")
+        .arg(&daemon.config)
+        .arg("--state-dir")
+        .arg(&daemon.state_dir)
+        .arg("--restore-quotas"))
+    .unwrap();
+    assert!(out.contains("1 CFS quota(s) restored"), "{out}");
+    assert_eq!(cpu.quota_us(), 80_000);
+    daemon.spawn().unwrap();
+
+    // 5. Unregistering gives the base back at once, and the ledger is empty after.
+    let traffic = flood(&net, &ctr, 5405, 4.0);
+    assert!(cpu.lowest_within(Duration::from_millis(800)) < 72_000);
+    match daemon
+        .client()
+        .call(dove_proto::Request::Unregister {
+            id: "flooded".into(),
+            cgroup_path: None,
+            bundle: None,
+        })
+        .unwrap()
+    {
+        dove_proto::Reply::Unregistered { existed: true, .. } => {}
+        other => panic!("unexpected reply {other:?}"),
+    }
+    assert!(
+        cpu.back_to(80_000, Duration::from_millis(500)).is_some(),
+        "unregistered, still lowered: {}",
+        cpu.quota_us()
+    );
+    assert_eq!(cpu.lowest_within(Duration::from_millis(300)), 80_000);
+    drop(traffic);
+    let ledger = std::fs::read_to_string(daemon.state_dir.join("quota-bases.json")).unwrap();
+    assert!(
+        !ledger.contains("cpu"),
+        "the ledger still holds a base: {ledger}"
+    );
+}
+
+/// Containers without a quota are left alone (and said so), and unlimited stays unlimited.
+#[test]
+fn cpumax_leaves_containers_without_a_quota_alone() {
+    if !require_root("cpumax_leaves_containers_without_a_quota_alone") {
+        return;
+    }
+    let daemon = TempDaemon::with_observer_config("", "cpumax").unwrap();
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-test-unlimited").unwrap();
+    let cpu = CpuCgroup::new(&ctr).unwrap();
+    if cpu.v1 {
+        std::fs::write(cpu.dir.join("cpu.cfs_quota_us"), "-1").unwrap();
+    } else {
+        std::fs::write(cpu.dir.join("cpu.max"), "max 100000").unwrap();
+    }
+    daemon.register(&ctr, "unlimited");
+    let traffic = flood(&net, &ctr, 5411, 1.5);
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(traffic);
+    let quota = if cpu.v1 {
+        std::fs::read_to_string(cpu.dir.join("cpu.cfs_quota_us")).unwrap()
+    } else {
+        std::fs::read_to_string(cpu.dir.join("cpu.max")).unwrap()
+    };
+    assert!(
+        quota.starts_with("-1") || quota.starts_with("max"),
+        "{quota}"
+    );
+    assert_eq!(quota_state(&daemon, "unlimited"), None);
+    assert!(
+        daemon.log_text().contains("cpumax leaves it alone"),
+        "{}",
+        daemon.log_text()
+    );
+}
