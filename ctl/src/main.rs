@@ -247,7 +247,7 @@ fn print_status(s: &Status) {
     println!("enforcement:   {}", s.enforcement);
     if s.enforcement == "cpumax" && s.irq_time_accounting_state != "active" {
         println!(
-            "  note: without IRQ time accounting the task a softirq interrupted was billed for it too; cpumax deducts the cost from the owner's quota but cannot credit that task"
+            "  note: without IRQ time accounting the task a softirq interrupted was billed for it too; cpumax deducts the cost from the owner's quota but cannot credit that task (when it is the owner's own, the owner pays twice)"
         );
     }
     println!("observer:      {}", s.observer);

@@ -62,6 +62,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Enforce(#[from] enforce::EnforceError),
+    #[error("the accounting thread ended (a bug: see the log above); quotas it lowered are restored at the next start or by `doved --restore-quotas`")]
+    AccountingEnded,
     #[error("dropping capabilities after setup: {0}")]
     Capabilities(String),
 }
@@ -125,6 +127,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
 fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
     let d = &config.daemon;
+    raise_open_file_limit();
     let activated = server::activated_listener();
     if activated.is_none() {
         // Before loading anything: a second daemon must not touch the first one's maps.
@@ -153,7 +156,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
     let mut observer = if config.observer.enabled {
         Some(Observer::start(
             &config.observer.pin_dir,
-            &mounts.unified.mount_point,
+            &mounts.unified,
             config.observer.egress,
         )?)
     } else {
@@ -165,7 +168,16 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
         observer.as_mut(),
         mounts.cpu.is_some(),
     )?;
-    // Quotas a crashed doved left lowered are restored before anything else runs.
+    // Quotas a crashed doved left lowered are restored before anything else runs, whatever
+    // the mode now: a doved that stopped enforcing must not leave them lowered.
+    match enforce::cpumax::restore_ledger(&d.state_dir) {
+        Ok(0) => {}
+        Ok(restored) => tracing::warn!(
+            restored,
+            "CFS quotas a previous doved had lowered were restored to their bases"
+        ),
+        Err(e) => tracing::error!("{e}"),
+    }
     let cpumax = match enforcement {
         Enforcement::CpuMax => Some(
             CpuMax::start(
@@ -275,7 +287,10 @@ async fn serve(
             let tick = Duration::from_millis(config.observer.tick_ms);
             let stop = Arc::clone(&stop_accounting);
             let (started, ready) = tokio::sync::oneshot::channel();
+            let (finished, ended) = tokio::sync::oneshot::channel::<()>();
             let handle = thread.run(move || {
+                // Dropped when the thread ends, panics included: doved then exits.
+                let _finished = finished;
                 let accounting = Accounting::start(
                     observer,
                     &subscription,
@@ -289,8 +304,10 @@ async fn serve(
                 accounting.run(subscription, tick, stop);
             });
             // The first snapshot is published before anything is served.
-            let _ = ready.await;
-            Some(handle)
+            if ready.await.is_err() {
+                return Err(DaemonError::AccountingEnded);
+            }
+            Some((handle, ended))
         }
         _ => None,
     };
@@ -356,12 +373,31 @@ async fn serve(
     );
     notify_systemd_ready();
 
+    let (thread, mut ended) = match accounting {
+        Some((thread, ended)) => (Some(thread), Some(ended)),
+        None => (None, None),
+    };
+    let accounting_ended = async {
+        match ended.as_mut() {
+            Some(ended) => {
+                let _ = ended.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut outcome = Ok(());
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = accounting_ended => {
+            // Nothing would bill, enforce or restore quotas any more: exit, so that the
+            // service manager restarts doved (and ExecStopPost restores the quotas).
+            tracing::error!("the accounting thread ended; exiting");
+            outcome = Err(DaemonError::AccountingEnded);
+        }
     }
     serving.abort();
-    if let Some(thread) = accounting {
+    if let Some(thread) = thread {
         // It publishes the last counts before the links go away with this process.
         stop_accounting.store(true, Ordering::Release);
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -370,7 +406,21 @@ async fn serve(
     if let Some(path) = bound_path {
         let _ = std::fs::remove_file(path);
     }
-    Ok(())
+    outcome
+}
+
+/// Every outermost registered cgroup holds two link fds, next to the clients' sockets: the
+/// usual soft limit of 1,024 would run out near 500 containers. The hard limit (524,288
+/// under systemd) is what the administrator allows.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("raising the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+    }
 }
 
 /// Tell systemd (Type=notify) we are serving. Without NOTIFY_SOCKET this does nothing.

@@ -331,6 +331,9 @@ pub struct QuotaState {
     pub debt_ns: u64,
     /// Cost forgiven because the quota could not absorb it.
     pub forgiven_ns: u64,
+    /// Quota writes so far (each one refills the group's runtime).
+    #[serde(default)]
+    pub writes: u64,
 }
 
 /// How the eBPF observer is doing.

@@ -666,9 +666,14 @@ fn a_quota_groups_pending_cost_moves_with_its_slot() {
     let pod = TestCgroup::new("dove-test-pod").unwrap();
     let (first, second) = (pod.child("first").unwrap(), pod.child("second").unwrap());
     // The pod's quota, in the cpu hierarchy (v1 on this host) at the same path.
+    // The containers' own cpu cgroups exist too (runtimes make the path in every v1
+    // hierarchy), without a quota of their own.
     struct CpuGroup(std::path::PathBuf);
     impl Drop for CpuGroup {
         fn drop(&mut self) {
+            for child in ["first", "second"] {
+                let _ = std::fs::remove_dir(self.0.join(child));
+            }
             let _ = std::fs::remove_dir(&self.0);
         }
     }
@@ -676,6 +681,9 @@ fn a_quota_groups_pending_cost_moves_with_its_slot() {
         CpuGroup(std::path::Path::new("/sys/fs/cgroup/cpu").join(pod.path.trim_start_matches('/')));
     std::fs::create_dir(&quota.0).unwrap();
     std::fs::write(quota.0.join("cpu.cfs_quota_us"), "100000").unwrap();
+    for child in ["first", "second"] {
+        std::fs::create_dir(quota.0.join(child)).unwrap();
+    }
     daemon.register(&first, "first");
     daemon.register(&second, "second");
     let costs = MappedCosts::open(

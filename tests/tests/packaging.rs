@@ -114,13 +114,14 @@ fn deb_installs_into_fresh_debian_root_and_purges_cleanly() {
     assert!(version.starts_with("dove-hook "), "{version}");
 
     // The unit as installed, checked by systemd's own verifier on this host (the
-    // minimal root has no systemd), with ExecStart pointing into the unpacked root.
+    // minimal root has no systemd), with ExecStart and ExecStopPost pointing into the
+    // unpacked root.
     let unit_dir = tempfile::tempdir().unwrap();
     let unit =
         std::fs::read_to_string(root.path().join("lib/systemd/system/doved.service")).unwrap();
     let unit = unit.replace(
-        "ExecStart=/usr/bin/doved",
-        &format!("ExecStart={}/usr/bin/doved", root.path().display()),
+        "=/usr/bin/doved ",
+        &format!("={}/usr/bin/doved ", root.path().display()),
     );
     std::fs::write(unit_dir.path().join("doved.service"), unit).unwrap();
     std::fs::copy(

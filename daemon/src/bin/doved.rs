@@ -56,7 +56,17 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
+        Some(path) => match Config::load(path) {
+            Ok(config) => config,
+            // Restoring quotas must not depend on a config that may be what broke.
+            Err(e) if args.restore_quotas => {
+                eprintln!(
+                    "doved: {e}; restoring from the default (or --state-dir) state directory"
+                );
+                Config::default()
+            }
+            Err(e) => return Err(e.into()),
+        },
         None => Config::default(),
     };
     if let Some(socket) = args.socket {

@@ -172,9 +172,11 @@ impl Accounting {
             self.last_control = now;
             let quotas = self
                 .holders
-                .values()
-                .flatten()
-                .filter_map(|id| cpumax.status_of(id).map(|s| (id.clone(), s)))
+                .iter()
+                .flat_map(|(cgroup_id, ids)| ids.iter().map(move |id| (id, *cgroup_id)))
+                .filter_map(|(id, cgroup_id)| {
+                    cpumax.status_of(id, cgroup_id).map(|s| (id.clone(), s))
+                })
                 .collect();
             self.telemetry.publish_quotas(quotas);
         }
@@ -195,7 +197,13 @@ impl Accounting {
             )
         });
         if let Some(cpumax) = &mut self.cpumax {
-            cpumax.join(&reg.id, quota.clone());
+            if container.registered_by == 0 {
+                cpumax.join(&reg.id, reg.cgroup_id, quota.clone());
+            } else {
+                // Its cgroup lies in a subtree delegated to that user, and the nearest quota
+                // above it may be a whole slice of other tenants'.
+                tracing::info!(id = %reg.id, uid = container.registered_by, "registered by a non-root user: cpumax measures it but never lowers a quota for it");
+            }
         }
         if let Err(e) = self.observer.add(
             reg.cgroup_id,
@@ -209,7 +217,7 @@ impl Accounting {
     fn removed(&mut self, departure: Departure) {
         let reg = &departure.container.registration;
         if let Some(cpumax) = &mut self.cpumax {
-            cpumax.leave(&reg.id);
+            cpumax.leave(&reg.id, reg.cgroup_id);
         }
         if let Some(ids) = self.holders.get_mut(&reg.cgroup_id) {
             ids.remove(&reg.id);

@@ -88,6 +88,11 @@ pub fn quota_group(cpu: &dove_cgroup::Hierarchy, path: &str) -> Option<u64> {
 pub fn quota_dir(cpu: &dove_cgroup::Hierarchy, path: &str) -> Option<(u64, PathBuf)> {
     use std::os::unix::fs::MetadataExt;
     let mut dir = cpu.dir(path).ok()?;
+    // From the container's own cgroup only: a missing one would hand its search to
+    // whatever ancestor of that path has a quota.
+    if !dir.is_dir() {
+        return None;
+    }
     loop {
         let v2 = std::fs::read_to_string(dir.join("cpu.max"))
             .ok()
@@ -263,74 +268,117 @@ pub struct Observer {
 /// registered ancestor. A program attached at a cgroup runs for its descendants' sockets
 /// too, so attaching below an attached cgroup would run it twice per packet.
 struct SocketHooks {
-    /// The cgroup v2 mount the registered paths are relative to.
-    root: PathBuf,
+    /// The cgroup v2 hierarchy the registered paths are in.
+    cgroups: dove_cgroup::Hierarchy,
     programs: Vec<(&'static str, CgroupSkbAttachType)>,
-    /// Registered cgroups, by path in the v2 hierarchy.
-    registered: BTreeSet<String>,
-    /// Outermost registered cgroup → its links, one per program.
-    attached: BTreeMap<String, Vec<(&'static str, CgroupSkbLinkId)>>,
+    /// Registered cgroups, by path in the v2 hierarchy, with how many registered cgroup
+    /// IDs have that path (two for a moment when a cgroup is made again at a path and
+    /// registered before the old one's removal is seen).
+    registered: BTreeMap<String, u32>,
+    /// Outermost registered cgroup → the inode of the directory its links hold, and the
+    /// links, one per program.
+    attached: BTreeMap<String, (u64, Links)>,
 }
 
+/// A cgroup's socket program links, by program name.
+type Links = Vec<(&'static str, CgroupSkbLinkId)>;
+
 impl SocketHooks {
-    fn new(root: &Path, programs: Vec<(&'static str, CgroupSkbAttachType)>) -> Self {
+    fn new(
+        cgroups: &dove_cgroup::Hierarchy,
+        programs: Vec<(&'static str, CgroupSkbAttachType)>,
+    ) -> Self {
         Self {
-            root: root.to_owned(),
+            cgroups: cgroups.clone(),
             programs,
-            registered: BTreeSet::new(),
+            registered: BTreeMap::new(),
             attached: BTreeMap::new(),
         }
     }
 
     fn links(&self) -> usize {
-        self.attached.values().map(Vec::len).sum()
+        self.attached.values().map(|(_, links)| links.len()).sum()
     }
 
     fn add(&mut self, ebpf: &mut Ebpf, path: &str) {
-        if !self.registered.insert(path.to_owned()) || covered(&self.registered, path) {
+        let count = self.registered.entry(path.to_owned()).or_insert(0);
+        *count += 1;
+        if *count > 1 {
+            // The path again: if its cgroup was made anew, the links held the old one,
+            // which the kernel detached when it died.
+            let now = self.cgroups.dir(path).ok().and_then(|d| ino(&d));
+            if self
+                .attached
+                .get(path)
+                .is_some_and(|(held, _)| Some(*held) != now)
+            {
+                self.detach(ebpf, path);
+                self.attach(ebpf, path);
+            }
             return;
         }
-        // Detach below before attaching here: for a moment their packets run no DOVE
-        // program (unattributed) rather than two.
+        if has_ancestor(path, |a| self.attached.contains_key(a)) {
+            return;
+        }
+        // Attach here before detaching below: for a moment a packet may run the programs
+        // twice (its packet counted twice, its time once), never none. If this attach
+        // fails, the descendants keep theirs.
+        if !self.attach(ebpf, path) {
+            return;
+        }
         let from = below_prefix(path);
         let below = descendants(self.attached.range(from..).map(|(p, _)| p), path);
         for inner in below {
             self.detach(ebpf, &inner);
         }
-        self.attach(ebpf, path);
     }
 
     fn remove(&mut self, ebpf: &mut Ebpf, path: &str) {
-        if !self.registered.remove(path) || !self.attached.contains_key(path) {
+        // Not attached: covered by an attached ancestor, or its attach failed and its
+        // registered descendants attached on their own.
+        match self.registered.get_mut(path) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                return;
+            }
+            Some(_) => {
+                self.registered.remove(path);
+            }
+            None => return,
+        }
+        if !self.attached.contains_key(path) {
             return;
         }
-        self.detach(ebpf, path);
-        // Its outermost registered descendants are now uncovered (nothing above `path`
-        // was registered, or it would not have been attached).
-        let mut outermost: Vec<String> = Vec::new();
+        // Nothing above `path` is attached, or it would not be: its outermost registered
+        // descendants are uncovered once it goes.
         let from = below_prefix(path);
-        for inner in descendants(self.registered.range(from..), path) {
-            if !outermost.last().is_some_and(|o| is_below(&inner, o)) {
-                outermost.push(inner);
-            }
-        }
-        for inner in outermost {
+        let below = descendants(self.registered.range(from..).map(|(p, _)| p), path);
+        for inner in outermost(below) {
             self.attach(ebpf, &inner);
         }
+        self.detach(ebpf, path);
     }
 
-    fn attach(&mut self, ebpf: &mut Ebpf, path: &str) {
-        let dir = self.root.join(path.trim_start_matches('/'));
-        let cgroup = match std::fs::File::open(&dir) {
-            Ok(f) => f,
+    /// Attach every socket program at `path`, or none; whether it did.
+    fn attach(&mut self, ebpf: &mut Ebpf, path: &str) -> bool {
+        let opened = self
+            .cgroups
+            .dir(path)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| {
+                std::fs::File::open(&dir)
+                    .map(|f| (dir.clone(), f))
+                    .map_err(|e| format!("{}: {e}", dir.display()))
+            });
+        let (dir, cgroup) = match opened {
+            Ok(opened) => opened,
             Err(e) => {
                 // Removed meanwhile: the registry forgets it on its own.
                 tracing::warn!(
                     cgroup = path,
-                    "cannot attach DOVE's socket programs at {}: {e}; its packets go unattributed",
-                    dir.display()
+                    "cannot attach DOVE's socket programs: {e}; its packets go unattributed"
                 );
-                return;
+                return false;
             }
         };
         let mut links = Vec::with_capacity(self.programs.len());
@@ -346,22 +394,36 @@ impl SocketHooks {
             });
             match attached {
                 Ok(link) => links.push((name, link)),
-                Err(e) => tracing::error!(cgroup = path, "{e}; its packets go unattributed"),
+                Err(e) => {
+                    tracing::error!(
+                        cgroup = path,
+                        "{e}; its packets go unattributed (EMFILE: raise doved's open-file limit; EPERM: CAP_NET_ADMIN is missing)"
+                    );
+                    self.attached.insert(path.to_owned(), (0, links));
+                    self.detach(ebpf, path);
+                    return false;
+                }
             }
         }
-        if !links.is_empty() {
-            self.attached.insert(path.to_owned(), links);
-        }
+        let held = ino(&dir).unwrap_or(0);
+        self.attached.insert(path.to_owned(), (held, links));
+        true
     }
 
     fn detach(&mut self, ebpf: &mut Ebpf, path: &str) {
-        for (name, link) in self.attached.remove(path).unwrap_or_default() {
+        let (_, links) = self.attached.remove(path).unwrap_or_default();
+        for (name, link) in links {
             // A link whose cgroup is gone detached itself; closing it cannot fail.
             if let Ok(p) = program::<CgroupSkb>(ebpf, name) {
                 let _ = p.detach(link);
             }
         }
     }
+}
+
+fn ino(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// Whether `path` lies strictly below `ancestor` in the cgroup tree.
@@ -371,16 +433,28 @@ fn is_below(path: &str, ancestor: &str) -> bool {
         .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
 }
 
-/// Whether a strict ancestor of `path` is in `registered`.
-fn covered(registered: &BTreeSet<String>, path: &str) -> bool {
+/// Whether `is_there` holds for a strict ancestor of `path`.
+fn has_ancestor(path: &str, is_there: impl Fn(&str) -> bool) -> bool {
     let mut at = path.trim_end_matches('/');
     while let Some(cut) = at.rfind('/') {
         at = &at[..cut];
-        if registered.contains(if at.is_empty() { "/" } else { at }) {
+        if is_there(if at.is_empty() { "/" } else { at }) {
             return true;
         }
     }
     false
+}
+
+/// The paths, in sorted order, that lie below none of the others.
+fn outermost(sorted: Vec<String>) -> Vec<String> {
+    let mut kept: Vec<String> = Vec::new();
+    for path in sorted {
+        // Against all kept, not the last: `/k/a-b` sorts between `/k/a` and `/k/a/x`.
+        if !kept.iter().any(|o| is_below(&path, o)) {
+            kept.push(path);
+        }
+    }
+    kept
 }
 
 /// The first of the paths strictly below `path`: they all start with it, and sort
@@ -484,10 +558,14 @@ fn ensure_bpffs(dir: &Path) -> Result<(), ObserverError> {
 }
 
 impl Observer {
-    /// Load and attach the tracepoint programs. `cgroup_root` is the cgroup v2 mount under
+    /// Load and attach the tracepoint programs. `cgroups` is the cgroup v2 hierarchy in
     /// which [`Observer::hook_sockets`] attaches the cgroup_skb programs, one pair per
     /// outermost registered cgroup: sockets of unregistered cgroups run no DOVE program.
-    pub fn start(pin_dir: &Path, cgroup_root: &Path, egress: bool) -> Result<Self, ObserverError> {
+    pub fn start(
+        pin_dir: &Path,
+        cgroups: &dove_cgroup::Hierarchy,
+        egress: bool,
+    ) -> Result<Self, ObserverError> {
         preflight()?;
         // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default).
         use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
@@ -615,7 +693,7 @@ impl Observer {
             free: (1..SLOTS).collect(),
             quarantine: Vec::new(),
             tracepoints_attached: attached,
-            socket_hooks: SocketHooks::new(cgroup_root, socket_programs),
+            socket_hooks: SocketHooks::new(cgroups, socket_programs),
             ticks: 0,
             generation: pinned.generation,
             inherited_levels: pinned.level_mask,
@@ -632,7 +710,7 @@ impl Observer {
             slots_in_use = observer.owned.len(),
             pin_dir = %pin_dir.display(),
             "eBPF observer attached (softirq raw tracepoints; cgroup_skb programs attach at each registered cgroup under {})",
-            cgroup_root.display()
+            cgroups.mount_point.display()
         );
         Ok(observer)
     }
@@ -1387,6 +1465,7 @@ mod tests {
             .into_iter()
             .map(String::from)
             .collect();
+        let covered = |set: &BTreeSet<String>, path| has_ancestor(path, |a| set.contains(a));
         assert!(covered(&registered, "/k/pod/c1"));
         assert!(covered(&registered, "/k/pod/c2/sub"));
         assert!(!covered(&registered, "/k/pod"));
@@ -1401,6 +1480,14 @@ mod tests {
             descendants(registered.range(from..), "/k"),
             ["/k/pod", "/k/pod/c1"],
             "/kx is not below /k"
+        );
+        let sorted: BTreeSet<String> = ["/k/a", "/k/a-b", "/k/a/x", "/k/b/c", "/k/b/c/d"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            outermost(sorted.into_iter().collect()),
+            ["/k/a", "/k/a-b", "/k/b/c"]
         );
     }
 }

@@ -3,21 +3,28 @@
 //! A container's quota group is the nearest cgroup at or above it in the `cpu` hierarchy
 //! that has a CFS quota (`cpu.max` on cgroup v2, `cpu.cfs_quota_us` on a v1 `cpu`
 //! hierarchy; Kubernetes sets one on the pod and one on each container, so the nearest is
-//! the container's own). Every control period (the observer's tick) the controller takes
-//! the softirq cost attributed to the group since the last period (its pending counter,
-//! exchanged to zero), adds it to the group's debt, and writes the quota for the periods
-//! ahead lowered by what the debt asks: at most `base - floor` per CFS period, where the
-//! floor (`enforcement.cpumax_floor_percent` of the base, never under the kernel's 1 ms
-//! minimum) keeps a container from being frozen. As the debt is paid the quota returns to
-//! the base. Debt beyond [`CARRY_PERIODS`] periods of deductions is forgiven and counted:
-//! that is cost the quota cannot absorb, which early drop is for.
+//! the container's own). Each control period (the observer's tick) the controller adds the
+//! softirq cost attributed to the group since the last one (its pending counter, exchanged
+//! to zero) to the group's debt, subtracts what the quota in force took back over the CFS
+//! periods that really ran (`cpu.stat nr_periods`), and picks the quota for the time
+//! ahead: the debt spread over it, in steps of a tenth of what may be taken, never under
+//! the floor (`enforcement.cpumax_floor_percent` of the base, the group's burst, the
+//! kernel's 1 ms). Debt beyond [`CARRY_PERIODS`] periods of full deductions is forgiven and
+//! counted: cost the quota cannot absorb, which early drop is for.
+//!
+//! A write to the quota file is not free: the kernel refills the group's runtime and
+//! unthrottles it (`tg_set_cfs_bandwidth`). So the controller writes only when the step
+//! changes and at most once per [`WRITE_EVERY`] control periods, plans each quota to hold
+//! that long, and charges a write that lands while the group was being throttled half
+//! the quota it refilled (what a group running at its quota has used, on average, of the
+//! period the write cuts short).
 //!
 //! The base (the quota the runtime or orchestrator set) is written to a durable ledger
 //! before anything is lowered, and restored when the last container of the group goes, when
 //! doved stops, and at the next start after a crash ([`restore_ledger`], also run by
-//! `doved --restore-quotas` from the unit's `ExecStopPost`). A quota found changed by
-//! someone else (`docker update --cpus`, an in-place resize) becomes the new base: the
-//! controller adopts it rather than fight it.
+//! `doved --restore-quotas` from the unit's `ExecStopPost`), but only where the file still
+//! holds a value the controller could have written. A quota found changed by someone else
+//! (`docker update --cpus`, an in-place resize) becomes the new base.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
@@ -92,51 +99,60 @@ impl Bandwidth {
     }
 }
 
-/// How much of `base` the controller may take away per CFS period.
-pub fn floor_us(base_quota_us: u64, floor_percent: u32) -> u64 {
-    let floor = (base_quota_us as u128 * floor_percent.min(100) as u128 / 100) as u64;
-    floor.max(MIN_QUOTA_US).min(base_quota_us)
+/// The lowest quota the controller writes for `base_quota_us`: `floor_percent` of it, the
+/// group's burst (the kernel refuses a quota under it), the kernel's 1 ms; never over it.
+pub fn floor_us(base_quota_us: u64, floor_percent: u32, burst_us: u64) -> u64 {
+    let share = (base_quota_us as u128 * floor_percent.min(100) as u128 / 100) as u64;
+    share.max(MIN_QUOTA_US).max(burst_us).min(base_quota_us)
 }
+
+/// Steps between the floor and the base: a write refills the group's runtime, so the
+/// quota moves only between these levels.
+pub const STEPS: u64 = 10;
+/// A group's quota is written at most once per this many control periods.
+pub const WRITE_EVERY: u32 = 5;
+/// The debt is spread over at least this much time ahead: a shorter horizon chases the
+/// noise in each tick's cost and rewrites the quota more often.
+pub const HORIZON: Duration = Duration::from_millis(500);
 
 /// One control period's decision for a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
-    /// The quota to write for the periods ahead.
+    /// The quota to write for the time ahead.
     pub quota_us: u64,
-    /// Debt left after this period's deduction.
+    /// Debt kept (what the plan will pay, and what waits for a later period).
     pub debt_ns: u64,
     /// Debt forgiven because it exceeded what the quota can absorb.
     pub forgiven_ns: u64,
 }
 
-/// Lower `base_quota_us` (per `period_us`) for the `interval` ahead by what `debt_ns` asks,
-/// never under the floor. The debt falls by what the lowered quota takes over `interval`.
-pub fn plan(
-    base_quota_us: u64,
-    period_us: u64,
-    floor_percent: u32,
-    debt_ns: u64,
-    interval: Duration,
-) -> Plan {
-    let room_us = base_quota_us - floor_us(base_quota_us, floor_percent);
+/// Debt after `periods` CFS periods ran with `deducted_us` taken off each one's quota.
+pub fn settle(debt_ns: u64, deducted_us: u64, periods: u64) -> u64 {
+    debt_ns.saturating_sub(deducted_us.saturating_mul(1000).saturating_mul(periods))
+}
+
+/// The quota for the `ahead` of time to come: `base_quota_us` less `debt_ns` spread over
+/// its periods, rounded down to a step, never under `floor`.
+pub fn plan(base_quota_us: u64, floor: u64, period_us: u64, debt_ns: u64, ahead: Duration) -> Plan {
+    let room_us = base_quota_us.saturating_sub(floor) as u128;
     let period_ns = (period_us as u128 * 1000).max(1);
-    let interval_ns = interval.as_nanos().max(1);
-    // The most the interval's periods can take, and what the carry may hold beyond it.
-    // u128 and saturation: inputs come from files anyone with write access can fill.
-    let room_total_ns = (room_us as u128 * 1000).saturating_mul(interval_ns) / period_ns;
-    let carry_ns = room_us as u128 * 1000 * CARRY_PERIODS as u128;
+    let ahead_ns = ahead.as_nanos().max(1);
+    // u128 and saturation: the inputs come from files anyone with write access can fill.
+    let carry_ns = room_us * 1000 * CARRY_PERIODS as u128;
+    let payable_ns = (room_us * 1000).saturating_mul(ahead_ns) / period_ns;
     let debt = debt_ns as u128;
-    let forgiven = debt.saturating_sub(room_total_ns.saturating_add(carry_ns));
+    let forgiven = debt.saturating_sub(payable_ns.saturating_add(carry_ns));
     let debt = debt - forgiven;
-    let take_ns = debt.min(room_total_ns);
-    // Spread over the interval's periods, rounded up so that small debts are paid.
-    let per_period_us = take_ns
-        .saturating_mul(period_ns)
-        .div_ceil(interval_ns.saturating_mul(1000))
-        .min(room_us as u128) as u64;
+    let wanted_us = debt.saturating_mul(period_ns) / ahead_ns / 1000;
+    let step = (room_us / STEPS as u128).max(1);
+    let deduction = if wanted_us >= room_us {
+        room_us
+    } else {
+        wanted_us / step * step
+    };
     Plan {
-        quota_us: base_quota_us - per_period_us,
-        debt_ns: (debt - take_ns) as u64,
+        quota_us: base_quota_us - deduction as u64,
+        debt_ns: debt as u64,
         forgiven_ns: forgiven.min(u64::MAX as u128) as u64,
     }
 }
@@ -199,6 +215,35 @@ impl QuotaFiles {
         let path = self.dir.join(name);
         std::fs::write(&path, text).map_err(|source| QuotaError::Io { path, source })
     }
+
+    /// The burst the group may run beyond its quota (µs; 0 when none or not supported).
+    pub fn burst_us(&self) -> u64 {
+        let name = if self.v1 {
+            "cpu.cfs_burst_us"
+        } else {
+            "cpu.max.burst"
+        };
+        std::fs::read_to_string(self.dir.join(name))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `nr_periods` and `nr_throttled` from `cpu.stat`: the CFS periods that ran.
+    pub fn periods(&self) -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        };
+        Some((field("nr_periods ")?, field("nr_throttled ")?))
+    }
+
+    /// The inode of the directory: a cgroup made again at the same path is another one.
+    pub fn ino(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.dir).ok().map(|m| m.ino())
+    }
 }
 
 /// The bases of the quotas the controller may have lowered, kept durably: a restore must
@@ -212,6 +257,24 @@ struct LedgerFile {
 struct LedgerEntry {
     files: QuotaFiles,
     base: Bandwidth,
+    /// The cgroup directory's inode: a cgroup made again at the path is not restored.
+    ino: u64,
+    /// The lowest quota the controller writes: below it, or at another period, the value
+    /// is not the controller's, and is left alone.
+    floor_us: u64,
+}
+
+impl LedgerEntry {
+    /// Whether `current` is a value the controller could have written over this base.
+    fn lowered_by_us(&self, current: Bandwidth) -> bool {
+        let Some(base) = self.base.quota_us else {
+            return false;
+        };
+        current.period_us == self.base.period_us
+            && current
+                .quota_us
+                .is_some_and(|q| (self.floor_us..base).contains(&q))
+    }
 }
 
 struct QuotaLedger {
@@ -254,9 +317,11 @@ impl QuotaLedger {
     }
 }
 
-/// Put back every base the ledger holds and empty it; returns how many were restored. For a
-/// start after a crash and for `doved --restore-quotas`. A cgroup that is gone has nothing to
-/// restore.
+/// Put back every base the ledger holds and empty it; returns how many were restored. Run at
+/// every start, whatever the enforcement mode, and by `doved --restore-quotas`. A quota is
+/// put back only where its cgroup is the same one (inode) and the file holds a value the
+/// controller could have written: a cgroup made again at the path, or a quota someone
+/// changed while doved was down, is left as it is.
 pub fn restore_ledger(state_dir: &Path) -> Result<usize, QuotaError> {
     let mut ledger = QuotaLedger::load(state_dir)?;
     if ledger.file.bases.is_empty() {
@@ -264,7 +329,20 @@ pub fn restore_ledger(state_dir: &Path) -> Result<usize, QuotaError> {
     }
     let mut restored = 0;
     for (dir, entry) in std::mem::take(&mut ledger.file.bases) {
-        if !dir.exists() {
+        if entry.files.ino() != Some(entry.ino) {
+            continue;
+        }
+        let current = match entry.files.read() {
+            Ok(current) => current,
+            Err(e) => {
+                tracing::warn!("not restoring a CFS quota: {e}");
+                continue;
+            }
+        };
+        if !entry.lowered_by_us(current) {
+            if current != entry.base {
+                tracing::info!(cgroup = %dir.display(), now = ?current, base = ?entry.base, "the CFS quota was changed by someone else since doved lowered it: left as it is");
+            }
             continue;
         }
         match entry.files.write(entry.base) {
@@ -287,23 +365,57 @@ pub fn restore_ledger(state_dir: &Path) -> Result<usize, QuotaError> {
 pub struct GroupStatus {
     pub dir: PathBuf,
     pub base: Bandwidth,
-    /// The quota as last written (the base while nothing is deducted).
+    /// The quota in force (the base while nothing is deducted).
     pub effective_quota_us: u64,
     /// Softirq cost attributed in the last control period, scaled to one CFS period.
     pub softirq_per_period_us: u64,
     pub debt_ns: u64,
     pub forgiven_ns: u64,
+    /// Quota writes so far (each refills the group's runtime).
+    pub writes: u64,
 }
+
+/// A registered container: its ID and cgroup (one ID may name an old and a new cgroup
+/// for a moment when a runtime reuses it).
+type Member = (String, u64);
 
 struct Group {
     files: QuotaFiles,
+    ino: u64,
     base: Bandwidth,
+    floor_us: u64,
     /// What the controller last wrote, to tell its own writes from someone else's.
     written: Option<Bandwidth>,
     debt_ns: u64,
     forgiven_ns: u64,
     softirq_per_period_us: u64,
-    members: BTreeSet<String>,
+    /// `cpu.stat` at the last control: (nr_periods, nr_throttled).
+    stat: Option<(u64, u64)>,
+    writes: u64,
+    /// Control periods since the last write.
+    since_write: u32,
+    members: BTreeSet<Member>,
+}
+
+impl Group {
+    fn entry(&self) -> LedgerEntry {
+        LedgerEntry {
+            files: self.files.clone(),
+            base: self.base,
+            ino: self.ino,
+            floor_us: self.floor_us,
+        }
+    }
+
+    /// Take `current` as the base, as its owner set it.
+    fn adopt(&mut self, current: Bandwidth, floor_percent: u32) {
+        self.base = current;
+        self.floor_us = current
+            .quota_us
+            .map(|q| floor_us(q, floor_percent, self.files.burst_us()))
+            .unwrap_or(0);
+        self.written = None;
+    }
 }
 
 /// The controller. Owned by the accounting thread, which feeds it the registry's events
@@ -315,33 +427,28 @@ pub struct CpuMax {
     control_period: Duration,
     /// Quota group ID (the inode of its directory in the `cpu` hierarchy) → group.
     groups: HashMap<u64, Group>,
+    member_of: HashMap<Member, u64>,
 }
 
 impl CpuMax {
-    /// Restore what a previous doved left lowered, then start with no group.
+    /// Start with no group. [`restore_ledger`] has run (at every start, in every mode).
     pub fn start(
         state_dir: &Path,
         floor_percent: u32,
         control_period: Duration,
     ) -> Result<Self, QuotaError> {
-        let restored = restore_ledger(state_dir)?;
-        if restored > 0 {
-            tracing::warn!(
-                restored,
-                "CFS quotas a previous doved had lowered were restored to their bases"
-            );
-        }
         Ok(Self {
             ledger: QuotaLedger::load(state_dir)?,
             floor_percent,
             control_period,
             groups: HashMap::new(),
+            member_of: HashMap::new(),
         })
     }
 
-    /// Enforce on container `id`, whose quota group (the nearest cgroup with a quota) is
-    /// `group` at `dir`; `None` when nothing above the container has a quota.
-    pub fn join(&mut self, id: &str, quota_group: Option<(u64, PathBuf)>) {
+    /// Enforce on container `id` (cgroup `cgroup_id`), whose quota group, the nearest cgroup
+    /// with a quota, is `quota_group`; `None` when nothing above it has one.
+    pub fn join(&mut self, id: &str, cgroup_id: u64, quota_group: Option<(u64, PathBuf)>) {
         let Some((group_id, dir)) = quota_group else {
             tracing::info!(
                 id,
@@ -349,48 +456,53 @@ impl CpuMax {
             );
             return;
         };
+        let member = (id.to_owned(), cgroup_id);
         if let Some(group) = self.groups.get_mut(&group_id) {
-            group.members.insert(id.to_owned());
+            group.members.insert(member.clone());
+            self.member_of.insert(member, group_id);
             return;
         }
-        let files = match QuotaFiles::at(&dir) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(id, "not enforced: {e}");
-                return;
-            }
-        };
-        let base = match files.read() {
-            Ok(b) if b.quota_us.is_some() => b,
+        let read = QuotaFiles::at(&dir).and_then(|files| Ok((files.read()?, files)));
+        let (base, files) = match read {
+            Ok((base, files)) if base.quota_us.is_some() => (base, files),
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(id, "not enforced: {e}");
                 return;
             }
         };
+        let Some(ino) = files.ino() else { return };
         tracing::info!(id, quota_cgroup = %dir.display(), quota_us = base.quota_us, period_us = base.period_us, "cpumax enforces on the nearest CFS quota");
-        self.groups.insert(
-            group_id,
-            Group {
-                files,
-                base,
-                written: None,
-                debt_ns: 0,
-                forgiven_ns: 0,
-                softirq_per_period_us: 0,
-                members: BTreeSet::from([id.to_owned()]),
-            },
-        );
+        let mut group = Group {
+            stat: files.periods(),
+            files,
+            ino,
+            base,
+            floor_us: 0,
+            written: None,
+            debt_ns: 0,
+            forgiven_ns: 0,
+            softirq_per_period_us: 0,
+            writes: 0,
+            since_write: WRITE_EVERY,
+            members: BTreeSet::from([member.clone()]),
+        };
+        group.adopt(base, self.floor_percent);
+        self.groups.insert(group_id, group);
+        self.member_of.insert(member, group_id);
     }
 
-    /// Container `id` is gone; the last of a group restores its base.
-    pub fn leave(&mut self, id: &str) {
-        let emptied: Vec<u64> = self
-            .groups
-            .iter_mut()
-            .filter_map(|(key, g)| (g.members.remove(id) && g.members.is_empty()).then_some(*key))
-            .collect();
-        for key in emptied {
+    /// Container `id` (cgroup `cgroup_id`) is gone; the last of a group restores its base.
+    pub fn leave(&mut self, id: &str, cgroup_id: u64) {
+        let member = (id.to_owned(), cgroup_id);
+        let Some(key) = self.member_of.remove(&member) else {
+            return;
+        };
+        let emptied = self.groups.get_mut(&key).is_some_and(|g| {
+            g.members.remove(&member);
+            g.members.is_empty()
+        });
+        if emptied {
             if let Some(group) = self.groups.remove(&key) {
                 self.restore(group);
             }
@@ -400,24 +512,27 @@ impl CpuMax {
     /// Restore every group's base (doved stops).
     pub fn restore_all(&mut self) {
         let groups: Vec<Group> = self.groups.drain().map(|(_, g)| g).collect();
+        self.member_of.clear();
         for group in groups {
             self.restore(group);
         }
     }
 
+    /// Put the base back if the file still holds what the controller wrote (a change by
+    /// someone else since is theirs to keep), and drop the ledger's entry.
     fn restore(&mut self, group: Group) {
-        if group.written.is_some_and(|w| w != group.base) {
-            match group.files.write(group.base) {
-                Ok(()) => {
-                    tracing::info!(cgroup = %group.files.dir.display(), "CFS quota restored to its base")
-                }
-                // The cgroup is gone with its container: nothing to restore.
-                Err(e) if !group.files.dir.exists() => tracing::debug!("{e}"),
-                Err(e) => {
-                    tracing::error!(
-                        "restoring a CFS quota: {e}; the ledger keeps it for the next start"
-                    );
-                    return;
+        if let (Some(written), Ok(current)) = (group.written, group.files.read()) {
+            if current == written && written != group.base {
+                match group.files.write(group.base) {
+                    Ok(()) => {
+                        tracing::info!(cgroup = %group.files.dir.display(), "CFS quota restored to its base")
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "restoring a CFS quota: {e}; the ledger keeps it for the next start"
+                        );
+                        return;
+                    }
                 }
             }
         }
@@ -431,58 +546,80 @@ impl CpuMax {
     /// One control period: `take_pending(group)` exchanges the group's attributed cost
     /// (ns) to zero; `elapsed` is the time since the last control, over which it accrued.
     pub fn control(&mut self, mut take_pending: impl FnMut(u64) -> u64, elapsed: Duration) {
-        let mut ledger_changed = false;
+        let floor_percent = self.floor_percent;
+        let ahead = (self.control_period * WRITE_EVERY).max(HORIZON);
         for (&key, group) in self.groups.iter_mut() {
-            let pending = take_pending(key);
-            let current = match group.files.read() {
-                Ok(c) => c,
-                // Gone with its container; the registry reports the removal.
-                Err(_) => continue,
+            // Gone with its container (the registry reports the removal): its pending
+            // stays in the map until then.
+            let Ok(current) = group.files.read() else {
+                continue;
             };
+            let pending = take_pending(key);
             if current != group.written.unwrap_or(group.base) {
                 tracing::info!(cgroup = %group.files.dir.display(), was = ?group.base, now = ?current, "the CFS quota was changed by someone else: adopted as the new base");
-                group.base = current;
-                group.written = None;
-                if let Some(entry) = self.ledger.file.bases.get_mut(&group.files.dir) {
-                    entry.base = current;
-                    ledger_changed = true;
+                group.adopt(current, floor_percent);
+                if self.ledger.file.bases.contains_key(&group.files.dir) {
+                    // Durable before anything is lowered from the new base.
+                    self.ledger
+                        .file
+                        .bases
+                        .insert(group.files.dir.clone(), group.entry());
+                    if let Err(e) = self.ledger.save() {
+                        tracing::error!("{e}");
+                    }
                 }
             }
+            let stat = group.files.periods();
             let Some(base_quota) = group.base.quota_us else {
                 // The quota was lifted: nothing to lower until one is set again.
                 group.debt_ns = 0;
+                group.stat = stat;
                 continue;
             };
-            group.softirq_per_period_us =
-                (pending as u128 * group.base.period_us as u128 / elapsed.as_nanos().max(1)) as u64;
-            // The quota written now holds until the next control: the deduction is spread
-            // over that time, however long this interval took.
+            // What the quota in force took back, over the periods that really ran (under
+            // emulation or when idle they are fewer than wall-clock time says).
+            let periods = match (stat, group.stat) {
+                (Some((now, _)), Some((before, _))) => now.saturating_sub(before),
+                _ => (elapsed.as_nanos() / (group.base.period_us as u128 * 1000).max(1)) as u64,
+            };
+            let deducted = base_quota.saturating_sub(current.quota_us.unwrap_or(base_quota));
+            let debt = settle(group.debt_ns, deducted, periods).saturating_add(pending);
+            group.softirq_per_period_us = (pending as u128 * group.base.period_us as u128
+                / elapsed.max(self.control_period).as_nanos().max(1))
+                as u64;
+            group.since_write = group.since_write.saturating_add(1);
             let p = plan(
                 base_quota,
+                group.floor_us,
                 group.base.period_us,
-                self.floor_percent,
-                group.debt_ns.saturating_add(pending),
-                self.control_period,
+                debt,
+                ahead,
             );
             group.debt_ns = p.debt_ns;
             group.forgiven_ns = group.forgiven_ns.saturating_add(p.forgiven_ns);
+            let throttled =
+                matches!((stat, group.stat), (Some((_, t)), Some((_, before))) if t > before);
+            group.stat = stat;
             let next = Bandwidth {
                 quota_us: Some(p.quota_us),
                 period_us: group.base.period_us,
             };
-            if next == current {
-                group.written = Some(current);
+            // One step either way is noise in the estimate, not worth a refill; the base
+            // and the floor are always worth reaching.
+            let step = (base_quota.saturating_sub(group.floor_us) / STEPS).max(1);
+            let now_us = current.quota_us.unwrap_or(base_quota);
+            let small = p.quota_us.abs_diff(now_us) <= step
+                && p.quota_us != base_quota
+                && p.quota_us != group.floor_us;
+            if next == current || small || group.since_write < WRITE_EVERY {
                 continue;
             }
             if next != group.base && !self.ledger.file.bases.contains_key(&group.files.dir) {
                 // The base is durable before anything is lowered.
-                self.ledger.file.bases.insert(
-                    group.files.dir.clone(),
-                    LedgerEntry {
-                        files: group.files.clone(),
-                        base: group.base,
-                    },
-                );
+                self.ledger
+                    .file
+                    .bases
+                    .insert(group.files.dir.clone(), group.entry());
                 if let Err(e) = self.ledger.save() {
                     tracing::error!("{e}; not lowering {}", group.files.dir.display());
                     self.ledger.file.bases.remove(&group.files.dir);
@@ -490,34 +627,37 @@ impl CpuMax {
                 }
             }
             match group.files.write(next) {
-                Ok(()) => group.written = Some(next),
+                Ok(()) => {
+                    group.written = Some(next);
+                    group.writes += 1;
+                    group.since_write = 0;
+                    // The write refilled the group's runtime and unthrottled it: a group
+                    // that was being held back got runtime it did not pay for.
+                    if throttled {
+                        group.debt_ns = group.debt_ns.saturating_add(p.quota_us * 500);
+                    }
+                }
                 Err(e) => tracing::warn!("lowering a CFS quota: {e}"),
-            }
-        }
-        if ledger_changed {
-            if let Err(e) = self.ledger.save() {
-                tracing::error!("{e}");
             }
         }
     }
 
-    /// The group container `id` belongs to, if enforced.
-    pub fn status_of(&self, id: &str) -> Option<GroupStatus> {
-        self.groups
-            .values()
-            .find(|g| g.members.contains(id))
-            .map(|g| GroupStatus {
-                dir: g.files.dir.clone(),
-                base: g.base,
-                effective_quota_us: g
-                    .written
-                    .and_then(|w| w.quota_us)
-                    .or(g.base.quota_us)
-                    .unwrap_or(0),
-                softirq_per_period_us: g.softirq_per_period_us,
-                debt_ns: g.debt_ns,
-                forgiven_ns: g.forgiven_ns,
-            })
+    /// The group container `id` (cgroup `cgroup_id`) belongs to, if enforced.
+    pub fn status_of(&self, id: &str, cgroup_id: u64) -> Option<GroupStatus> {
+        let key = self.member_of.get(&(id.to_owned(), cgroup_id))?;
+        self.groups.get(key).map(|g| GroupStatus {
+            dir: g.files.dir.clone(),
+            base: g.base,
+            effective_quota_us: g
+                .written
+                .and_then(|w| w.quota_us)
+                .or(g.base.quota_us)
+                .unwrap_or(0),
+            softirq_per_period_us: g.softirq_per_period_us,
+            debt_ns: g.debt_ns,
+            forgiven_ns: g.forgiven_ns,
+            writes: g.writes,
+        })
     }
 }
 
@@ -525,101 +665,211 @@ impl CpuMax {
 mod tests {
     use super::*;
 
+    fn bw(quota_us: Option<u64>, period_us: u64) -> Bandwidth {
+        Bandwidth {
+            quota_us,
+            period_us,
+        }
+    }
+
     #[test]
     fn parses_both_layouts() {
-        assert_eq!(
-            Bandwidth::parse_v2("max 100000\n"),
-            Some(Bandwidth {
-                quota_us: None,
-                period_us: 100_000
-            })
-        );
+        assert_eq!(Bandwidth::parse_v2("max 100000\n"), Some(bw(None, 100_000)));
         assert_eq!(
             Bandwidth::parse_v2("20000 50000"),
-            Some(Bandwidth {
-                quota_us: Some(20_000),
-                period_us: 50_000
-            })
+            Some(bw(Some(20_000), 50_000))
         );
-        assert_eq!(
-            Bandwidth::parse_v2("max"),
-            Some(Bandwidth {
-                quota_us: None,
-                period_us: 100_000
-            })
-        );
+        assert_eq!(Bandwidth::parse_v2("max"), Some(bw(None, 100_000)));
         assert_eq!(Bandwidth::parse_v2("20000 0"), None);
         assert_eq!(Bandwidth::parse_v2("-5 100000"), None);
         assert_eq!(Bandwidth::parse_v2("1 2 3"), None);
         assert_eq!(Bandwidth::parse_v2(""), None);
         assert_eq!(
             Bandwidth::parse_v1("-1\n", "100000\n"),
-            Some(Bandwidth {
-                quota_us: None,
-                period_us: 100_000
-            })
+            Some(bw(None, 100_000))
         );
         assert_eq!(
             Bandwidth::parse_v1("50000", "100000"),
-            Some(Bandwidth {
-                quota_us: Some(50_000),
-                period_us: 100_000
-            })
+            Some(bw(Some(50_000), 100_000))
         );
         assert_eq!(Bandwidth::parse_v1("x", "100000"), None);
     }
 
     #[test]
-    fn floor_holds_and_debt_is_paid_then_quota_returns() {
-        let tick = Duration::from_millis(100);
-        // 50 ms per 100 ms period, 10% floor: at most 45 ms per period can go.
-        assert_eq!(floor_us(50_000, 10), 5_000);
-        let p = plan(50_000, 100_000, 10, 20_000_000, tick);
+    fn the_floor_holds_burst_and_kernel_minimum_included() {
+        assert_eq!(floor_us(50_000, 10, 0), 5_000);
         assert_eq!(
-            p,
-            Plan {
-                quota_us: 30_000,
-                debt_ns: 0,
-                forgiven_ns: 0
-            }
+            floor_us(50_000, 10, 20_000),
+            20_000,
+            "under the burst: EINVAL"
         );
-        // More than a period can take: the floor holds, the rest carries.
-        let p = plan(50_000, 100_000, 10, 100_000_000, tick);
-        assert_eq!(p.quota_us, 5_000);
-        assert_eq!(p.debt_ns, 55_000_000);
-        // No debt: the base.
-        assert_eq!(plan(50_000, 100_000, 10, 0, tick).quota_us, 50_000);
-        // A 1 ns debt still lowers by 1 µs: rounding never hides cost.
-        assert_eq!(plan(50_000, 100_000, 10, 1, tick).quota_us, 49_999);
+        assert_eq!(floor_us(2_000, 1, 0), MIN_QUOTA_US);
+        assert_eq!(floor_us(500, 1, 0), 500, "never over the base");
+    }
+
+    #[test]
+    fn debt_is_spread_in_steps_and_the_quota_returns() {
+        let tick = Duration::from_millis(100);
+        // 50 ms per 100 ms, floor 5 ms: 45 ms may go, in steps of 4.5 ms.
+        let p = plan(50_000, 5_000, 100_000, 20_000_000, tick);
+        assert_eq!(
+            p.quota_us,
+            50_000 - 18_000,
+            "20 ms of debt: four whole steps"
+        );
+        assert_eq!(
+            p.debt_ns, 20_000_000,
+            "paid as the periods run, settled next time"
+        );
+        // More than a period can take: the floor.
+        assert_eq!(
+            plan(50_000, 5_000, 100_000, 100_000_000, tick).quota_us,
+            5_000
+        );
+        // Less than a step waits for more (a write refills the group's runtime).
+        assert_eq!(
+            plan(50_000, 5_000, 100_000, 4_000_000, tick).quota_us,
+            50_000
+        );
+        assert_eq!(plan(50_000, 5_000, 100_000, 0, tick).quota_us, 50_000);
+        // What the periods that ran took back.
+        assert_eq!(settle(20_000_000, 18_000, 1), 2_000_000);
+        assert_eq!(settle(20_000_000, 18_000, 3), 0);
+        assert_eq!(
+            settle(20_000_000, 18_000, 0),
+            20_000_000,
+            "no period ran: nothing paid"
+        );
     }
 
     #[test]
     fn carry_is_bounded_and_the_excess_forgiven() {
         let tick = Duration::from_millis(100);
         let room = 45_000_000u64; // ns per period
-        let p = plan(50_000, 100_000, 10, room * 100, tick);
+        let p = plan(50_000, 5_000, 100_000, room * 100, tick);
         assert_eq!(p.quota_us, 5_000);
-        assert_eq!(p.debt_ns, room * CARRY_PERIODS);
+        assert_eq!(p.debt_ns, room + room * CARRY_PERIODS);
         assert_eq!(p.forgiven_ns, room * 100 - room - room * CARRY_PERIODS);
         // Overflow-proof at the extremes.
-        let p = plan(u64::MAX / 2, 1, 100, u64::MAX, Duration::from_nanos(1));
-        assert_eq!(p.quota_us, u64::MAX / 2);
-        let p = plan(u64::MAX / 2, u64::MAX, 0, u64::MAX, Duration::MAX);
+        let p = plan(u64::MAX / 2, 0, 1, u64::MAX, Duration::from_nanos(1));
+        assert_eq!(p.quota_us, 0);
+        let p = plan(
+            u64::MAX / 2,
+            MIN_QUOTA_US,
+            u64::MAX,
+            u64::MAX,
+            Duration::MAX,
+        );
         assert!(p.quota_us >= MIN_QUOTA_US);
+        assert_eq!(settle(u64::MAX, u64::MAX, u64::MAX), 0);
     }
 
     #[test]
-    fn period_and_interval_scale_the_deduction() {
+    fn period_and_control_interval_scale_the_deduction() {
         // A 20 ms period and a 100 ms control interval: five periods share the debt.
-        let p = plan(10_000, 20_000, 0, 10_000_000, Duration::from_millis(100));
-        assert_eq!(p.quota_us, 8_000);
-        assert_eq!(p.debt_ns, 0);
-        // The floor never goes under the kernel's minimum, nor over the base.
-        assert_eq!(floor_us(2_000, 1), MIN_QUOTA_US);
-        assert_eq!(floor_us(500, 1), 500);
-        assert_eq!(
-            plan(500, 100_000, 10, 1_000_000, Duration::from_millis(100)).quota_us,
-            500
+        let p = plan(
+            10_000,
+            1_000,
+            20_000,
+            10_000_000,
+            Duration::from_millis(100),
         );
+        assert_eq!(
+            p.quota_us,
+            10_000 - 1_800,
+            "2 ms per period, rounded down to a step"
+        );
+    }
+
+    /// The controller on plain files shaped like a v2 cgroup: lowering writes the ledger
+    /// first; an outside change is adopted; a restore puts back only what it wrote.
+    #[test]
+    fn controller_ledger_adoption_and_restore() {
+        let state = tempfile::tempdir().unwrap();
+        let cg = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(cg.path().join("cpu.max"), text).unwrap();
+        let read = || std::fs::read_to_string(cg.path().join("cpu.max")).unwrap();
+        write("50000 100000");
+        let stat = |periods: u64| {
+            std::fs::write(
+                cg.path().join("cpu.stat"),
+                format!("usage_usec 1\nnr_periods {periods}\nnr_throttled 0\n"),
+            )
+            .unwrap()
+        };
+        stat(0);
+        let tick = Duration::from_millis(100);
+        let mut c = CpuMax::start(state.path(), 10, tick).unwrap();
+        c.join("a", 7, Some((1, cg.path().to_owned())));
+        let ledger = || std::fs::read_to_string(state.path().join(LEDGER_FILE)).unwrap_or_default();
+
+        // Planned over WRITE_EVERY ticks (5 periods): 100 ms of debt is 20 ms a period.
+        c.control(|_| 100_000_000, tick);
+        assert_eq!(read(), "32000 100000");
+        assert!(
+            ledger().contains("50000"),
+            "the base is durable before lowering: {}",
+            ledger()
+        );
+        // Five periods ran at 32 ms: 90 ms paid, 10 ms left, under a step (22.5 ms over
+        // five periods): the base returns, but only once WRITE_EVERY controls passed.
+        stat(5);
+        for _ in 1..WRITE_EVERY {
+            c.control(|_| 0, tick);
+            assert_eq!(read(), "32000 100000", "written again too soon");
+        }
+        c.control(|_| 0, tick);
+        assert_eq!(read(), "50000 100000");
+        assert_eq!(c.status_of("a", 7).unwrap().debt_ns, 10_000_000);
+
+        // `pending` now, then controls until a write was allowed.
+        let run = |c: &mut CpuMax, pending: u64| {
+            c.control(|_| pending, tick);
+            for _ in 1..WRITE_EVERY {
+                c.control(|_| 0, tick);
+            }
+        };
+
+        // Someone else sets 80 ms while it is lowered: adopted, and the ledger follows.
+        run(&mut c, 200_000_000);
+        assert_ne!(read(), "50000 100000");
+        write("80000 100000");
+        c.control(|_| 0, tick);
+        assert_eq!(c.status_of("a", 7).unwrap().base.quota_us, Some(80_000));
+        assert!(ledger().contains("80000"), "{}", ledger());
+
+        // A crash while lowered: the next start's restore puts the base back.
+        run(&mut c, 200_000_000);
+        assert_ne!(read(), "80000 100000");
+        drop(c);
+        assert_eq!(restore_ledger(state.path()).unwrap(), 1);
+        assert_eq!(read(), "80000 100000");
+
+        // A value the controller could not have written is left alone.
+        let mut c = CpuMax::start(state.path(), 10, tick).unwrap();
+        c.join("a", 7, Some((1, cg.path().to_owned())));
+        run(&mut c, 200_000_000);
+        assert_ne!(read(), "80000 100000");
+        write("300 100000");
+        drop(c);
+        assert_eq!(restore_ledger(state.path()).unwrap(), 0);
+        assert_eq!(read(), "300 100000");
+
+        // Leaving restores at once, unless someone else changed it meanwhile.
+        write("80000 100000");
+        let mut c = CpuMax::start(state.path(), 10, tick).unwrap();
+        c.join("a", 7, Some((1, cg.path().to_owned())));
+        run(&mut c, 200_000_000);
+        assert_ne!(read(), "80000 100000");
+        c.leave("a", 7);
+        assert_eq!(read(), "80000 100000");
+        assert!(!ledger().contains("80000"), "{}", ledger());
+        // Another ID of the same name in another cgroup leaving changes nothing.
+        c.join("a", 7, Some((1, cg.path().to_owned())));
+        run(&mut c, 200_000_000);
+        c.leave("a", 8);
+        assert!(c.status_of("a", 7).is_some());
+        c.restore_all();
+        assert_eq!(read(), "80000 100000");
     }
 }

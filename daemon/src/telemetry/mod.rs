@@ -106,6 +106,7 @@ impl Telemetry {
                         softirq_per_period_us: g.softirq_per_period_us,
                         debt_ns: g.debt_ns,
                         forgiven_ns: g.forgiven_ns,
+                        writes: g.writes,
                     },
                 )
             })
