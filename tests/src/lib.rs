@@ -162,6 +162,23 @@ impl TempDaemon {
         }
     }
 
+    /// Unregister container `id` (in `cgroup_path`, when given) as the poststop hook
+    /// would; it must have been registered.
+    pub fn unregister(&self, id: &str, cgroup_path: Option<&str>) {
+        match self
+            .client()
+            .call(Request::Unregister {
+                id: id.into(),
+                cgroup_path: cgroup_path.map(str::to_owned),
+                bundle: None,
+            })
+            .expect("unregister")
+        {
+            Reply::Unregistered { existed: true, .. } => {}
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
     /// The daemon's `stats` reply.
     pub fn stats(&self) -> dove_proto::Stats {
         match self.client().call(Request::Stats).expect("stats") {

@@ -285,18 +285,7 @@ fn cpumax_lowers_the_quota_by_softirq_cost_and_always_restores_the_base() {
     //    (Unregistering while doved is down is 3.: the next start restores every base.)
     let traffic = flood(&net, &ctr, 5405, 4.0);
     assert!(cpu.lowest_within(Duration::from_millis(1000)) < 81_000);
-    match daemon
-        .client()
-        .call(dove_proto::Request::Unregister {
-            id: "flooded".into(),
-            cgroup_path: None,
-            bundle: None,
-        })
-        .unwrap()
-    {
-        dove_proto::Reply::Unregistered { existed: true, .. } => {}
-        other => panic!("unexpected reply {other:?}"),
-    }
+    daemon.unregister("flooded", None);
     assert!(
         cpu.back_to(90_000, Duration::from_millis(500)).is_some(),
         "unregistered, still lowered: {}",

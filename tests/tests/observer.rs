@@ -528,18 +528,7 @@ fn socket_programs_run_only_in_registered_cgroups() {
     assert!(started >= received, "the tracepoints saw {started} packets");
     assert_eq!(hooked, 0, "socket programs ran for unregistered traffic");
 
-    match daemon
-        .client()
-        .call(dove_proto::Request::Unregister {
-            id: "outer".into(),
-            cgroup_path: None,
-            bundle: None,
-        })
-        .unwrap()
-    {
-        dove_proto::Reply::Unregistered { existed: true, .. } => {}
-        other => panic!("unexpected reply {other:?}"),
-    }
+    daemon.unregister("outer", None);
     wait_for((0, 2, 2, 0), "outer unregistered, inner inherits");
     assert_eq!(attached_dove_programs(&daemon, &late.dir), 2);
     inner.remove().unwrap();
@@ -723,18 +712,7 @@ fn a_quota_groups_pending_cost_moves_with_its_slot() {
         cost(&before, "first").total_ns + cost(&before, "second").total_ns,
         "the group's slot holds both members' cost"
     );
-    let reply = daemon
-        .client()
-        .call(dove_proto::Request::Unregister {
-            id: "first".into(),
-            cgroup_path: None,
-            bundle: None,
-        })
-        .unwrap();
-    assert!(matches!(
-        reply,
-        dove_proto::Reply::Unregistered { existed: true, .. }
-    ));
+    daemon.unregister("first", None);
     let after = settled(&daemon);
     let moved = pending(second_slot);
     eprintln!(
@@ -1217,18 +1195,7 @@ fn registration_changes_reach_flows_already_running() {
         "after registering, {counted} of {received} datagrams were charged to the container"
     );
 
-    match daemon
-        .client()
-        .call(dove_proto::Request::Unregister {
-            id: "late".into(),
-            cgroup_path: None,
-            bundle: None,
-        })
-        .unwrap()
-    {
-        dove_proto::Reply::Unregistered { existed: true, .. } => {}
-        other => panic!("unexpected reply {other:?}"),
-    }
+    daemon.unregister("late", None);
     let (received, before, after) = burst(5303);
     assert!(!after.containers.iter().any(|c| c.id == "late"));
     let unowned = unattributed_packets(&before, &after);
@@ -1308,18 +1275,7 @@ fn removed_containers_are_billed_exactly_once_across_kill_9() {
     let (last_a, last_b) = (cost(&last, "bill-a"), cost(&last, "bill-b"));
     assert!(last_a.total_ns > 0 && last_b.total_ns > 0, "{last:#?}");
 
-    match daemon
-        .client()
-        .call(dove_proto::Request::Unregister {
-            id: "bill-a".into(),
-            cgroup_path: Some(unregistered.path.clone()),
-            bundle: None,
-        })
-        .unwrap()
-    {
-        dove_proto::Reply::Unregistered { existed: true, .. } => {}
-        other => panic!("unexpected reply {other:?}"),
-    }
+    daemon.unregister("bill-a", Some(unregistered.path.as_str()));
     daemon.kill9();
     vanished.remove().unwrap();
     daemon.spawn().unwrap();
