@@ -829,11 +829,12 @@ fn a_window_open_when_doved_died_is_charged_to_nobody() {
     );
     assert!(charged > 0, "the flood was not measured after the restart");
     // The restart closed the windows before attaching: the programs never met one that
-    // was open, so neither the any-vector close nor the stretch cap had to act (with the
-    // reset removed, the same run counts a stale window or a dropped stretch).
+    // was open (with the reset removed, each CPU's first softirq finds its planted
+    // window open and counts it stale). Dropped stretches are only printed: a vCPU
+    // the hypervisor stops for 50 ms inside a window makes one (one CI run had one, with
+    // the charge bound above holding).
     assert_eq!(
-        (after.health.stale_windows, after.health.dropped_stretches),
-        (0, 0),
+        after.health.stale_windows, 0,
         "a window the previous doved left open reached the programs"
     );
 }
