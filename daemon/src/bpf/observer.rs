@@ -306,7 +306,11 @@ impl SocketHooks {
         if *count > 1 {
             // The path again: if its cgroup was made anew, the links held the old one,
             // which the kernel detached when it died.
-            let now = self.cgroups.dir(path).ok().and_then(|d| ino(&d));
+            let now = self
+                .cgroups
+                .dir(path)
+                .ok()
+                .and_then(|d| dove_cgroup::cgroup_id(&d).ok());
             if self
                 .attached
                 .get(path)
@@ -399,31 +403,30 @@ impl SocketHooks {
                         cgroup = path,
                         "{e}; its packets go unattributed (EMFILE: raise doved's open-file limit; EPERM: CAP_NET_ADMIN is missing)"
                     );
-                    self.attached.insert(path.to_owned(), (0, links));
-                    self.detach(ebpf, path);
+                    release(ebpf, links);
                     return false;
                 }
             }
         }
-        let held = ino(&dir).unwrap_or(0);
+        let held = dove_cgroup::cgroup_id(&dir).unwrap_or(0);
         self.attached.insert(path.to_owned(), (held, links));
         true
     }
 
     fn detach(&mut self, ebpf: &mut Ebpf, path: &str) {
-        let (_, links) = self.attached.remove(path).unwrap_or_default();
-        for (name, link) in links {
-            // A link whose cgroup is gone detached itself; closing it cannot fail.
-            if let Ok(p) = program::<CgroupSkb>(ebpf, name) {
-                let _ = p.detach(link);
-            }
+        if let Some((_, links)) = self.attached.remove(path) {
+            release(ebpf, links);
         }
     }
 }
 
-fn ino(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| m.ino())
+fn release(ebpf: &mut Ebpf, links: Links) {
+    for (name, link) in links {
+        // A link whose cgroup is gone detached itself; closing it cannot fail.
+        if let Ok(p) = program::<CgroupSkb>(ebpf, name) {
+            let _ = p.detach(link);
+        }
+    }
 }
 
 /// Whether `path` lies strictly below `ancestor` in the cgroup tree.

@@ -31,6 +31,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dove_proto::QuotaState;
 use serde::{Deserialize, Serialize};
 
 /// The kernel's smallest CFS quota, in µs.
@@ -241,8 +242,7 @@ impl QuotaFiles {
 
     /// The inode of the directory: a cgroup made again at the same path is another one.
     pub fn ino(&self) -> Option<u64> {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&self.dir).ok().map(|m| m.ino())
+        dove_cgroup::cgroup_id(&self.dir).ok()
     }
 }
 
@@ -358,21 +358,6 @@ pub fn restore_ledger(state_dir: &Path) -> Result<usize, QuotaError> {
     }
     ledger.save()?;
     Ok(restored)
-}
-
-/// What `dovectl status` and the metrics say about a quota group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupStatus {
-    pub dir: PathBuf,
-    pub base: Bandwidth,
-    /// The quota in force (the base while nothing is deducted).
-    pub effective_quota_us: u64,
-    /// Softirq cost attributed in the last control period, scaled to one CFS period.
-    pub softirq_per_period_us: u64,
-    pub debt_ns: u64,
-    pub forgiven_ns: u64,
-    /// Quota writes so far (each refills the group's runtime).
-    pub writes: u64,
 }
 
 /// A registered container: its ID and cgroup (one ID may name an old and a new cgroup
@@ -643,11 +628,12 @@ impl CpuMax {
     }
 
     /// The group container `id` (cgroup `cgroup_id`) belongs to, if enforced.
-    pub fn status_of(&self, id: &str, cgroup_id: u64) -> Option<GroupStatus> {
+    pub fn status_of(&self, id: &str, cgroup_id: u64) -> Option<QuotaState> {
         let key = self.member_of.get(&(id.to_owned(), cgroup_id))?;
-        self.groups.get(key).map(|g| GroupStatus {
-            dir: g.files.dir.clone(),
-            base: g.base,
+        self.groups.get(key).map(|g| QuotaState {
+            cgroup: g.files.dir.display().to_string(),
+            period_us: g.base.period_us,
+            base_quota_us: g.base.quota_us.unwrap_or(0),
             effective_quota_us: g
                 .written
                 .and_then(|w| w.quota_us)
@@ -835,7 +821,7 @@ mod tests {
         assert_ne!(read(), "50000 100000");
         write("80000 100000");
         c.control(|_| 0, tick);
-        assert_eq!(c.status_of("a", 7).unwrap().base.quota_us, Some(80_000));
+        assert_eq!(c.status_of("a", 7).unwrap().base_quota_us, 80_000);
         assert!(ledger().contains("80000"), "{}", ledger());
 
         // A crash while lowered: the next start's restore puts the base back.

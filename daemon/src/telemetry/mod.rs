@@ -12,7 +12,6 @@ use tokio::net::TcpListener;
 
 use crate::bills::Ledger;
 use crate::bpf::observer::{Cost, Snapshot};
-use crate::enforce::cpumax::GroupStatus;
 use crate::enforce::Enforcement;
 use crate::registry::Registry;
 
@@ -92,25 +91,7 @@ impl Telemetry {
     }
 
     /// What the cpu.max controller did this tick, by container ID.
-    pub fn publish_quotas(&self, quotas: HashMap<String, GroupStatus>) {
-        let quotas = quotas
-            .into_iter()
-            .map(|(id, g)| {
-                (
-                    id,
-                    QuotaState {
-                        cgroup: g.dir.display().to_string(),
-                        period_us: g.base.period_us,
-                        base_quota_us: g.base.quota_us.unwrap_or(0),
-                        effective_quota_us: g.effective_quota_us,
-                        softirq_per_period_us: g.softirq_per_period_us,
-                        debt_ns: g.debt_ns,
-                        forgiven_ns: g.forgiven_ns,
-                        writes: g.writes,
-                    },
-                )
-            })
-            .collect();
+    pub fn publish_quotas(&self, quotas: HashMap<String, QuotaState>) {
         *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = quotas;
     }
 
