@@ -273,7 +273,16 @@ fn print_status(s: &Status) {
 /// Per container, the quota the cpu.max controller acts on (`stats --json` has it too).
 fn print_quotas(s: &Stats) {
     let ms = |us: u64| format!("{:.1}ms", us as f64 / 1e3);
-    let rows: Vec<[String; 6]> = s
+    let early_drop = |c: &dove_proto::ContainerStats| match &c.early_drop {
+        None => "off".to_string(),
+        Some(d) if d.limiting => format!(
+            "dropping on {} ({} pkts)",
+            d.interfaces.join(","),
+            d.dropped_packets
+        ),
+        Some(d) => format!("armed ({} pkts)", d.dropped_packets),
+    };
+    let rows: Vec<[String; 7]> = s
         .containers
         .iter()
         .map(|c| match &c.quota {
@@ -283,6 +292,7 @@ fn print_quotas(s: &Stats) {
                 ms(q.effective_quota_us),
                 ms(q.softirq_per_period_us),
                 format!("{:.3}s", q.forgiven_ns as f64 / 1e9),
+                early_drop(c),
                 q.cgroup.clone(),
             ],
             None => [
@@ -291,6 +301,7 @@ fn print_quotas(s: &Stats) {
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                early_drop(c),
                 "left alone".into(),
             ],
         })
@@ -304,6 +315,7 @@ fn print_quotas(s: &Stats) {
             "EFFECTIVE",
             "SOFTIRQ/PERIOD",
             "FORGIVEN",
+            "EARLY DROP",
             "QUOTA CGROUP",
         ],
         &rows,

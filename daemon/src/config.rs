@@ -48,6 +48,9 @@ pub enum EnforcementMode {
 pub struct EnforcementConfig {
     pub mode: EnforcementMode,
     pub cpumax_floor_percent: u32,
+    /// Drop traffic into containers whose softirq cost outruns their quota (cpumax);
+    /// the annotation `io.dove.early-drop` overrides it per container.
+    pub early_drop: bool,
 }
 
 impl Default for EnforcementConfig {
@@ -55,6 +58,7 @@ impl Default for EnforcementConfig {
         Self {
             mode: EnforcementMode::Auto,
             cpumax_floor_percent: 10,
+            early_drop: false,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::bpf::accounting::{Accounting, AccountingThread};
 use crate::bpf::observer::{self, Observer};
 use crate::config::Config;
 use crate::enforce::cpumax::CpuMax;
+use crate::enforce::early_drop::EarlyDrop;
 use crate::enforce::Enforcement;
 use crate::ingest::replay;
 use crate::ingest::server::{self, Access, DaemonInfo, Server};
@@ -284,6 +285,10 @@ async fn serve(
                 }
                 Enforcement::None => None,
             };
+            if config.enforcement.early_drop && cpumax.is_none() {
+                tracing::warn!("enforcement.early_drop is on, but early drop acts with the cpu.max controller only (enforcement: {}): nothing will be dropped", enforcement.as_str());
+            }
+            let early_drop = EarlyDrop::new(config.enforcement.early_drop, mounts.unified.clone());
             let tick = Duration::from_millis(config.observer.tick_ms);
             let stop = Arc::clone(&stop_accounting);
             let (started, ready) = tokio::sync::oneshot::channel();
@@ -298,7 +303,7 @@ async fn serve(
                     ledger,
                     telemetry,
                     enforce_in,
-                    cpumax,
+                    cpumax.map(|c| (c, early_drop)),
                 );
                 let _ = started.send(());
                 accounting.run(subscription, tick, stop);

@@ -313,6 +313,26 @@ pub struct ContainerStats {
     /// The quota the cpu.max controller acts on for this container, in mode `cpumax`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaState>,
+    /// Early drop, for a container it is enabled for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_drop: Option<EarlyDropState>,
+}
+
+/// Early drop for one container: whether its ingress is being limited, and what was
+/// dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyDropState {
+    /// Its traffic is limited to what its quota can pay for.
+    pub limiting: bool,
+    /// The host-side interfaces limited.
+    pub interfaces: Vec<String>,
+    /// Softirq time per second admitted while limiting (ns/s).
+    pub rate_ns_per_s: u64,
+    /// What one received packet costs it in softirq time, as last measured (ns).
+    pub packet_cost_ns: u64,
+    /// Packets and bytes dropped so far.
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
 }
 
 /// A CFS quota under the cpu.max controller.

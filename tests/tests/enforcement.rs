@@ -335,3 +335,326 @@ fn cpumax_leaves_containers_without_a_quota_alone() {
         daemon.log_text()
     );
 }
+
+/// A container's network namespace reached from the host through a veth pair, as
+/// Docker, podman and CNI bridge/ptp set it up: the host side in this namespace.
+struct HostVeth {
+    ns: String,
+    host_dev: String,
+    ctr_dev: String,
+    ctr_addr: String,
+}
+
+impl HostVeth {
+    fn new() -> Self {
+        let n = std::process::id() % 200 + 20;
+        let link = Self {
+            ns: unique("dove-nc"),
+            host_dev: format!("dvh{n}"),
+            ctr_dev: format!("dvc{n}"),
+            ctr_addr: format!("10.79.{n}.2"),
+        };
+        let ip = |args: &[&str]| {
+            run(std::process::Command::new("ip").args(args)).unwrap();
+        };
+        ip(&["netns", "add", &link.ns]);
+        ip(&[
+            "link",
+            "add",
+            &link.host_dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &link.ctr_dev,
+            "netns",
+            &link.ns,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.79.{n}.1/24"),
+            "dev",
+            &link.host_dev,
+        ]);
+        ip(&["link", "set", &link.host_dev, "up"]);
+        ip(&[
+            "-n",
+            &link.ns,
+            "addr",
+            "add",
+            &format!("{}/24", link.ctr_addr),
+            "dev",
+            &link.ctr_dev,
+        ]);
+        ip(&["-n", &link.ns, "link", "set", &link.ctr_dev, "up"]);
+        ip(&["-n", &link.ns, "link", "set", "lo", "up"]);
+        link
+    }
+
+    /// `dove-traffic ARGS` inside the container: its namespace and cgroups.
+    fn spawn_inside(
+        &self,
+        ctr: &TestCgroup,
+        cpu: &CpuCgroup,
+        args: &[&str],
+    ) -> std::process::Child {
+        let mut script = format!("echo $$ > {}/cgroup.procs && ", ctr.dir.display());
+        script.push_str(&format!("echo $$ > {}/cgroup.procs && ", cpu.dir.display()));
+        if let Some(acct) = &cpu.acct {
+            script.push_str(&format!("echo $$ > {}/cgroup.procs && ", acct.display()));
+        }
+        script.push_str("exec ip netns exec \"$0\" \"$@\"");
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &script, &self.ns])
+            .arg(bin("dove-traffic"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = [0u8; 6];
+        use std::io::Read;
+        child
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut line)
+            .unwrap();
+        assert_eq!(&line, b"ready\n");
+        child
+    }
+
+    /// `dove-traffic ARGS` in the host's namespace.
+    fn spawn_outside(&self, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(bin("dove-traffic"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Packets the host side's veth dropped itself (its peer's backlog full).
+    fn host_tx_dropped(&self) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/tx_dropped", self.host_dev);
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Names of the programs at tc egress of the host side, as the kernel lists them
+    /// (BPF_PROG_QUERY on its tcx egress hook; Debian's bpftool predates tcx).
+    fn programs(&self) -> Vec<String> {
+        use aya::programs::{tc::TcAttachType, SchedClassifier};
+        let (_, programs) = SchedClassifier::query_tcx(&self.host_dev, TcAttachType::Egress)
+            .expect("querying the interface's tcx programs");
+        programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect()
+    }
+}
+
+impl Drop for HostVeth {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_dev])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+    }
+}
+
+/// A field of the Udp line in this namespace's /proc/net/snmp.
+fn udp_counter(field: &str) -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == field).unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+fn register_with_early_drop(
+    daemon: &TempDaemon,
+    ctr: &TestCgroup,
+    cpu: &CpuCgroup,
+    id: &str,
+    on: bool,
+) {
+    let mut registration = ctr.registration(id);
+    registration.cpu_cgroup_path = cpu.v1.then(|| ctr.path.clone());
+    registration
+        .annotations
+        .insert("io.dove.early-drop".into(), on.to_string());
+    match daemon
+        .client()
+        .call(dove_proto::Request::Register {
+            container: registration,
+        })
+        .unwrap()
+    {
+        dove_proto::Reply::Registered { .. } => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Own CPU plus attributed softirq over `over`, as a multiple of the quota.
+fn cost_over_quota(
+    daemon: &TempDaemon,
+    cpu: &CpuCgroup,
+    id: &str,
+    quota_share: f64,
+    over: Duration,
+) -> f64 {
+    let attributed = || {
+        daemon
+            .stats()
+            .containers
+            .into_iter()
+            .find(|c| c.id == id)
+            .map(|c| c.cost.total_ns)
+            .unwrap_or(0)
+    };
+    let (usage0, attr0, t0) = (cpu.usage_ns(), attributed(), Instant::now());
+    std::thread::sleep(over);
+    let (usage1, attr1, t1) = (cpu.usage_ns(), attributed(), Instant::now());
+    let quota_ns = (t1 - t0).as_nanos() as f64 * quota_share;
+    let ratio = ((usage1 - usage0) + (attr1 - attr0)) as f64 / quota_ns;
+    eprintln!(
+        "{id}: own CPU {:.0} ms + softirq {:.0} ms over {:.1} s = {ratio:.2}x its quota",
+        (usage1 - usage0) as f64 / 1e6,
+        (attr1 - attr0) as f64 / 1e6,
+        (t1 - t0).as_secs_f64()
+    );
+    ratio
+}
+
+fn early_drop_state(daemon: &TempDaemon, id: &str) -> Option<dove_proto::EarlyDropState> {
+    daemon
+        .stats()
+        .containers
+        .into_iter()
+        .find(|c| c.id == id)
+        .and_then(|c| c.early_drop)
+}
+
+/// A flood a small quota cannot absorb: without early drop the container's own CPU plus
+/// its softirq cost runs far over its quota (the controller sits at the floor and
+/// forgives); with it, the traffic into the container beyond what its quota pays for is
+/// dropped at its host-side veth, the kernel's own UDP counters agree with DOVE's drop
+/// count, and once the flood stops the program leaves the interface and TCP gets through.
+#[test]
+fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
+    if !require_root("early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after") {
+        return;
+    }
+    let daemon = TempDaemon::with_observer_config("", "cpumax").unwrap();
+    let link = HostVeth::new();
+    let ctr = TestCgroup::new("dove-test-early-drop").unwrap();
+    let cpu = CpuCgroup::new(&ctr).expect("a cpu controller to test against");
+    // 20% of a CPU: 18 points above the floor, less than the flood costs.
+    cpu.set_quota_us(20_000);
+    let _work = cpu.busy();
+    let addr = |port: u16| format!("{}:{port}", link.ctr_addr);
+
+    // 1. Early drop off: the flood escapes the quota.
+    register_with_early_drop(&daemon, &ctr, &cpu, "flooded", false);
+    let sink = KillOnDrop(link.spawn_inside(&ctr, &cpu, &["udp-sink", &addr(5501), "30"]));
+    let flood = KillOnDrop(link.spawn_outside(&["udp-flood", &addr(5501), "5", "64"]));
+    std::thread::sleep(Duration::from_millis(2000));
+    let escaped = cost_over_quota(&daemon, &cpu, "flooded", 0.2, Duration::from_millis(2000));
+    let state = early_drop_state(&daemon, "flooded");
+    drop((flood, sink));
+    assert_eq!(state, None, "early drop is off for this container");
+    assert!(
+        escaped > 1.4,
+        "the flood must cost more than the quota absorbs for this test to judge early drop: {escaped:.2}x"
+    );
+    daemon.unregister("flooded", None);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // 2. Early drop on: it limits within a few seconds and holds the total near the quota.
+    register_with_early_drop(&daemon, &ctr, &cpu, "flooded", true);
+    let (sndbuf0, vethdrop0) = (udp_counter("SndbufErrors"), link.host_tx_dropped());
+    let sink = KillOnDrop(link.spawn_inside(&ctr, &cpu, &["udp-sink", &addr(5502), "30"]));
+    let flood = link.spawn_outside(&["udp-flood", &addr(5502), "8", "64"]);
+    let start = Instant::now();
+    let limited_after = loop {
+        if early_drop_state(&daemon, "flooded").is_some_and(|s| s.limiting) {
+            break start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "early drop never started: {:?}\n{}",
+            daemon.stats().containers,
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        link.programs().iter().any(|p| p == "dove_early_drop"),
+        "the kernel lists no early-drop program at {}: {:?}",
+        link.host_dev,
+        link.programs()
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let held = cost_over_quota(&daemon, &cpu, "flooded", 0.2, Duration::from_millis(3000));
+    let state = early_drop_state(&daemon, "flooded").unwrap();
+    eprintln!("limiting after {limited_after:?}: {state:?}");
+    assert!(
+        held <= 1.15,
+        "with early drop the container's own CPU plus softirq is {held:.2}x its quota (want at most 1.15x; {escaped:.2}x without)"
+    );
+    assert!(state.limiting && state.dropped_packets > 0, "{state:?}");
+    assert_eq!(state.interfaces, vec![link.host_dev.clone()]);
+    let _ = finish(flood);
+    drop(sink);
+
+    // 3. The flood is over: early drop lets go, the program leaves, TCP gets through.
+    let start = Instant::now();
+    while early_drop_state(&daemon, "flooded").is_some_and(|s| s.limiting) {
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "still limiting {:?} after the flood stopped",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("released {:?} after the flood stopped", start.elapsed());
+    assert!(
+        link.programs().is_empty(),
+        "released, yet the kernel still lists programs: {:?}",
+        link.programs()
+    );
+    // DOVE's count against the kernel's: every packet the program dropped failed its
+    // send with ENOBUFS, which UDP counts as SndbufErrors (less the veth's own drops).
+    let kernel = (udp_counter("SndbufErrors") - sndbuf0) - (link.host_tx_dropped() - vethdrop0);
+    let state = early_drop_state(&daemon, "flooded").unwrap();
+    eprintln!(
+        "dropped: DOVE {} packets ({} bytes), kernel {kernel}",
+        state.dropped_packets, state.dropped_bytes
+    );
+    assert!(
+        state.dropped_packets.abs_diff(kernel) as f64 <= 0.02 * kernel as f64 + 10.0,
+        "DOVE counted {} drops, the kernel {kernel}",
+        state.dropped_packets
+    );
+    let sink = link.spawn_inside(&ctr, &cpu, &["tcp-sink", &addr(5503), "20"]);
+    let sender = link.spawn_outside(&["tcp-send", &addr(5503), "4000000"]);
+    let _ = finish(sender);
+    let received = finish(sink).unwrap();
+    assert_eq!(received, 4_000_000, "TCP after early drop let go");
+    let metrics = daemon.scrape().unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("dove_early_drop_packets_total{")
+                && l.contains("container_id=\"flooded\"")
+                && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

@@ -19,6 +19,7 @@ use dove_proto::{Bill, Container};
 use crate::bills::Ledger;
 use crate::bpf::observer::{cgroup_level, quota_dir, Cost, Observer};
 use crate::enforce::cpumax::CpuMax;
+use crate::enforce::early_drop::EarlyDrop;
 use crate::registry::{Departure, Registry, RegistryEvent, Subscription};
 use crate::telemetry::Telemetry;
 
@@ -81,8 +82,8 @@ pub struct Accounting {
     holders: HashMap<u64, BTreeSet<String>>,
     /// Bills the ledger could not take yet (disk full): retried every tick.
     unrecorded: Vec<(Departure, Bill)>,
-    /// The cpu.max controller, in enforcement mode `cpumax`.
-    cpumax: Option<CpuMax>,
+    /// The cpu.max controller, in enforcement mode `cpumax`, and early drop with it.
+    cpumax: Option<(CpuMax, EarlyDrop)>,
     last_control: Instant,
 }
 
@@ -97,7 +98,7 @@ impl Accounting {
         ledger: Arc<Ledger>,
         telemetry: Arc<Telemetry>,
         enforce_in: Option<dove_cgroup::Hierarchy>,
-        cpumax: Option<CpuMax>,
+        cpumax: Option<(CpuMax, EarlyDrop)>,
     ) -> Self {
         let mut this = Self {
             observer,
@@ -155,14 +156,15 @@ impl Accounting {
             }
         }
         self.publish();
-        if let Some(cpumax) = &mut self.cpumax {
+        if let Some((cpumax, early_drop)) = &mut self.cpumax {
+            early_drop.release_all(&mut self.observer);
             cpumax.restore_all();
         }
     }
 
     fn publish(&mut self) {
         let snapshot = self.observer.tick();
-        if let Some(cpumax) = &mut self.cpumax {
+        if let Some((cpumax, early_drop)) = &mut self.cpumax {
             let now = Instant::now();
             let observer = &self.observer;
             cpumax.control(
@@ -170,15 +172,20 @@ impl Accounting {
                 now - self.last_control,
             );
             self.last_control = now;
-            let quotas = self
-                .holders
-                .iter()
-                .flat_map(|(cgroup_id, ids)| ids.iter().map(move |id| (id, *cgroup_id)))
-                .filter_map(|(id, cgroup_id)| {
-                    cpumax.status_of(id, cgroup_id).map(|s| (id.clone(), s))
-                })
-                .collect();
-            self.telemetry.publish_quotas(quotas);
+            early_drop.control(cpumax, &mut self.observer, now);
+            let mut quotas = HashMap::new();
+            let mut drops = HashMap::new();
+            for (cgroup_id, ids) in &self.holders {
+                for id in ids {
+                    if let Some(s) = cpumax.status_of(id, *cgroup_id) {
+                        quotas.insert(id.clone(), s);
+                    }
+                    if let Some(s) = early_drop.status_of(&mut self.observer, id, *cgroup_id) {
+                        drops.insert(id.clone(), s);
+                    }
+                }
+            }
+            self.telemetry.publish_enforcement(quotas, drops);
         }
         self.telemetry.publish(snapshot);
     }
@@ -196,9 +203,10 @@ impl Accounting {
                 reg.cpu_cgroup_path.as_deref().unwrap_or(&reg.cgroup_path),
             )
         });
-        if let Some(cpumax) = &mut self.cpumax {
+        if let Some((cpumax, early_drop)) = &mut self.cpumax {
             if container.registered_by == 0 {
                 cpumax.join(&reg.id, reg.cgroup_id, quota.clone());
+                early_drop.join(&reg.id, reg.cgroup_id, &reg.cgroup_path, &reg.annotations);
             } else {
                 // Its cgroup lies in a subtree delegated to that user, and the nearest quota
                 // above it may be a whole slice of other tenants'.
@@ -216,7 +224,8 @@ impl Accounting {
 
     fn removed(&mut self, departure: Departure) {
         let reg = &departure.container.registration;
-        if let Some(cpumax) = &mut self.cpumax {
+        if let Some((cpumax, early_drop)) = &mut self.cpumax {
+            early_drop.leave(&mut self.observer, &reg.id, reg.cgroup_id);
             cpumax.leave(&reg.id, reg.cgroup_id);
         }
         if let Some(ids) = self.holders.get_mut(&reg.cgroup_id) {

@@ -3,5 +3,6 @@
 //! the thread that owns them and aggregates every tick (`accounting`).
 
 pub mod accounting;
+pub mod ingress_limit;
 pub mod observer;
 pub mod offsets;

@@ -19,6 +19,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::cgroup_skb::CgroupSkbLinkId;
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
+
+use super::ingress_limit::IngressLimiter;
 use dove_ebpf_common::{
     CpuCost, GlobalCost, KernelOffsets, Settings, WindowState, BASE_MAP, COST_MAP, ENFORCE_MAP,
     KERNEL_OFFSETS_MAP, NO_PACKET, PERCPU_COST_MAP, SETTINGS_MAP, SETTINGS_PENDING_FOR_ENFORCER,
@@ -262,6 +264,8 @@ pub struct Observer {
     published_mask: u64,
     /// Whether new cost is added to the pending counters (an enforcer consumes them).
     accrue_pending: bool,
+    /// Early drop's program and buckets; `None` when the kernel refused the program.
+    ingress: Option<IngressLimiter>,
 }
 
 /// Where the cgroup_skb programs are attached: at every registered cgroup that has no
@@ -656,6 +660,13 @@ impl Observer {
                 source,
             })?;
         }
+        let ingress = match IngressLimiter::load(&mut ebpf) {
+            Ok(limiter) => Some(limiter),
+            Err(e) => {
+                tracing::warn!("early drop is unavailable: {e}");
+                None
+            }
+        };
         attached += attach_raw_tracepoints(&mut ebpf, "dove_softirq_entry", &["softirq_entry"])?;
 
         let percpu = Mapped::new(
@@ -703,6 +714,7 @@ impl Observer {
             flags: pinned.flags,
             published_mask: pinned.level_mask,
             accrue_pending: false,
+            ingress,
         };
         observer.adopt_pinned_slots();
         observer.rebase(fresh_percpu, fresh_cost);
@@ -814,6 +826,11 @@ impl Observer {
     /// get attachments of their own.
     pub fn unhook_sockets(&mut self, cgroup_path: &str) {
         self.socket_hooks.remove(&mut self._ebpf, cgroup_path);
+    }
+
+    /// Early drop's limiter, when the kernel took its program.
+    pub fn ingress_limiter(&mut self) -> Option<(&mut IngressLimiter, &mut Ebpf)> {
+        self.ingress.as_mut().map(|l| (l, &mut self._ebpf))
     }
 
     /// Start charging `cgroup_id` (at cgroup level `level`) to its own slot, and, when
@@ -1175,7 +1192,9 @@ impl Observer {
             by_cgroup,
             unattributed,
             health,
-            programs_attached: self.tracepoints_attached + self.socket_hooks.links(),
+            programs_attached: self.tracepoints_attached
+                + self.socket_hooks.links()
+                + self.ingress.as_ref().map_or(0, IngressLimiter::attached),
             hooked_cgroups: self.socket_hooks.attached.len(),
             slots_capacity: SLOTS - 1,
             tick_duration_ns: start.elapsed().as_nanos() as u64,
@@ -1346,7 +1365,7 @@ fn load(pin_dir: &Path, percpu_entries: u32) -> Result<Ebpf, aya::EbpfError> {
         .load(OBJECT)
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ObserverError>
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ObserverError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
@@ -1372,7 +1391,7 @@ fn map_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::MapFd
     }
 }
 
-fn take<T>(
+pub(super) fn take<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
     convert: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,

@@ -360,6 +360,15 @@ pub fn restore_ledger(state_dir: &Path) -> Result<usize, QuotaError> {
     Ok(restored)
 }
 
+/// What a quota can pay for in softirq time, and whether its cost outran that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The last control forgave debt the quota could not absorb.
+    pub over: bool,
+    /// Softirq time per second the quota absorbs from its base down to its floor (ns/s).
+    pub absorbable_ns_per_s: u64,
+}
+
 /// A registered container: its ID and cgroup (one ID may name an old and a new cgroup
 /// for a moment when a runtime reuses it).
 type Member = (String, u64);
@@ -373,6 +382,8 @@ struct Group {
     written: Option<Bandwidth>,
     debt_ns: u64,
     forgiven_ns: u64,
+    /// The last control forgave debt: the cost outran what the quota absorbs.
+    over_budget: bool,
     softirq_per_period_us: u64,
     /// `cpu.stat` at the last control: (nr_periods, nr_throttled).
     stat: Option<(u64, u64)>,
@@ -467,6 +478,7 @@ impl CpuMax {
             written: None,
             debt_ns: 0,
             forgiven_ns: 0,
+            over_budget: false,
             softirq_per_period_us: 0,
             writes: 0,
             since_write: WRITE_EVERY,
@@ -536,6 +548,7 @@ impl CpuMax {
         for (&key, group) in self.groups.iter_mut() {
             // Gone with its container (the registry reports the removal): its pending
             // stays in the map until then.
+            group.over_budget = false;
             let Ok(current) = group.files.read() else {
                 continue;
             };
@@ -582,6 +595,7 @@ impl CpuMax {
             );
             group.debt_ns = p.debt_ns;
             group.forgiven_ns = group.forgiven_ns.saturating_add(p.forgiven_ns);
+            group.over_budget = p.forgiven_ns > 0;
             let throttled =
                 matches!((stat, group.stat), (Some((_, t)), Some((_, before))) if t > before);
             group.stat = stat;
@@ -625,6 +639,18 @@ impl CpuMax {
                 Err(e) => tracing::warn!("lowering a CFS quota: {e}"),
             }
         }
+    }
+
+    /// What the quota of container `id` (cgroup `cgroup_id`) can pay for, if enforced.
+    pub fn budget_of(&self, id: &str, cgroup_id: u64) -> Option<Budget> {
+        let key = self.member_of.get(&(id.to_owned(), cgroup_id))?;
+        let g = self.groups.get(key)?;
+        let room_us = g.base.quota_us?.saturating_sub(g.floor_us);
+        Some(Budget {
+            over: g.over_budget,
+            absorbable_ns_per_s: (room_us as u128 * 1_000_000_000 / g.base.period_us.max(1) as u128)
+                as u64,
+        })
     }
 
     /// The group container `id` (cgroup `cgroup_id`) belongs to, if enforced.

@@ -1,8 +1,10 @@
 //! Who deducts a container's softirq cost from its CFS quota: the patched scheduler, to
 //! which doved hands its cost maps, or on other kernels the cpu.max controller
-//! ([`cpumax`]); early drop joins here.
+//! ([`cpumax`]), with [`early_drop`] for floods a quota cannot absorb.
 
 pub mod cpumax;
+pub mod early_drop;
+pub mod interfaces;
 
 use crate::bpf::observer::{self, Observer, ObserverError};
 use crate::config::EnforcementMode;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use dove_proto::{Bill, ContainerStats, CostCounters, ObserverHealth, QuotaState, Stats};
+use dove_proto::{
+    Bill, ContainerStats, CostCounters, EarlyDropState, ObserverHealth, QuotaState, Stats,
+};
 use tokio::net::TcpListener;
 
 use crate::bills::Ledger;
@@ -32,13 +34,19 @@ impl ObserverState {
     }
 }
 
+#[derive(Default)]
+struct EnforcementState {
+    quotas: HashMap<String, QuotaState>,
+    early_drop: HashMap<String, EarlyDropState>,
+}
+
 pub struct Telemetry {
     pub observer_state: ObserverState,
     pub enforcement: Enforcement,
     pub tick_ms: u64,
     snapshot: RwLock<Snapshot>,
-    /// Container ID → its quota under the cpu.max controller.
-    quotas: RwLock<HashMap<String, QuotaState>>,
+    /// Container ID → its quota under the cpu.max controller, and early drop's state.
+    enforcement_state: RwLock<EnforcementState>,
     ledger: Arc<Ledger>,
     /// How long a removed container's final counters stay in the metrics.
     removed_grace: Duration,
@@ -68,7 +76,7 @@ impl Telemetry {
             enforcement,
             tick_ms,
             snapshot: RwLock::new(Snapshot::default()),
-            quotas: RwLock::new(HashMap::new()),
+            enforcement_state: RwLock::new(EnforcementState::default()),
             ledger,
             removed_grace,
         }
@@ -90,14 +98,24 @@ impl Telemetry {
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snapshot;
     }
 
-    /// What the cpu.max controller did this tick, by container ID.
-    pub fn publish_quotas(&self, quotas: HashMap<String, QuotaState>) {
-        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = quotas;
+    /// What the cpu.max controller and early drop did this tick, by container ID.
+    pub fn publish_enforcement(
+        &self,
+        quotas: HashMap<String, QuotaState>,
+        early_drop: HashMap<String, EarlyDropState>,
+    ) {
+        *self
+            .enforcement_state
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = EnforcementState { quotas, early_drop };
     }
 
     pub fn stats(&self, registry: &Registry) -> Stats {
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
-        let quotas = self.quotas.read().unwrap_or_else(|p| p.into_inner());
+        let state = self
+            .enforcement_state
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let mut containers: Vec<ContainerStats> = registry
             .list()
             .into_iter()
@@ -107,7 +125,8 @@ impl Telemetry {
                     .get(&c.registration.cgroup_id)
                     .map(counters)
                     .unwrap_or_default(),
-                quota: quotas.get(&c.registration.id).cloned(),
+                quota: state.quotas.get(&c.registration.id).cloned(),
+                early_drop: state.early_drop.get(&c.registration.id).cloned(),
                 id: c.registration.id,
                 cgroup_path: c.registration.cgroup_path,
                 cgroup_id: c.registration.cgroup_id,
@@ -179,6 +198,7 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
                     pending_ns: 0,
                 },
                 quota: None,
+                early_drop: None,
             });
         }
     }
@@ -250,6 +270,30 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
         "counter",
         "Attributed softirq cost cpumax could not deduct: more than the quota above its floor absorbs.",
         &per_quota(&|q| seconds(q.forgiven_ns).to_string()),
+    );
+    let per_drop = |f: &dyn Fn(&EarlyDropState) -> String| -> Vec<(String, String)> {
+        containers
+            .iter()
+            .filter_map(|c| c.early_drop.as_ref().map(|d| (labels(c), f(d))))
+            .collect()
+    };
+    family(
+        "dove_early_drop_packets_total",
+        "counter",
+        "Packets sent into the container that early drop dropped: its softirq cost outran its quota.",
+        &per_drop(&|d| d.dropped_packets.to_string()),
+    );
+    family(
+        "dove_early_drop_bytes_total",
+        "counter",
+        "Bytes of the packets early drop dropped.",
+        &per_drop(&|d| d.dropped_bytes.to_string()),
+    );
+    family(
+        "dove_early_drop_limiting",
+        "gauge",
+        "1 while early drop limits the traffic into the container.",
+        &per_drop(&|d| u8::from(d.limiting).to_string()),
     );
     family(
         "dove_softirq_seconds_total",

@@ -17,6 +17,9 @@
 //!   programs' own counters (one lookup per program run serves both).
 //! - [`SETTINGS_MAP`]: one [`Settings`].
 //! - [`BASE_MAP`]: array of [`CpuCost`], `SLOTS` entries, mmapable; doved's own.
+//! - [`DROP_BUCKET_MAP`]: hash, host-side interface index → [`DropBucket`]: early drop's
+//!   token bucket for traffic into a container (not pinned: a stopped doved drops nothing).
+//! - [`DROPPED_MAP`]: per-CPU hash, interface index → [`Dropped`].
 #![no_std]
 
 /// Slots in the cost maps: one per registered container, slot 0 for unattributed time.
@@ -49,6 +52,38 @@ pub const SETTINGS_MAP: &str = "DOVE_SETTINGS";
 pub const BASE_MAP: &str = "DOVE_BASE";
 /// Array of one [`KernelOffsets`], written by doved from the running kernel's BTF.
 pub const KERNEL_OFFSETS_MAP: &str = "DOVE_KERNEL_OFFSETS";
+
+/// Early drop: host-side interfaces of containers over budget, at most.
+pub const DROP_INTERFACES: u32 = 1024;
+pub const DROP_BUCKET_MAP: &str = "DOVE_DROP_BUCKET";
+pub const DROPPED_MAP: &str = "DOVE_DROPPED";
+
+/// A token bucket in nanoseconds of the container's softirq time, for the packets sent
+/// into it through one interface. doved sets the rate, burst and per-packet cost; the
+/// early-drop program refills and spends `tokens`. Updates from several CPUs are not
+/// atomic: a race can admit a packet or two more than the rate, never fewer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropBucket {
+    /// Softirq time the container can pay for, in ns per second; 0 admits everything.
+    pub rate_ns_per_s: u64,
+    /// Most tokens the bucket holds (ns).
+    pub burst_ns: u64,
+    /// What one packet costs the container, as doved last measured it (ns).
+    pub packet_cost_ns: u64,
+    /// Tokens left (ns); negative after a race.
+    pub tokens: i64,
+    /// When the program last refilled the bucket (`bpf_ktime_get_ns`).
+    pub refilled_ns: u64,
+}
+
+/// Packets and bytes the early-drop program dropped on one CPU for one interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub packets: u64,
+    pub bytes: u64,
+}
 
 /// Softirq time one CPU spent for one slot. Cumulative, never reset while the slot is
 /// owned; only programs on that CPU write it.
@@ -198,4 +233,6 @@ mod user {
     unsafe impl aya::Pod for WindowState {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for DropBucket {}
+    unsafe impl aya::Pod for Dropped {}
 }

@@ -32,13 +32,13 @@ use aya_ebpf::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, map, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuArray},
-    programs::{RawTracePointContext, SkBuffContext},
+    macros::{cgroup_skb, classifier, map, raw_tracepoint},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    programs::{RawTracePointContext, SkBuffContext, TcContext},
     EbpfContext,
 };
 use dove_ebpf_common::{
-    CpuCost, GlobalCost, KernelOffsets, Settings, WindowState, BPF_F_MMAPABLE,
+    CpuCost, DropBucket, Dropped, DROP_INTERFACES, GlobalCost, KernelOffsets, Settings, WindowState, BPF_F_MMAPABLE,
     HRTIMER_SOFTIRQ, MAX_LEVEL, MAX_STRETCH_NS, NET_RX_SOFTIRQ, NET_TX_SOFTIRQ, NO_PACKET,
     OWNER_PENDING, SLOTS, TASKLET_SOFTIRQ, TIMER_SOFTIRQ, UNATTRIBUTED_SLOT,
 };
@@ -476,6 +476,71 @@ pub fn dove_ingress(ctx: SkBuffContext) -> i32 {
 pub fn dove_egress(ctx: SkBuffContext) -> i32 {
     on_packet(&ctx, false);
     1
+}
+
+/// Early drop's buckets, by the host-side interface a container's traffic leaves through.
+#[map(name = "DOVE_DROP_BUCKET")]
+static DROP_BUCKET: HashMap<u32, DropBucket> = HashMap::with_max_entries(DROP_INTERFACES, 0);
+
+#[map(name = "DOVE_DROPPED")]
+static DROPPED: PerCpuHashMap<u32, Dropped> = PerCpuHashMap::with_max_entries(DROP_INTERFACES, 0);
+
+/// `TC_ACT_UNSPEC`: no verdict, the next program (tcx) or filter (clsact) decides.
+const NEXT: i32 = -1;
+const SHOT: i32 = 2;
+/// What a bucket may refill in one step, so the refill's product cannot overflow.
+const MAX_REFILL_NS: u64 = 100_000_000;
+
+/// Early drop, at tc egress of a container's host-side interface: the container's IP
+/// packets beyond what its quota can pay for in softirq time are dropped before its
+/// side of the pair processes them. Non-IP frames (ARP) always pass, so neighbours stay
+/// resolved and TCP recovers as soon as the container is back under budget.
+#[classifier]
+pub fn dove_early_drop(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer the kernel passed; the verifier checks the accesses.
+    let (protocol, ifindex, len) = unsafe { ((*skb).protocol, (*skb).ifindex, (*skb).len) };
+    if protocol != (0x0800u16).to_be() as u32 && protocol != (0x86ddu16).to_be() as u32 {
+        return NEXT;
+    }
+    let Some(bucket) = DROP_BUCKET.get_ptr_mut(&ifindex) else {
+        return NEXT;
+    };
+    // SAFETY: a map value the kernel keeps while the program runs.
+    unsafe {
+        let rate = (*bucket).rate_ns_per_s;
+        if rate == 0 {
+            return NEXT;
+        }
+        let now = bpf_ktime_get_ns();
+        let elapsed = now.saturating_sub((*bucket).refilled_ns).min(MAX_REFILL_NS);
+        let refill = elapsed * rate / 1_000_000_000;
+        if refill > 0 {
+            (*bucket).refilled_ns = now;
+            let burst = (*bucket).burst_ns as i64;
+            let tokens = (*bucket).tokens + refill as i64;
+            (*bucket).tokens = if tokens > burst { burst } else { tokens };
+        }
+        let cost = (*bucket).packet_cost_ns as i64;
+        if (*bucket).tokens >= cost {
+            (*bucket).tokens -= cost;
+            return NEXT;
+        }
+        match DROPPED.get_ptr_mut(&ifindex) {
+            Some(dropped) => {
+                (*dropped).packets += 1;
+                (*dropped).bytes += len as u64;
+            }
+            None => {
+                let first = Dropped {
+                    packets: 1,
+                    bytes: len as u64,
+                };
+                let _ = DROPPED.insert(&ifindex, &first, 0);
+            }
+        }
+    }
+    SHOT
 }
 
 #[cfg(not(test))]
