@@ -578,6 +578,28 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
     std::thread::sleep(Duration::from_millis(300));
 
     // 2. Early drop on: it limits within a few seconds and holds the total near the quota.
+    //    Someone else's tc filter on the interface stays where it is.
+    let tc = |args: &[&str]| run(std::process::Command::new("tc").args(args)).unwrap();
+    tc(&["qdisc", "add", "dev", &link.host_dev, "clsact"]);
+    // (u32 is the classifier this host's kernel has; it only classifies.)
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        &link.host_dev,
+        "egress",
+        "protocol",
+        "all",
+        "prio",
+        "7",
+        "u32",
+        "match",
+        "u32",
+        "0",
+        "0",
+        "classid",
+        "1:1",
+    ]);
     register_with_early_drop(&daemon, &ctr, &cpu, "flooded", true);
     let (sndbuf0, vethdrop0) = (udp_counter("SndbufErrors"), link.host_tx_dropped());
     let sink = KillOnDrop(link.spawn_inside(&ctr, &cpu, &["udp-sink", &addr(5502), "30"]));
@@ -629,6 +651,11 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
         link.programs().is_empty(),
         "released, yet the kernel still lists programs: {:?}",
         link.programs()
+    );
+    let filters = tc(&["filter", "show", "dev", &link.host_dev, "egress"]);
+    assert!(
+        filters.contains("pref 7 u32"),
+        "the other filter is gone: {filters}"
     );
     // DOVE's count against the kernel's: every packet the program dropped failed its
     // send with ENOBUFS, which UDP counts as SndbufErrors (less the veth's own drops).
