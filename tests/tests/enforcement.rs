@@ -603,7 +603,7 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
     register_with_early_drop(&daemon, &ctr, &cpu, "flooded", true);
     let (sndbuf0, vethdrop0) = (udp_counter("SndbufErrors"), link.host_tx_dropped());
     let sink = KillOnDrop(link.spawn_inside(&ctr, &cpu, &["udp-sink", &addr(5502), "30"]));
-    let flood = link.spawn_outside(&["udp-flood", &addr(5502), "8", "64"]);
+    let flood = link.spawn_outside(&["udp-flood", &addr(5502), "10", "64"]);
     let start = Instant::now();
     let limited_after = loop {
         if early_drop_state(&daemon, "flooded").is_some_and(|s| s.limiting) {
@@ -633,6 +633,30 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
     );
     assert!(state.limiting && state.dropped_packets > 0, "{state:?}");
     assert_eq!(state.interfaces, vec![link.host_dev.clone()]);
+
+    // A stalled doved (stopped: its program stays attached) stops dropping once its
+    // lease on the bucket lapses, as one killed on a kernel without tcx would (a clsact
+    // filter outlives its process). The kernel's counter of failed sends stops.
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let kernel_drops = || udp_counter("SndbufErrors") - link.host_tx_dropped();
+    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGSTOP).unwrap();
+    let dropping = kernel_drops();
+    std::thread::sleep(Duration::from_millis(300));
+    let dropping = kernel_drops() - dropping;
+    std::thread::sleep(Duration::from_millis(1200));
+    let lapsed = kernel_drops();
+    std::thread::sleep(Duration::from_millis(500));
+    let lapsed = kernel_drops() - lapsed;
+    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGCONT).unwrap();
+    eprintln!(
+        "doved stopped: {dropping} drops in 300 ms, {lapsed} in 500 ms once its lease lapsed"
+    );
+    assert!(
+        dropping > 0,
+        "the program must still be dropping right after the stop"
+    );
+    assert_eq!(lapsed, 0, "a stalled doved's bucket went on dropping");
     let _ = finish(flood);
     drop(sink);
 

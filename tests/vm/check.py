@@ -14,7 +14,7 @@ if not warnings or warnings[0].split()[-1] != "0":
 
 QUOTA_US = 40000
 MODES = ("ref", "off", "on", "cpumax")
-samples, runs = {}, {}
+samples, runs, floods = {}, {}, {}
 for l in lines:
     kv = dict(re.findall(r"(\w+)=(\S*)", l))
     num = lambda v: int(v) if re.fullmatch(r"-?\d+", v or "") else 0
@@ -35,6 +35,10 @@ for l in lines:
     elif l.startswith("DOVE-VM NETSOFTIRQ"):
         r = runs.setdefault(kv["mode"], {})
         r["ftrace_cpu0"] = num(kv["cpu0_us"])
+    elif l.startswith("DOVE-VM FLOOD "):
+        floods.setdefault(kv["mode"], {})[kv["at"]] = {k: num(v) for k, v in kv.items() if k not in ("mode", "at")}
+    elif l.startswith("DOVE-VM METRICS"):
+        floods.setdefault(kv["mode"], {})["metrics"] = l
     elif l.startswith("DOVE-VM THROUGHPUT"):
         runs.setdefault(kv["mode"], {})["throughput"] = l.split()[-1]
 # The guest kernel accounts IRQ time (its config requires it for the patch) and B's traffic
@@ -148,6 +152,38 @@ if all(m in runs and "window" in runs[m] for m in MODES):
         failures.append(f"cpumax: A got {cpumax['a_share']*100:.1f}% of CPU 0: want within 5 points of the reference {ref['a_share']*100:.1f}%")
     if cpumax["b_charged"] != 0:
         failures.append(f"cpumax: the scheduler charged B {s(cpumax['b_charged'])}: no maps were handed to it, so cpumax is not what held B")
+# The 64-byte flood at B in its own network namespace, cpumax without and with early drop.
+FLOOD_MODES = ("flood-off", "flood-on")
+for mode in FLOOD_MODES:
+    f = floods.get(mode, {})
+    if "begin" not in f or "end" not in f:
+        failures.append(f"scenario {mode}: no complete results")
+        continue
+    b, e = f["begin"], f["end"]
+    f.update({k: e[k] - b.get(k, 0) for k in e})
+    f["a_share"] = f["a_usage"] / max(f["t"], 1)
+    f["kernel_dropped"] = f["sndbuf"] - f["vethdrop"]
+if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES) and "a_share" in runs.get("ref", {}):
+    ref_share = runs["ref"]["a_share"]
+    print(f"{'flood':<9} {'window':>7} {'B usage':>8} {'B sirq':>7} {'A share':>7} {'dropped':>9} {'kernel':>9} {'veth':>9}  throughput")
+    for mode in FLOOD_MODES:
+        f = floods[mode]
+        print(f"{mode:<9} {f['t']/1e6:>6.2f}s {f['b_usage']/1e6:>7.2f}s {f['b_attr']/1e6:>6.2f}s {f['a_share']*100:>6.1f}% "
+              f"{f['dropped']:>9} {f['kernel_dropped']:>9} {f['vethdrop']:>9}  {runs.get(mode, {}).get('throughput', '-')}")
+    off, on = floods["flood-off"], floods["flood-on"]
+    if ref_share - off["a_share"] <= 0.10:
+        failures.append(f"flood without early drop: A got {off['a_share']*100:.1f}% of CPU 0, not more than 10 points below "
+                        f"the reference {ref_share*100:.1f}%: the flood harms nobody here, so early drop proves nothing")
+    if off["dropped"] != 0:
+        failures.append(f"flood without early drop: {off['dropped']} packets dropped")
+    if abs(on["a_share"] - ref_share) > 0.10:
+        failures.append(f"flood with early drop: A got {on['a_share']*100:.1f}% of CPU 0: want within 10 points of the reference {ref_share*100:.1f}%")
+    if on["dropped"] <= 0:
+        failures.append("flood with early drop: nothing dropped")
+    elif abs(on["dropped"] - on["kernel_dropped"]) > 0.02 * on["kernel_dropped"] + 10:
+        failures.append(f"flood with early drop: DOVE counted {on['dropped']} drops, the kernel {on['kernel_dropped']} (want within 2%)")
+    if not re.search(r'dove_early_drop_packets_total\{[^}]*container_id="dove-b"[^}]*\} [1-9]', on.get("metrics", "")):
+        failures.append(f"flood with early drop: /metrics exports no drops for dove-b: {on.get('metrics', '(no METRICS line)')}")
 for f in failures:
     print("vm: FAIL:", f)
 print("vm:", "1 passed, 0 failed" if not failures else "0 passed, 1 failed")

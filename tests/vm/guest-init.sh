@@ -51,8 +51,10 @@ PERIOD=100000
 # each run after the first starts from the rate the last one ended at.
 rate=14000
 
-bundle() { # bundle NAME CGROUP CPU_JSON ARGS_JSON
+bundle() { # bundle NAME CGROUP CPU_JSON ARGS_JSON [NETNS_PATH]
     d=/tmp/bundle-$1
+    netns=
+    [ -n "$5" ] && netns=", {\"type\": \"network\", \"path\": \"$5\"}"
     mkdir -p "$d"
     cat > "$d/config.json" <<EOF
 {
@@ -74,7 +76,7 @@ bundle() { # bundle NAME CGROUP CPU_JSON ARGS_JSON
   "linux": {
     "cgroupsPath": "$2",
     "resources": {"cpu": $3},
-    "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]
+    "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}$netns]
   }
 }
 EOF
@@ -340,10 +342,92 @@ EOF
     sleep 0.5
 }
 
+flood() { # flood off|on: a 64-byte UDP flood at B, cpumax without and with early drop
+    mode=flood-$1
+    cat > /tmp/doved-$mode.toml <<EOF
+[daemon]
+state_dir = "/tmp/dove-state-$mode"
+[observer]
+pin_dir = "/sys/fs/bpf/dove-$mode"
+[metrics]
+listen = "127.0.0.1:9477"
+[enforcement]
+mode = "cpumax"
+early_drop = $([ "$1" = on ] && echo true || echo false)
+EOF
+    housekeep
+    doved --config /tmp/doved-$mode.toml > /tmp/doved-$mode.log 2>&1 &
+    doved_pid=$!
+    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+    # B in a network namespace of its own, reached from the host's through a veth pair as
+    # a container runtime sets it up; its receive processing on CPU 0 (RPS), the sender
+    # on CPU 1 in the host's namespace.
+    /usr/sbin/ip netns add bns
+    /usr/sbin/ip link add b0 type veth peer name b1
+    /usr/sbin/ip link set b1 netns bns
+    /usr/sbin/ip addr add 10.1.0.1/24 dev b0
+    /usr/sbin/ip link set b0 up
+    /usr/sbin/ip -n bns addr add 10.1.0.2/24 dev b1
+    /usr/sbin/ip -n bns link set b1 up
+    /usr/sbin/ip -n bns link set lo up
+    /usr/sbin/ip netns exec bns sh -c 'echo 1 > /sys/class/net/b1/queues/rx-0/rps_cpus'
+    b_cmd='["sh", "-c", "while :; do :; done & renice -n 19 -p $! > /dev/null; exec iperf3 -s -B 10.1.0.2 -p 5201"]'
+    a=$(bundle dove-a /dove-a '{"cpus": "0"}' '["sh", "-c", "while :; do :; done"]')
+    b=$(bundle dove-b /dove-b "{\"cpus\": \"0\", \"quota\": $QUOTA, \"period\": $PERIOD}" "$b_cmd" /var/run/netns/bns)
+    runc --root /run/runc create --no-pivot --bundle "$b" dove-b > /tmp/runc-b.log 2>&1 || say ERROR "runc create B: $(cat /tmp/runc-b.log)"
+    runc --root /run/runc start dove-b
+    runc --root /run/runc create --no-pivot --bundle "$a" dove-a > /tmp/runc-a.log 2>&1 || say ERROR "runc create A: $(cat /tmp/runc-a.log)"
+    runc --root /run/runc start dove-a
+    sleep 1
+    taskset -c 1 iperf3 --forceflush -u -b 0 -l 64 -c 10.1.0.2 -p 5201 -t $((WINDOW + 60)) > /tmp/iperf-$mode.log 2>&1 &
+    sender=$!
+    for _ in $(seq 40); do
+        [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 1 ] && break
+        sleep 0.5
+    done
+    # Early drop starts once the quota has sat at its floor for about ten periods.
+    sleep 4
+    say FLOOD mode=$mode at=begin $(read_flood)
+    sleep $WINDOW
+    say FLOOD mode=$mode at=end $(read_flood)
+    say QUOTA mode=$mode "$(dovectl status | grep -E '^dove-b ' | tr -s ' ')"
+    say METRICS mode=$mode "$(wget -q -O - http://127.0.0.1:9477/metrics | grep -E '^dove_early_drop_packets_total' | tr '\n' ' ')"
+    kill -INT $sender
+    wait $sender
+    say THROUGHPUT mode=$mode "$(grep -E ' sender$' /tmp/iperf-$mode.log | tail -n 1 | awk '{print $7 $8}')"
+    runc --root /run/runc kill dove-a KILL
+    runc --root /run/runc kill dove-b KILL
+    sleep 0.5
+    runc --root /run/runc delete -f dove-a
+    runc --root /run/runc delete -f dove-b
+    kill $doved_pid
+    wait $doved_pid
+    grep -E 'early drop' /tmp/doved-$mode.log | head -n 3 | while read -r l; do say LOG mode=$mode "$l"; done
+    /usr/sbin/ip link del b0
+    /usr/sbin/ip netns del bns
+    sleep 0.5
+}
+# The flood's counters: A's and B's CPU, UDP sends the kernel failed (a packet dropped at
+# tc egress fails its send with ENOBUFS, which UDP counts as SndbufErrors), DOVE's.
+read_flood() {
+    awk '$1 == "usage_usec" {printf "a_usage=%s ", $2}' /sys/fs/cgroup/dove-a/cpu.stat
+    awk '$1 == "usage_usec" {printf "b_usage=%s ", $2}' /sys/fs/cgroup/dove-b/cpu.stat
+    awk '{printf "t=%d ", $1 * 1000000}' /proc/uptime
+    # The veth's own drops (B's backlog full) fail sends with ENOBUFS too.
+    printf "vethdrop=%s " "$(cat /sys/class/net/b0/statistics/tx_dropped)"
+    awk '$1 == "Udp:" && ++n == 1 {for (i = 2; i <= NF; i++) if ($i == "SndbufErrors") col = i; next}
+         $1 == "Udp:" && n == 2 && col {printf "sndbuf=%s ", $col}' /proc/net/snmp
+    dovectl stats --json > /tmp/stats.json 2>/dev/null
+    echo "$(dove_counters /tmp/stats.json) dropped=$(awk 'index($0, "\"id\": \"dove-b\"") {found = 1}
+        found && /"dropped_packets"/ {gsub(/[^0-9]/, ""); print; exit}' /tmp/stats.json)"
+}
+
 scenario ref
 scenario off
 scenario on
 scenario cpumax
+flood off
+flood on
 say DMESG-WARNINGS "$(dmesg | grep -cE 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function called from invalid context')"
 dmesg | grep -E 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function' | head -5 | while read -r l; do say DMESG "$l"; done
 finish

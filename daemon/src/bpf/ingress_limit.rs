@@ -8,6 +8,7 @@
 //! and nothing is dropped.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
@@ -18,6 +19,27 @@ use dove_ebpf_common::{DropBucket, Dropped, DROPPED_MAP, DROP_BUCKET_MAP};
 use super::observer::ObserverError;
 
 pub const PROGRAM: &str = "dove_early_drop";
+/// How long a bucket drops after doved last renewed it: ticks renew it, so only a stalled
+/// or dead doved lets it lapse, and then the program passes everything.
+pub const LEASE: Duration = Duration::from_secs(1);
+
+/// What a limited interface admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Softirq time per second admitted (ns/s).
+    pub rate_ns_per_s: u64,
+    /// Tokens the bucket holds at most (ns).
+    pub burst_ns: u64,
+    /// What one packet costs (ns).
+    pub packet_cost_ns: u64,
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
 
 pub struct IngressLimiter {
     buckets: BpfHashMap<MapData, u32, DropBucket>,
@@ -46,14 +68,23 @@ impl IngressLimiter {
         self.links.len()
     }
 
-    /// Limit what interface `index` (`name`) carries to `bucket`, attaching there first.
+    /// Limit what interface `index` (`name`) carries, attaching there first; the bucket
+    /// starts full.
     pub fn limit(
         &mut self,
         ebpf: &mut Ebpf,
         index: u32,
         name: &str,
-        bucket: DropBucket,
+        tuning: Tuning,
     ) -> Result<(), ObserverError> {
+        let bucket = DropBucket {
+            rate_ns_per_s: tuning.rate_ns_per_s,
+            burst_ns: tuning.burst_ns,
+            packet_cost_ns: tuning.packet_cost_ns,
+            tokens: tuning.burst_ns as i64,
+            refilled_ns: monotonic_ns(),
+            expires_ns: monotonic_ns() + LEASE.as_nanos() as u64,
+        };
         let map_error = |e: aya::maps::MapError| ObserverError::Map {
             name: DROP_BUCKET_MAP,
             detail: e.to_string(),
@@ -95,12 +126,15 @@ impl IngressLimiter {
         }
     }
 
-    /// Update the rate and per-packet cost of a limited interface, keeping its tokens.
-    pub fn retune(&mut self, index: u32, rate_ns_per_s: u64, burst_ns: u64, packet_cost_ns: u64) {
+    /// Update a limited interface's tuning and renew its lease, keeping its tokens (a
+    /// refill the program makes between the read and the write is lost: a few packets'
+    /// worth, once a tick).
+    pub fn retune(&mut self, index: u32, tuning: Tuning) {
         if let Ok(mut bucket) = self.buckets.get(&index, 0) {
-            bucket.rate_ns_per_s = rate_ns_per_s;
-            bucket.burst_ns = burst_ns;
-            bucket.packet_cost_ns = packet_cost_ns;
+            bucket.rate_ns_per_s = tuning.rate_ns_per_s;
+            bucket.burst_ns = tuning.burst_ns;
+            bucket.packet_cost_ns = tuning.packet_cost_ns;
+            bucket.expires_ns = monotonic_ns() + LEASE.as_nanos() as u64;
             let _ = self.buckets.insert(index, bucket, 0);
         }
     }

@@ -18,11 +18,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dove_ebpf_common::{DropBucket, Dropped};
+use dove_ebpf_common::Dropped;
 use dove_proto::EarlyDropState;
 
 use super::cpumax::CpuMax;
 use super::interfaces::{host_veths_of, Interface};
+use crate::bpf::ingress_limit::Tuning;
 use crate::bpf::observer::Observer;
 
 /// Per-container switch: `"true"` or `"false"` overrides `enforcement.early_drop`.
@@ -237,14 +238,11 @@ fn current_drops(observer: &mut Observer, tracked: &Tracked) -> Dropped {
     total
 }
 
-fn bucket(tracked: &Tracked) -> DropBucket {
-    let burst_ns = tracked.rate_ns_per_s * BURST_MS / 1000;
-    DropBucket {
+fn tuning(tracked: &Tracked) -> Tuning {
+    Tuning {
         rate_ns_per_s: tracked.rate_ns_per_s.max(1),
-        burst_ns,
+        burst_ns: tracked.rate_ns_per_s * BURST_MS / 1000,
         packet_cost_ns: tracked.packet_cost_ns.max(1),
-        tokens: burst_ns as i64,
-        refilled_ns: 0,
     }
 }
 
@@ -271,7 +269,7 @@ fn limit(observer: &mut Observer, tracked: &mut Tracked, found: Vec<Interface>) 
         if tracked.interfaces.contains_key(&interface.index) {
             continue;
         }
-        match limiter.limit(ebpf, interface.index, &interface.name, bucket(tracked)) {
+        match limiter.limit(ebpf, interface.index, &interface.name, tuning(tracked)) {
             Ok(()) => {
                 tracked.interfaces.insert(interface.index, interface.name);
             }
@@ -283,12 +281,7 @@ fn limit(observer: &mut Observer, tracked: &mut Tracked, found: Vec<Interface>) 
 fn retune(observer: &mut Observer, tracked: &Tracked) {
     if let Some((limiter, _)) = observer.ingress_limiter() {
         for &index in tracked.interfaces.keys() {
-            limiter.retune(
-                index,
-                tracked.rate_ns_per_s.max(1),
-                tracked.rate_ns_per_s * BURST_MS / 1000,
-                tracked.packet_cost_ns.max(1),
-            );
+            limiter.retune(index, tuning(tracked));
         }
     }
 }

@@ -75,6 +75,11 @@ pub struct DropBucket {
     pub tokens: i64,
     /// When the program last refilled the bucket (`bpf_ktime_get_ns`).
     pub refilled_ns: u64,
+    /// The bucket drops nothing after this instant (`CLOCK_MONOTONIC`, as
+    /// `bpf_ktime_get_ns`). doved moves it forward every tick, so a program a dead doved
+    /// left attached (a clsact filter outlives its process; tcx links do not) stops
+    /// dropping within moments.
+    pub expires_ns: u64,
 }
 
 /// Packets and bytes the early-drop program dropped on one CPU for one interface.

@@ -513,6 +513,9 @@ pub fn dove_early_drop(ctx: TcContext) -> i32 {
             return NEXT;
         }
         let now = bpf_ktime_get_ns();
+        if now > (*bucket).expires_ns {
+            return NEXT;
+        }
         let elapsed = now.saturating_sub((*bucket).refilled_ns).min(MAX_REFILL_NS);
         let refill = elapsed * rate / 1_000_000_000;
         if refill > 0 {
