@@ -288,8 +288,9 @@ async fn serve(
             if config.enforcement.early_drop && cpumax.is_none() {
                 tracing::warn!("enforcement.early_drop is on, but early drop acts with the cpu.max controller only (enforcement: {}): nothing will be dropped", enforcement.as_str());
             }
-            let early_drop = EarlyDrop::new(config.enforcement.early_drop, mounts.unified.clone());
             let tick = Duration::from_millis(config.observer.tick_ms);
+            let early_drop =
+                EarlyDrop::new(config.enforcement.early_drop, mounts.unified.clone(), tick);
             let stop = Arc::clone(&stop_accounting);
             let (started, ready) = tokio::sync::oneshot::channel();
             let (finished, ended) = tokio::sync::oneshot::channel::<()>();

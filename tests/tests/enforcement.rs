@@ -552,7 +552,7 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
     if !require_root("early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after") {
         return;
     }
-    let daemon = TempDaemon::with_observer_config("", "cpumax").unwrap();
+    let mut daemon = TempDaemon::with_observer_config("", "cpumax").unwrap();
     let link = HostVeth::new();
     let ctr = TestCgroup::new("dove-test-early-drop").unwrap();
     let cpu = CpuCgroup::new(&ctr).expect("a cpu controller to test against");
@@ -708,4 +708,31 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
                 && !l.ends_with(" 0")),
         "{metrics}"
     );
+
+    // 4. kill -9 while limiting: the kernel removes the program with doved; the next
+    //    doved limits again with exactly one.
+    let sink = KillOnDrop(link.spawn_inside(&ctr, &cpu, &["udp-sink", &addr(5504), "30"]));
+    let flood = KillOnDrop(link.spawn_outside(&["udp-flood", &addr(5504), "12", "64"]));
+    let limiting = |daemon: &TempDaemon| {
+        let start = Instant::now();
+        while !early_drop_state(daemon, "flooded").is_some_and(|s| s.limiting) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    limiting(&daemon);
+    daemon.kill9();
+    assert!(
+        link.programs().is_empty(),
+        "doved is dead, yet the kernel lists {:?}",
+        link.programs()
+    );
+    daemon.spawn().unwrap();
+    limiting(&daemon);
+    assert_eq!(link.programs(), vec!["dove_early_drop".to_owned()]);
+    drop((flood, sink));
 }

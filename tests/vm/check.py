@@ -4,16 +4,22 @@ criterion proves). usage: check.py RESULTS"""
 import re, sys
 lines = open(sys.argv[1]).read().splitlines()
 failures = []
+# A distribution kernel (dove.compat): no DOVE patch, so no KUnit and no kernel mode, and
+# no IRQ time accounting, so the task a softirq interrupts is billed for it: A's usage
+# includes what B's traffic took from it, and A's share cannot tell fair from stolen.
+compat = any(l.startswith("DOVE-VM BOOTED") and "compat=yes" in l for l in lines)
+print(f"vm: {'compatibility run (distribution kernel)' if compat else 'patched kernel'}: "
+      + next((l[len("DOVE-VM BOOTED "):] for l in lines if l.startswith("DOVE-VM BOOTED")), "no BOOTED line"))
 kunit = [l for l in lines if l.startswith("DOVE-VM KUNIT")]
 suite = [l for l in kunit if re.search(r"ok \d+ sched_dove$", l)]
-if not suite or any("not ok" in l for l in kunit):
+if not compat and (not suite or any("not ok" in l for l in kunit)):
     failures.append("KUnit sched_dove: " + ("; ".join(kunit) or "no results in dmesg"))
 warnings = [l for l in lines if l.startswith("DOVE-VM DMESG-WARNINGS")]
 if not warnings or warnings[0].split()[-1] != "0":
     failures.append("kernel warnings during the run: " + "; ".join(l for l in lines if l.startswith("DOVE-VM DMESG ")))
 
 QUOTA_US = 40000
-MODES = ("ref", "off", "on", "cpumax")
+MODES = ("ref", "off", "cpumax") if compat else ("ref", "off", "on", "cpumax")
 samples, runs, floods = {}, {}, {}
 for l in lines:
     kv = dict(re.findall(r"(\w+)=(\S*)", l))
@@ -44,8 +50,12 @@ for l in lines:
 # The guest kernel accounts IRQ time (its config requires it for the patch) and B's traffic
 # interrupts A's busy loop: doved must say so, from the running kernel, not its config.
 for l in lines:
-    if l.startswith("DOVE-VM STATUS") and "mode=ref" not in l and "irq time accounting: active" not in l:
+    if not l.startswith("DOVE-VM STATUS") or "mode=ref" in l:
+        continue
+    if not compat and "irq time accounting: active" not in l:
         failures.append(f"doved does not report IRQ time accounting as active in a guest that runs it: {l}")
+    if compat and "irq time accounting: not-built" not in l:
+        failures.append(f"doved does not report that this kernel has no IRQ time accounting: {l}")
 for mode in MODES:
     if (mode, "begin") not in samples or (mode, "end") not in samples or "refills" not in runs.get(mode, {}):
         failures.append(f"scenario {mode}: no complete results")
@@ -57,12 +67,16 @@ for mode in MODES:
     # A write of cpu.max refills B's runtime too (tg_set_cfs_bandwidth), and the kprobe
     # counts it: only the period timer's refills grant B its base quota.
     r["quota"] = (r["refills"] - r.get("b_writes", 0)) * QUOTA_US
+    if compat and r["refills"] == 0:
+        # The refill function is inlined in this kernel (no kprobe): periods that ran.
+        r["quota"] = r["periods"] * QUOTA_US
     r["b_total"] = r["b_usage"] + r["b_attr"]
     r["ratio"] = r["b_total"] / max(r["quota"], 1)
     r["a_share"] = r["a_usage"] / r["window"]
 
 if all(m in runs and "window" in runs[m] for m in MODES):
-    ref, off, on, cpumax = (runs[m] for m in MODES)
+    ref, off, cpumax = runs["ref"], runs["off"], runs["cpumax"]
+    on = runs.get("on", {"b_attr": 0, "cpu0_sirq": 0})
     s = lambda us: f"{us / 1e6:.2f}s"
     print()
     print(f"{'DOVE':<5} {'window':>7} {'refills':>7} {'periods':>7} {'quota':>7} {'B usage':>8} {'B sirq':>7} "
@@ -97,7 +111,7 @@ if all(m in runs and "window" in runs[m] for m in MODES):
               f"hardirq {share(r['cpu0_irq'])}, everything else {share(rest)}")
 
     print("stream passes (rate -> B's NET softirq share of CPU 0; the last runs through the window): " +
-          "; ".join(f"{m} {runs[m].get('calibration', '-')}" for m in ("off", "on", "cpumax")))
+          "; ".join(f"{m} {runs[m].get('calibration', '-')}" for m in MODES[1:]))
     print(f"CPU 0 NET softirq traced: off {s(off.get('ftrace_cpu0', 0))} (B attributed {s(off['b_attr'])}), "
           f"on {s(on.get('ftrace_cpu0', 0))} (B attributed {s(on['b_attr'])}); /proc/stat CPU 0 softirq: "
           f"off {s(off['cpu0_sirq'])}, on {s(on['cpu0_sirq'])}")
@@ -105,7 +119,7 @@ if all(m in runs and "window" in runs[m] for m in MODES):
     # IRQ time accounting really on (the kernel turns it off when the TSC is unstable,
     # and then B's usage would include the softirq time DOVE also attributes): CPU 0's
     # softirq in /proc/stat covers at least the NET softirq the kernel traced there.
-    if off["cpu0_sirq"] < 0.9 * off.get("ftrace_cpu0", 0):
+    if not compat and off["cpu0_sirq"] < 0.9 * off.get("ftrace_cpu0", 0):
         failures.append(f"IRQ time accounting is off in this boot: /proc/stat booked {s(off['cpu0_sirq'])} of softirq on CPU 0 "
                         f"where the kernel traced {s(off.get('ftrace_cpu0', 0))} of NET softirq")
     # The reference: B alone on its quota burns what the refills granted it.
@@ -114,19 +128,23 @@ if all(m in runs and "window" in runs[m] for m in MODES):
                         "the refill count does not describe what CFS granted (want within 10%)")
     if off["ratio"] <= 1.15:
         failures.append(f"with DOVE off B's total is only {off['ratio']:.2f}x its quota: the scenario shows no escape, so it proves nothing")
-    if ref["a_share"] - off["a_share"] <= 0.10:
+    if not compat and ref["a_share"] - off["a_share"] <= 0.10:
         failures.append(f"with DOVE off A got {off['a_share']*100:.1f}% of CPU 0, not more than 10 points below the "
                         f"reference {ref['a_share']*100:.1f}%: B's traffic takes nothing from A here, so the scenario proves nothing")
-    for mode in ("off", "on", "cpumax"):
+    for mode in MODES[1:]:
         r = runs[mode]
         if abs(r["dove_vs_kernel"] - 1) > 0.10:
             failures.append(f"DOVE {mode}: DOVE's attributed + unattributed softirq {s(r['dove_sirq'])} is {r['dove_vs_kernel']:.2f}x "
                             f"the NET softirq time the kernel traced over the same stretch ({s(r.get('net_lo', 0))}-"
                             f"{s(r.get('net_hi', 0))}): want within 10%")
     final = on.get("final")
-    if on["b_charged"] <= 0:
+    if compat:
+        pass
+    elif on["b_charged"] <= 0:
         failures.append("with DOVE on the scheduler charged B nothing in the window (cpu.stat dove_charged_usec)")
-    if not final:
+    if compat:
+        pass
+    elif not final:
         failures.append("with DOVE on: no FINAL line (B's totals once the traffic was over)")
     else:
         # No cost is lost: over B's whole life, what DOVE attributed was either charged by
@@ -140,15 +158,18 @@ if all(m in runs and "window" in runs[m] for m in MODES):
             failures.append("B was still being charged while its totals were read: the conservation check read a moving target")
         if final["b_attr"] <= 0 or abs(accounted / final["b_attr"] - 1) > 0.02:
             failures.append(f"charged + pending ({accounted/1e6:.3f}s) does not match the attributed {final['b_attr']/1e6:.3f}s (want within 2%)")
-    if abs(on["ratio"] - 1) > 0.10:
+    if not compat and abs(on["ratio"] - 1) > 0.10:
         failures.append(f"with DOVE on B's total is {on['ratio']:.2f}x its quota (off: {off['ratio']:.2f}x): want within 10%")
-    if abs(on["a_share"] - ref["a_share"]) > 0.05:
+    if not compat and abs(on["a_share"] - ref["a_share"]) > 0.05:
         failures.append(f"with DOVE on A got {on['a_share']*100:.1f}% of CPU 0: want within 5 points of the reference {ref['a_share']*100:.1f}%")
     # cpumax: doved lowers B's quota by its softirq cost; the kernel charges nothing.
     # B's own CPU plus its softirq against the quota the real refills granted (the base).
-    if abs(cpumax["ratio"] - 1) > 0.15:
-        failures.append(f"cpumax: B's total is {cpumax['ratio']:.2f}x its quota (off: {off['ratio']:.2f}x): want within 15%")
-    if abs(cpumax["a_share"] - ref["a_share"]) > 0.05:
+    # Without IRQ time accounting B's usage also holds the softirq that interrupted B,
+    # which DOVE attributes too: the total counts that part twice, hence the wider band.
+    limit = 0.20 if compat else 0.15
+    if abs(cpumax["ratio"] - 1) > limit:
+        failures.append(f"cpumax: B's total is {cpumax['ratio']:.2f}x its quota (off: {off['ratio']:.2f}x): want within {limit:.0%}")
+    if not compat and abs(cpumax["a_share"] - ref["a_share"]) > 0.05:
         failures.append(f"cpumax: A got {cpumax['a_share']*100:.1f}% of CPU 0: want within 5 points of the reference {ref['a_share']*100:.1f}%")
     if cpumax["b_charged"] != 0:
         failures.append(f"cpumax: the scheduler charged B {s(cpumax['b_charged'])}: no maps were handed to it, so cpumax is not what held B")
@@ -171,12 +192,12 @@ if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES) and "a_share" in run
         print(f"{mode:<9} {f['t']/1e6:>6.2f}s {f['b_usage']/1e6:>7.2f}s {f['b_attr']/1e6:>6.2f}s {f['a_share']*100:>6.1f}% "
               f"{f['dropped']:>9} {f['kernel_dropped']:>9} {f['vethdrop']:>9}  {runs.get(mode, {}).get('throughput', '-')}")
     off, on = floods["flood-off"], floods["flood-on"]
-    if ref_share - off["a_share"] <= 0.10:
+    if not compat and ref_share - off["a_share"] <= 0.10:
         failures.append(f"flood without early drop: A got {off['a_share']*100:.1f}% of CPU 0, not more than 10 points below "
                         f"the reference {ref_share*100:.1f}%: the flood harms nobody here, so early drop proves nothing")
     if off["dropped"] != 0:
         failures.append(f"flood without early drop: {off['dropped']} packets dropped")
-    if abs(on["a_share"] - ref_share) > 0.10:
+    if not compat and abs(on["a_share"] - ref_share) > 0.10:
         failures.append(f"flood with early drop: A got {on['a_share']*100:.1f}% of CPU 0: want within 10 points of the reference {ref_share*100:.1f}%")
     if on["dropped"] <= 0:
         failures.append("flood with early drop: nothing dropped")

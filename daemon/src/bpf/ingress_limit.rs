@@ -2,26 +2,29 @@
 //! host-side interfaces, and its token buckets. What to limit, and to what rate, is
 //! decided in `enforce/early_drop.rs`.
 //!
-//! The program attaches through tcx links on kernels that have them (6.6), which stack
-//! with other users' programs; before that, through a clsact filter of its own priority
-//! (aya picks), next to any other filters. Links are doved's: when it stops, they go,
-//! and nothing is dropped.
+//! From kernel 6.6 the program attaches through a tcx link placed first on the interface
+//! (so a CNI program that redirects or passes cannot skip it; others' links stay where
+//! they are), owned by doved: when doved dies, the kernel removes it. Before 6.6 it is a
+//! clsact filter (the kernel gives it a priority ahead of the filters already there),
+//! which outlives a doved that is killed: such a filter passes everything once its
+//! bucket's lease lapses, and the next doved removes it at start.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
-use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
+use aya::programs::links::LinkOrder;
+use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
 use aya::programs::SchedClassifier;
+use aya::util::KernelVersion;
 use aya::Ebpf;
-use dove_ebpf_common::{DropBucket, Dropped, DROPPED_MAP, DROP_BUCKET_MAP};
+use dove_ebpf_common::{
+    DropConfig, DropState, Dropped, DROPPED_MAP, DROP_CONFIG_MAP, DROP_STATE_MAP,
+};
 
 use super::observer::ObserverError;
 
 pub const PROGRAM: &str = "dove_early_drop";
-/// How long a bucket drops after doved last renewed it: ticks renew it, so only a stalled
-/// or dead doved lets it lapse, and then the program passes everything.
-pub const LEASE: Duration = Duration::from_secs(1);
 
 /// What a limited interface admits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +35,9 @@ pub struct Tuning {
     pub burst_ns: u64,
     /// What one packet costs (ns).
     pub packet_cost_ns: u64,
+    /// How long the bucket drops after this setting: renewed every control period, so
+    /// only a stalled or dead doved lets it lapse, and then the program passes everything.
+    pub lease: Duration,
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns` reads.
@@ -41,8 +47,24 @@ fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
+fn config(tuning: Tuning) -> DropConfig {
+    let rate = tuning.rate_ns_per_s.max(1);
+    DropConfig {
+        rate_ns_per_s: rate,
+        burst_ns: tuning.burst_ns,
+        burst_window_ns: (tuning.burst_ns as u128 * 1_000_000_000 / rate as u128) as u64,
+        packet_cost_ns: tuning.packet_cost_ns.max(1),
+        expires_ns: monotonic_ns() + tuning.lease.as_nanos() as u64,
+    }
+}
+
+fn tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
 pub struct IngressLimiter {
-    buckets: BpfHashMap<MapData, u32, DropBucket>,
+    configs: BpfHashMap<MapData, u32, DropConfig>,
+    states: BpfHashMap<MapData, u32, DropState>,
     dropped: PerCpuHashMap<MapData, u32, Dropped>,
     /// Interface index → its link.
     links: HashMap<u32, SchedClassifierLinkId>,
@@ -50,15 +72,20 @@ pub struct IngressLimiter {
 
 impl IngressLimiter {
     /// Load the program (while doved still has CAP_BPF and CAP_NET_ADMIN) and take its
-    /// maps. Attaching later needs only CAP_NET_ADMIN.
+    /// maps; before 6.6, remove the filters a killed doved left behind. Attaching later
+    /// needs only CAP_NET_ADMIN.
     pub fn load(ebpf: &mut Ebpf) -> Result<Self, ObserverError> {
         let program: &mut SchedClassifier = super::observer::program(ebpf, PROGRAM)?;
         program.load().map_err(|source| ObserverError::Program {
             what: format!("loading {PROGRAM}"),
             source,
         })?;
+        if !tcx() {
+            sweep_stale_filters();
+        }
         Ok(Self {
-            buckets: super::observer::take(ebpf, DROP_BUCKET_MAP, BpfHashMap::try_from)?,
+            configs: super::observer::take(ebpf, DROP_CONFIG_MAP, BpfHashMap::try_from)?,
+            states: super::observer::take(ebpf, DROP_STATE_MAP, BpfHashMap::try_from)?,
             dropped: super::observer::take(ebpf, DROPPED_MAP, PerCpuHashMap::try_from)?,
             links: HashMap::new(),
         })
@@ -66,6 +93,10 @@ impl IngressLimiter {
 
     pub fn attached(&self) -> usize {
         self.links.len()
+    }
+
+    pub fn is_limited(&self, index: u32) -> bool {
+        self.links.contains_key(&index)
     }
 
     /// Limit what interface `index` (`name`) carries, attaching there first; the bucket
@@ -77,65 +108,73 @@ impl IngressLimiter {
         name: &str,
         tuning: Tuning,
     ) -> Result<(), ObserverError> {
-        let bucket = DropBucket {
-            rate_ns_per_s: tuning.rate_ns_per_s,
-            burst_ns: tuning.burst_ns,
-            packet_cost_ns: tuning.packet_cost_ns,
-            tokens: tuning.burst_ns as i64,
-            refilled_ns: monotonic_ns(),
-            expires_ns: monotonic_ns() + LEASE.as_nanos() as u64,
+        let map_error = |name: &'static str| {
+            move |e: aya::maps::MapError| ObserverError::Map {
+                name,
+                detail: e.to_string(),
+            }
         };
-        let map_error = |e: aya::maps::MapError| ObserverError::Map {
-            name: DROP_BUCKET_MAP,
-            detail: e.to_string(),
+        let config = config(tuning);
+        let state = DropState {
+            epoch_ns: monotonic_ns().saturating_sub(config.burst_window_ns),
+            spent_ns: 0,
         };
         // The bucket first: the program passes everything on an interface without one.
-        self.buckets.insert(index, bucket, 0).map_err(map_error)?;
+        self.states
+            .insert(index, state, 0)
+            .map_err(map_error(DROP_STATE_MAP))?;
+        self.configs
+            .insert(index, config, 0)
+            .map_err(map_error(DROP_CONFIG_MAP))?;
         if self.links.contains_key(&index) {
             return Ok(());
         }
         let program: &mut SchedClassifier = super::observer::program(ebpf, PROGRAM)?;
-        let tcx = aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
-        if !tcx {
+        let options = if tcx() {
+            TcAttachOptions::TcxOrder(LinkOrder::first())
+        } else {
             // Someone else's clsact is as good as ours; it stays when we leave.
             if let Err(e) = tc::qdisc_add_clsact(name) {
                 if e.raw_os_error() != Some(libc::EEXIST) {
-                    let _ = self.buckets.remove(&index);
+                    self.forget(index);
                     return Err(ObserverError::Program {
                         what: format!("adding a clsact qdisc to {name}"),
-                        source: aya::programs::ProgramError::from(tc::TcError::NetlinkError {
-                            io_error: e,
-                        }),
+                        source: tc::TcError::NetlinkError { io_error: e }.into(),
                     });
                 }
             }
-        }
-        match program.attach(name, TcAttachType::Egress) {
-            Ok(link) => {
-                self.links.insert(index, link);
-                Ok(())
-            }
+            TcAttachOptions::Netlink(NlOptions::default())
+        };
+        let attached = program.attach_with_options(name, TcAttachType::Egress, options);
+        let link = match attached {
+            Ok(link) => link,
             Err(source) => {
-                let _ = self.buckets.remove(&index);
-                Err(ObserverError::Program {
+                self.forget(index);
+                return Err(ObserverError::Program {
                     what: format!("attaching {PROGRAM} at egress of {name}"),
                     source,
-                })
+                });
             }
+        };
+        // The name was resolved again to attach: a veth re-created under it meanwhile
+        // has another index, with no bucket.
+        if nix::net::if_::if_nametoindex(name).ok() != Some(index) {
+            let _ = program.detach(link);
+            self.forget(index);
+            return Err(ObserverError::Program {
+                what: format!("{name} changed while {PROGRAM} attached to it; not limited"),
+                source: aya::programs::ProgramError::NotAttached,
+            });
         }
+        self.links.insert(index, link);
+        Ok(())
     }
 
-    /// Update a limited interface's tuning and renew its lease, keeping its tokens (a
-    /// refill the program makes between the read and the write is lost: a few packets'
-    /// worth, once a tick).
+    /// Update a limited interface's tuning and renew its lease. The bucket's fill is the
+    /// program's and stays as it is.
     pub fn retune(&mut self, index: u32, tuning: Tuning) {
-        if let Ok(mut bucket) = self.buckets.get(&index, 0) {
-            bucket.rate_ns_per_s = tuning.rate_ns_per_s;
-            bucket.burst_ns = tuning.burst_ns;
-            bucket.packet_cost_ns = tuning.packet_cost_ns;
-            bucket.expires_ns = monotonic_ns() + LEASE.as_nanos() as u64;
-            let _ = self.buckets.insert(index, bucket, 0);
+        if self.links.contains_key(&index) {
+            let _ = self.configs.insert(index, config(tuning), 0);
         }
     }
 
@@ -148,7 +187,12 @@ impl IngressLimiter {
                 let _ = program.detach(link);
             }
         }
-        let _ = self.buckets.remove(&index);
+        self.forget(index);
+    }
+
+    fn forget(&mut self, index: u32) {
+        let _ = self.configs.remove(&index);
+        let _ = self.states.remove(&index);
         let _ = self.dropped.remove(&index);
     }
 
@@ -163,5 +207,29 @@ impl IngressLimiter {
                 })
             })
             .unwrap_or_default()
+    }
+}
+
+/// Remove the clsact filters named after the program from every interface (a doved
+/// killed on a kernel without tcx leaves them; they pass everything, but cost a lookup
+/// per packet and would pile up with each restart).
+fn sweep_stale_filters() {
+    let Ok(interfaces) = nix::net::if_::if_nameindex() else {
+        return;
+    };
+    let mut removed = 0;
+    for interface in interfaces.iter() {
+        let Ok(name) = interface.name().to_str() else {
+            continue;
+        };
+        if tc::qdisc_detach_program(name, TcAttachType::Egress, PROGRAM).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            interfaces = removed,
+            "removed the early-drop filters a previous doved left attached"
+        );
     }
 }

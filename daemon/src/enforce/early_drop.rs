@@ -12,9 +12,10 @@
 //! says so once.
 //!
 //! Containers that share a network namespace (a Kubernetes pod) share its interfaces:
-//! the first of them over budget sets the limit.
+//! the first of them over budget limits them at its own rate and counts their drops; the
+//! others wait until it lets go.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,13 @@ pub const BURST_MS: u64 = 50;
 const RESCAN: Duration = Duration::from_secs(2);
 /// Until a packet's cost is measured.
 const DEFAULT_PACKET_COST_NS: u64 = 2_000;
+/// No packet is priced under this: a price near zero would admit everything.
+const MIN_PACKET_COST_NS: u64 = 100;
+/// The bucket holds at least this many packets' worth, so a burst of a few always fits.
+const MIN_BURST_PACKETS: u64 = 4;
+/// Below this rate (1% of a CPU) a quota absorbs too little to admit anything useful:
+/// early drop does not engage, and says so.
+const MIN_RATE_NS_PER_S: u64 = 10_000_000;
 
 type Member = (String, u64);
 
@@ -53,6 +61,9 @@ struct Tracked {
     packet_cost_ns: u64,
     rate_ns_per_s: u64,
     said_no_interface: bool,
+    said_too_small: bool,
+    /// Interfaces whose attach failed once (said once, retried quietly).
+    failed: BTreeSet<u32>,
 }
 
 struct Limiting {
@@ -65,16 +76,19 @@ struct Limiting {
 pub struct EarlyDrop {
     global: bool,
     cgroups: dove_cgroup::Hierarchy,
+    /// How long a bucket drops without renewal: three control periods, at least 1 s.
+    lease: Duration,
     members: HashMap<Member, Tracked>,
 }
 
 impl EarlyDrop {
     /// `global`: `enforcement.early_drop`; `cgroups`: the v2 hierarchy containers'
-    /// processes are found in.
-    pub fn new(global: bool, cgroups: dove_cgroup::Hierarchy) -> Self {
+    /// processes are found in; `control_period`: how often [`Self::control`] runs.
+    pub fn new(global: bool, cgroups: dove_cgroup::Hierarchy, control_period: Duration) -> Self {
         Self {
             global,
             cgroups,
+            lease: (control_period * 3).max(Duration::from_secs(1)),
             members: HashMap::new(),
         }
     }
@@ -116,6 +130,8 @@ impl EarlyDrop {
                 packet_cost_ns: DEFAULT_PACKET_COST_NS,
                 rate_ns_per_s: 0,
                 said_no_interface: false,
+                said_too_small: false,
+                failed: BTreeSet::new(),
             },
         );
     }
@@ -138,14 +154,13 @@ impl EarlyDrop {
         for ((id, cgroup_id), tracked) in self.members.iter_mut() {
             if let Some(cost) = observer.cost_of(*cgroup_id) {
                 if let Some((rx_ns, rx_packets)) = tracked.last_rx {
-                    let (ns, packets) = (
-                        cost.rx_ns.saturating_sub(rx_ns),
-                        cost.rx_packets.saturating_sub(rx_packets),
-                    );
-                    if packets > 0 && ns > 0 {
+                    let ns = cost.rx_ns.saturating_sub(rx_ns);
+                    let packets = cost.rx_packets.saturating_sub(rx_packets);
+                    if let Some(per_packet) = ns.checked_div(packets) {
                         // A quarter of each new measurement: steady under noise, current
                         // within a second.
-                        tracked.packet_cost_ns = (tracked.packet_cost_ns * 3 + ns / packets) / 4;
+                        tracked.packet_cost_ns =
+                            ((tracked.packet_cost_ns * 3 + per_packet) / 4).max(MIN_PACKET_COST_NS);
                     }
                 }
                 tracked.last_rx = Some((cost.rx_ns, cost.rx_packets));
@@ -155,11 +170,25 @@ impl EarlyDrop {
                 continue;
             };
             tracked.rate_ns_per_s = budget.absorbable_ns_per_s * ADMIT_PERCENT / 100;
+            let lease = self.lease;
             if tracked.limiting.is_none() {
                 if !budget.over {
                     continue;
                 }
-                let found = interfaces_of(&self.cgroups, &tracked.cgroup_path);
+                if tracked.rate_ns_per_s < MIN_RATE_NS_PER_S {
+                    if !tracked.said_too_small {
+                        tracing::warn!(id, rate_ns_per_s = tracked.rate_ns_per_s, "over budget, but its quota above the floor absorbs less than 1% of a CPU: early drop would drop everything, so it does not engage");
+                        tracked.said_too_small = true;
+                    }
+                    continue;
+                }
+                let found = match interfaces_of(&self.cgroups, &tracked.cgroup_path) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::debug!(id, "early drop: finding the container's interfaces: {e}; retried next tick");
+                        continue;
+                    }
+                };
                 if found.is_empty() {
                     if !tracked.said_no_interface {
                         tracing::warn!(id, "over budget, but no veth leads from the host into its network namespace (host network, macvlan/ipvlan, or none): early drop cannot act; its quota stays at the floor");
@@ -167,8 +196,10 @@ impl EarlyDrop {
                     }
                     continue;
                 }
-                limit(observer, tracked, found);
+                limit(observer, tracked, found, lease);
                 if tracked.interfaces.is_empty() {
+                    // Its namespace's interfaces are limited for a sibling already (a pod),
+                    // or attaching failed (said once).
                     continue;
                 }
                 tracing::info!(id, interfaces = ?tracked.interfaces.values().collect::<Vec<_>>(), rate_ns_per_s = tracked.rate_ns_per_s, packet_cost_ns = tracked.packet_cost_ns, "early drop: softirq cost outran the quota; traffic into the container beyond what it can pay for is dropped");
@@ -198,10 +229,12 @@ impl EarlyDrop {
             }
             if now.duration_since(limiting.scanned_at) >= RESCAN {
                 limiting.scanned_at = now;
-                let found = interfaces_of(&self.cgroups, &tracked.cgroup_path);
-                limit(observer, tracked, found);
+                // A failed lookup keeps what is limited.
+                if let Ok(found) = interfaces_of(&self.cgroups, &tracked.cgroup_path) {
+                    limit(observer, tracked, found, lease);
+                }
             }
-            retune(observer, tracked);
+            retune(observer, tracked, lease);
         }
     }
 
@@ -238,17 +271,20 @@ fn current_drops(observer: &mut Observer, tracked: &Tracked) -> Dropped {
     total
 }
 
-fn tuning(tracked: &Tracked) -> Tuning {
+fn tuning(tracked: &Tracked, lease: Duration) -> Tuning {
     Tuning {
-        rate_ns_per_s: tracked.rate_ns_per_s.max(1),
-        burst_ns: tracked.rate_ns_per_s * BURST_MS / 1000,
-        packet_cost_ns: tracked.packet_cost_ns.max(1),
+        rate_ns_per_s: tracked.rate_ns_per_s,
+        burst_ns: (tracked.rate_ns_per_s * BURST_MS / 1000)
+            .max(tracked.packet_cost_ns * MIN_BURST_PACKETS),
+        packet_cost_ns: tracked.packet_cost_ns,
+        lease,
     }
 }
 
 /// Limit `found` (the container's interfaces now), releasing those that are gone; the
-/// ones already limited keep their buckets.
-fn limit(observer: &mut Observer, tracked: &mut Tracked, found: Vec<Interface>) {
+/// ones already limited keep their buckets, and those limited for another container of
+/// the same namespace stay that one's.
+fn limit(observer: &mut Observer, tracked: &mut Tracked, found: Vec<Interface>, lease: Duration) {
     let Some((limiter, ebpf)) = observer.ingress_limiter() else {
         return;
     };
@@ -266,22 +302,32 @@ fn limit(observer: &mut Observer, tracked: &mut Tracked, found: Vec<Interface>) 
         tracked.interfaces.remove(&index);
     }
     for interface in found {
-        if tracked.interfaces.contains_key(&interface.index) {
+        if tracked.interfaces.contains_key(&interface.index) || limiter.is_limited(interface.index)
+        {
             continue;
         }
-        match limiter.limit(ebpf, interface.index, &interface.name, tuning(tracked)) {
+        match limiter.limit(
+            ebpf,
+            interface.index,
+            &interface.name,
+            tuning(tracked, lease),
+        ) {
             Ok(()) => {
+                tracked.failed.remove(&interface.index);
                 tracked.interfaces.insert(interface.index, interface.name);
             }
-            Err(e) => tracing::error!("early drop: {e}"),
+            Err(e) if tracked.failed.insert(interface.index) => {
+                tracing::error!("early drop: {e}")
+            }
+            Err(_) => {}
         }
     }
 }
 
-fn retune(observer: &mut Observer, tracked: &Tracked) {
+fn retune(observer: &mut Observer, tracked: &Tracked, lease: Duration) {
     if let Some((limiter, _)) = observer.ingress_limiter() {
         for &index in tracked.interfaces.keys() {
-            limiter.retune(index, tuning(tracked));
+            limiter.retune(index, tuning(tracked, lease));
         }
     }
 }
@@ -299,23 +345,76 @@ fn release(observer: &mut Observer, tracked: &mut Tracked) {
 }
 
 /// The host-side veths into the network namespace of a process of the cgroup at `path`
-/// (or of its descendants: systemd-style runtimes put the processes in a child).
-fn interfaces_of(cgroups: &dove_cgroup::Hierarchy, path: &str) -> Vec<Interface> {
-    let Some(pid) = cgroups.dir(path).ok().and_then(|dir| a_pid_in(&dir, 3)) else {
-        return Vec::new();
+/// (or of its descendants: systemd-style runtimes put the processes in a child). Empty
+/// when the cgroup has no process; an error when the answer cannot be trusted.
+///
+/// The namespace is looked up by pid, so the pid must not change hands meanwhile: a
+/// pidfd taken first, the process checked to be the container's, and the pidfd checked
+/// after the lookup to show it did not exit (after which its pid could be reused).
+fn interfaces_of(cgroups: &dove_cgroup::Hierarchy, path: &str) -> Result<Vec<Interface>, String> {
+    let dir = cgroups.dir(path).map_err(|e| e.to_string())?;
+    let Some(pid) = a_pid_in(&dir, 3) else {
+        return Ok(Vec::new());
     };
-    match host_veths_of(pid) {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::warn!("early drop: finding the container's interfaces: {e}");
-            Vec::new()
+    let pidfd = PidFd::open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+    if !in_cgroup(pid, path) {
+        return Err(format!("process {pid} left the container's cgroup"));
+    }
+    let found = host_veths_of(pid).map_err(|e| e.to_string())?;
+    if pidfd.exited() {
+        return Err(format!("process {pid} exited during the lookup"));
+    }
+    Ok(found)
+}
+
+/// Whether process `pid` is in the cgroup v2 `path` or below it.
+fn in_cgroup(pid: u32, path: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    let path = path.trim_end_matches('/');
+    text.lines().filter_map(|l| l.strip_prefix("0::")).any(|p| {
+        p == path
+            || p.strip_prefix(path)
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
+struct PidFd(std::os::fd::OwnedFd);
+
+impl PidFd {
+    fn open(pid: u32) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
         }
+        // SAFETY: a descriptor the call just opened, owned by nobody else.
+        Ok(Self(unsafe {
+            std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+        }))
+    }
+
+    /// A pidfd polls readable once its process has exited.
+    fn exited(&self) -> bool {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            self.0.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_or(true, |n| n > 0)
     }
 }
 
 fn a_pid_in(dir: &Path, depth: u32) -> Option<u32> {
     if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-        if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+        // 0: a process in a pid namespace the reader cannot see.
+        if let Some(pid) = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .find(|&pid| pid != 0)
+        {
             return Some(pid);
         }
     }
@@ -333,6 +432,38 @@ fn a_pid_in(dir: &Path, depth: u32) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// A process is in its own cgroup and below its parents, never in a sibling whose
+    /// name merely starts the same.
+    #[test]
+    fn a_process_is_in_its_cgroup_and_below_its_ancestors_only() {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+            return; // no cgroup v2 here
+        };
+        let pid = std::process::id();
+        assert!(in_cgroup(pid, path));
+        assert!(in_cgroup(pid, "/"), "everything is below the root");
+        assert!(!in_cgroup(pid, &format!("{path}x")));
+        if let Some((parent, _)) = path.rsplit_once('/').filter(|(p, _)| !p.is_empty()) {
+            assert!(in_cgroup(pid, parent));
+            assert!(!in_cgroup(pid, &format!("{parent}x")));
+        }
+    }
+
+    /// A pidfd of a live process does not poll as exited; once the process is gone it does.
+    #[test]
+    fn a_pidfd_tells_when_its_process_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pidfd = PidFd::open(child.id()).unwrap();
+        assert!(!pidfd.exited());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(pidfd.exited());
+    }
+
     #[test]
     fn the_annotation_overrides_the_global_switch() {
         let cgroups = dove_cgroup::Hierarchy {
@@ -340,11 +471,12 @@ mod tests {
             root: String::new(),
         };
         let on = |v: &str| BTreeMap::from([(ANNOTATION.to_owned(), v.to_owned())]);
-        let off_by_default = EarlyDrop::new(false, cgroups.clone());
+        let period = Duration::from_millis(100);
+        let off_by_default = EarlyDrop::new(false, cgroups.clone(), period);
         assert!(off_by_default.enabled_for(&on("true")));
         assert!(!off_by_default.enabled_for(&on("false")));
         assert!(!off_by_default.enabled_for(&BTreeMap::new()));
-        let on_by_default = EarlyDrop::new(true, cgroups);
+        let on_by_default = EarlyDrop::new(true, cgroups, period);
         assert!(on_by_default.enabled_for(&BTreeMap::new()));
         assert!(!on_by_default.enabled_for(&on("false")));
         assert!(on_by_default.enabled_for(&on("yes please")));

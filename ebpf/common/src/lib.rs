@@ -17,8 +17,9 @@
 //!   programs' own counters (one lookup per program run serves both).
 //! - [`SETTINGS_MAP`]: one [`Settings`].
 //! - [`BASE_MAP`]: array of [`CpuCost`], `SLOTS` entries, mmapable; doved's own.
-//! - [`DROP_BUCKET_MAP`]: hash, host-side interface index → [`DropBucket`]: early drop's
-//!   token bucket for traffic into a container (not pinned: a stopped doved drops nothing).
+//! - [`DROP_CONFIG_MAP`] / [`DROP_STATE_MAP`]: hash, host-side interface index →
+//!   [`DropConfig`] (doved's) / [`DropState`] (the program's): early drop's token bucket
+//!   for traffic into a container (not pinned).
 //! - [`DROPPED_MAP`]: per-CPU hash, interface index → [`Dropped`].
 #![no_std]
 
@@ -55,31 +56,39 @@ pub const KERNEL_OFFSETS_MAP: &str = "DOVE_KERNEL_OFFSETS";
 
 /// Early drop: host-side interfaces of containers over budget, at most.
 pub const DROP_INTERFACES: u32 = 1024;
-pub const DROP_BUCKET_MAP: &str = "DOVE_DROP_BUCKET";
+pub const DROP_CONFIG_MAP: &str = "DOVE_DROP_CONFIG";
+pub const DROP_STATE_MAP: &str = "DOVE_DROP_STATE";
 pub const DROPPED_MAP: &str = "DOVE_DROPPED";
 
-/// A token bucket in nanoseconds of the container's softirq time, for the packets sent
-/// into it through one interface. doved sets the rate, burst and per-packet cost; the
-/// early-drop program refills and spends `tokens`. Updates from several CPUs are not
-/// atomic: a race can admit a packet or two more than the rate, never fewer.
+/// What early drop admits into a container through one interface: a token bucket in
+/// nanoseconds of the container's softirq time. Written by doved only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DropBucket {
+pub struct DropConfig {
     /// Softirq time the container can pay for, in ns per second; 0 admits everything.
     pub rate_ns_per_s: u64,
     /// Most tokens the bucket holds (ns).
     pub burst_ns: u64,
+    /// How long the rate takes to fill the bucket (ns): `burst_ns × 10⁹ / rate`.
+    pub burst_window_ns: u64,
     /// What one packet costs the container, as doved last measured it (ns).
     pub packet_cost_ns: u64,
-    /// Tokens left (ns); negative after a race.
-    pub tokens: i64,
-    /// When the program last refilled the bucket (`bpf_ktime_get_ns`).
-    pub refilled_ns: u64,
     /// The bucket drops nothing after this instant (`CLOCK_MONOTONIC`, as
     /// `bpf_ktime_get_ns`). doved moves it forward every tick, so a program a dead doved
     /// left attached (a clsact filter outlives its process; tcx links do not) stops
     /// dropping within moments.
     pub expires_ns: u64,
+}
+
+/// The bucket's fill, kept as what the rate has credited since `epoch_ns` less what was
+/// spent, so that admitting a packet is one add (a race between CPUs loses at most that
+/// packet's add, never a refill). Written by the early-drop program (doved only creates
+/// it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropState {
+    pub epoch_ns: u64,
+    pub spent_ns: u64,
 }
 
 /// Packets and bytes the early-drop program dropped on one CPU for one interface.
@@ -238,6 +247,7 @@ mod user {
     unsafe impl aya::Pod for WindowState {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for KernelOffsets {}
-    unsafe impl aya::Pod for DropBucket {}
+    unsafe impl aya::Pod for DropConfig {}
+    unsafe impl aya::Pod for DropState {}
     unsafe impl aya::Pod for Dropped {}
 }

@@ -38,7 +38,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use dove_ebpf_common::{
-    CpuCost, DropBucket, Dropped, DROP_INTERFACES, GlobalCost, KernelOffsets, Settings, WindowState, BPF_F_MMAPABLE,
+    CpuCost, DropConfig, DropState, Dropped, DROP_INTERFACES, GlobalCost, KernelOffsets, Settings, WindowState, BPF_F_MMAPABLE,
     HRTIMER_SOFTIRQ, MAX_LEVEL, MAX_STRETCH_NS, NET_RX_SOFTIRQ, NET_TX_SOFTIRQ, NO_PACKET,
     OWNER_PENDING, SLOTS, TASKLET_SOFTIRQ, TIMER_SOFTIRQ, UNATTRIBUTED_SLOT,
 };
@@ -478,9 +478,13 @@ pub fn dove_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
-/// Early drop's buckets, by the host-side interface a container's traffic leaves through.
-#[map(name = "DOVE_DROP_BUCKET")]
-static DROP_BUCKET: HashMap<u32, DropBucket> = HashMap::with_max_entries(DROP_INTERFACES, 0);
+/// Early drop's buckets, by the host-side interface a container's traffic leaves through:
+/// doved's settings, and the program's fill.
+#[map(name = "DOVE_DROP_CONFIG")]
+static DROP_CONFIG: HashMap<u32, DropConfig> = HashMap::with_max_entries(DROP_INTERFACES, 0);
+
+#[map(name = "DOVE_DROP_STATE")]
+static DROP_STATE: HashMap<u32, DropState> = HashMap::with_max_entries(DROP_INTERFACES, 0);
 
 #[map(name = "DOVE_DROPPED")]
 static DROPPED: PerCpuHashMap<u32, Dropped> = PerCpuHashMap::with_max_entries(DROP_INTERFACES, 0);
@@ -488,45 +492,76 @@ static DROPPED: PerCpuHashMap<u32, Dropped> = PerCpuHashMap::with_max_entries(DR
 /// `TC_ACT_UNSPEC`: no verdict, the next program (tcx) or filter (clsact) decides.
 const NEXT: i32 = -1;
 const SHOT: i32 = 2;
-/// What a bucket may refill in one step, so the refill's product cannot overflow.
-const MAX_REFILL_NS: u64 = 100_000_000;
+/// A bucket idle this long starts over full (and the credit's product cannot overflow).
+const MAX_IDLE_NS: u64 = 10_000_000_000;
+const ETH_HLEN: usize = 14;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// IPv6 neighbour discovery and router messages (ICMPv6 133-137), which must pass like
+/// ARP does, or the container's neighbours go stale while it is limited.
+#[inline(always)]
+fn neighbour_discovery(ctx: &TcContext) -> bool {
+    // Fixed header only: ND never comes behind extension headers.
+    matches!(ctx.load::<u8>(ETH_HLEN + 6), Ok(IPPROTO_ICMPV6))
+        && matches!(ctx.load::<u8>(ETH_HLEN + 40), Ok(133..=137))
+}
 
 /// Early drop, at tc egress of a container's host-side interface: the container's IP
 /// packets beyond what its quota can pay for in softirq time are dropped before its
-/// side of the pair processes them. Non-IP frames (ARP) always pass, so neighbours stay
-/// resolved and TCP recovers as soon as the container is back under budget.
+/// side of the pair processes them. ARP and IPv6 neighbour discovery always pass, so
+/// neighbours stay resolved and TCP recovers as soon as the container is back under
+/// budget.
+///
+/// The bucket is a credit (rate × time since `epoch_ns`) less what was spent, so the only
+/// write per admitted packet is one add to `spent_ns`. CPUs racing on one container's
+/// traffic can lose each other's add (the BPF target has no atomic read-modify-write in
+/// Rust's `core`): each lost add admits one packet beyond the rate, never a whole refill.
 #[classifier]
 pub fn dove_early_drop(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer the kernel passed; the verifier checks the accesses.
     let (protocol, ifindex, len) = unsafe { ((*skb).protocol, (*skb).ifindex, (*skb).len) };
-    if protocol != (0x0800u16).to_be() as u32 && protocol != (0x86ddu16).to_be() as u32 {
+    let ipv6 = protocol == (0x86ddu16).to_be() as u32;
+    if protocol != (0x0800u16).to_be() as u32 && !ipv6 {
         return NEXT;
     }
-    let Some(bucket) = DROP_BUCKET.get_ptr_mut(&ifindex) else {
+    // SAFETY: a map value the kernel keeps while the program runs; doved replaces it
+    // whole, so the copy is one consistent setting.
+    let Some(config) = (unsafe { DROP_CONFIG.get(&ifindex) }).copied() else {
         return NEXT;
     };
-    // SAFETY: a map value the kernel keeps while the program runs.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if config.rate_ns_per_s == 0 || now > config.expires_ns {
+        return NEXT;
+    }
+    if ipv6 && neighbour_discovery(&ctx) {
+        return NEXT;
+    }
+    let Some(state) = DROP_STATE.get_ptr_mut(&ifindex) else {
+        return NEXT;
+    };
+    // SAFETY: as above; the program is the only writer after doved creates it.
     unsafe {
-        let rate = (*bucket).rate_ns_per_s;
-        if rate == 0 {
-            return NEXT;
+        let mut elapsed = now.saturating_sub((*state).epoch_ns);
+        let spent = (*state).spent_ns;
+        let mut restart = elapsed > MAX_IDLE_NS;
+        if !restart {
+            // µs × (ns/s) / 10⁶: no overflow below MAX_IDLE_NS at any rate up to 1.8 × 10¹²
+            // ns/s (1,800 CPUs).
+            let credit = elapsed / 1000 * config.rate_ns_per_s / 1_000_000;
+            restart = credit.saturating_sub(spent) > config.burst_ns;
         }
-        let now = bpf_ktime_get_ns();
-        if now > (*bucket).expires_ns {
-            return NEXT;
+        if restart {
+            // Full: start over at a full bucket, so credit never piles up past the burst.
+            // A racing CPU's spend can be lost here too: one packet more admitted.
+            (*state).epoch_ns = now.saturating_sub(config.burst_window_ns);
+            (*state).spent_ns = 0;
+            elapsed = config.burst_window_ns;
         }
-        let elapsed = now.saturating_sub((*bucket).refilled_ns).min(MAX_REFILL_NS);
-        let refill = elapsed * rate / 1_000_000_000;
-        if refill > 0 {
-            (*bucket).refilled_ns = now;
-            let burst = (*bucket).burst_ns as i64;
-            let tokens = (*bucket).tokens + refill as i64;
-            (*bucket).tokens = if tokens > burst { burst } else { tokens };
-        }
-        let cost = (*bucket).packet_cost_ns as i64;
-        if (*bucket).tokens >= cost {
-            (*bucket).tokens -= cost;
+        let credit = elapsed / 1000 * config.rate_ns_per_s / 1_000_000;
+        let spent = if restart { 0 } else { spent };
+        if credit >= spent.saturating_add(config.packet_cost_ns) {
+            (*state).spent_ns += config.packet_cost_ns;
             return NEXT;
         }
         match DROPPED.get_ptr_mut(&ifindex) {
