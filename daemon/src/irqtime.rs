@@ -69,6 +69,14 @@ impl IrqTimeAccounting {
         let psi = std::fs::read_to_string("/proc/pressure/irq")
             .map(Psi::Read)
             .unwrap_or_else(|e| match e.kind() {
+                // From 6.0, PSI has an irq file exactly when IRQ time accounting is built.
+                std::io::ErrorKind::NotFound
+                    if Path::new("/proc/pressure/cpu").exists()
+                        && aya::util::KernelVersion::current()
+                            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 0, 0)) =>
+                {
+                    Psi::AbsentWhilePsiRuns
+                }
                 std::io::ErrorKind::NotFound => Psi::Absent,
                 _ => Psi::Unreadable,
             });
@@ -104,7 +112,8 @@ impl IrqTimeAccounting {
         // /proc/pressure/irq exists only in kernels built with it (and PSI).
         let built = match (&psi, configured) {
             (Psi::Read(_) | Psi::Unreadable, _) => true,
-            (Psi::Absent, Some(built)) => built,
+            (Psi::Absent | Psi::AbsentWhilePsiRuns, Some(built)) => built,
+            (Psi::AbsentWhilePsiRuns, None) => false,
             (Psi::Absent, None) => return IrqTimeAccounting::Unknown,
         };
         if !built {
@@ -128,6 +137,10 @@ pub enum Psi {
     Read(String),
     /// Not there: the kernel lacks IRQ time accounting or PSI.
     Absent,
+    /// Not there while PSI runs on a kernel from 6.0 (which has the file whenever IRQ time
+    /// accounting is built): the kernel lacks it, even with no configuration to read (a
+    /// host without /boot, doved in a container).
+    AbsentWhilePsiRuns,
     /// There but unreadable.
     Unreadable,
 }
@@ -160,6 +173,8 @@ mod tests {
             // (config, cmdline, psi, expected)
             (Some(NOT_BUILT), "quiet", Psi::Absent, NotBuilt),
             (None, "quiet", Psi::Absent, Unknown),
+            (None, "quiet", Psi::AbsentWhilePsiRuns, NotBuilt),
+            (Some(NOT_BUILT), "quiet", Psi::AbsentWhilePsiRuns, NotBuilt),
             (Some(BUILT), "quiet", read(BUSY), Active),
             (None, "quiet", read(BUSY), Active),
             (

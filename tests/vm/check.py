@@ -19,8 +19,8 @@ if not warnings or warnings[0].split()[-1] != "0":
     failures.append("kernel warnings during the run: " + "; ".join(l for l in lines if l.startswith("DOVE-VM DMESG ")))
 
 QUOTA_US = 40000
-MODES = ("ref", "off", "cpumax") if compat else ("ref", "off", "on", "cpumax")
-samples, runs, floods = {}, {}, {}
+MODES = ("ref", "cpumax") if compat else ("ref", "off", "on", "cpumax")
+samples, runs, floods, restores = {}, {}, {}, {}
 for l in lines:
     kv = dict(re.findall(r"(\w+)=(\S*)", l))
     num = lambda v: int(v) if re.fullmatch(r"-?\d+", v or "") else 0
@@ -43,6 +43,8 @@ for l in lines:
         r["ftrace_cpu0"] = num(kv["cpu0_us"])
     elif l.startswith("DOVE-VM FLOOD "):
         floods.setdefault(kv["mode"], {})[kv["at"]] = {k: num(v) for k, v in kv.items() if k not in ("mode", "at")}
+    elif l.startswith("DOVE-VM RESTORE"):
+        restores[kv["check"]] = kv
     elif l.startswith("DOVE-VM METRICS"):
         floods.setdefault(kv["mode"], {})["metrics"] = l
     elif l.startswith("DOVE-VM THROUGHPUT"):
@@ -67,16 +69,19 @@ for mode in MODES:
     # A write of cpu.max refills B's runtime too (tg_set_cfs_bandwidth), and the kprobe
     # counts it: only the period timer's refills grant B its base quota.
     r["quota"] = (r["refills"] - r.get("b_writes", 0)) * QUOTA_US
-    if compat and r["refills"] == 0:
-        # The refill function is inlined in this kernel (no kprobe): periods that ran.
+    if compat:
+        # The period timer's refill is inlined in this kernel: the kprobe sees only
+        # cpumax's writes. B's quota is counted from the periods that ran.
         r["quota"] = r["periods"] * QUOTA_US
     r["b_total"] = r["b_usage"] + r["b_attr"]
     r["ratio"] = r["b_total"] / max(r["quota"], 1)
     r["a_share"] = r["a_usage"] / r["window"]
 
 if all(m in runs and "window" in runs[m] for m in MODES):
-    ref, off, cpumax = runs["ref"], runs["off"], runs["cpumax"]
-    on = runs.get("on", {"b_attr": 0, "cpu0_sirq": 0})
+    ref, cpumax = runs["ref"], runs["cpumax"]
+    absent = {"b_attr": 0, "cpu0_sirq": 0, "ratio": 0.0, "a_share": 0.0}
+    off = runs["off"] if "window" in runs.get("off", {}) else absent
+    on = runs["on"] if "window" in runs.get("on", {}) else absent
     s = lambda us: f"{us / 1e6:.2f}s"
     print()
     print(f"{'DOVE':<5} {'window':>7} {'refills':>7} {'periods':>7} {'quota':>7} {'B usage':>8} {'B sirq':>7} "
@@ -84,7 +89,7 @@ if all(m in runs and "window" in runs[m] for m in MODES):
     for mode in MODES:
         r = runs[mode]
         print(f"{mode:<5} {s(r['window']):>7} {r['refills']:>7} {r['periods']:>7} {s(r['quota']):>7} {s(r['b_usage']):>8} "
-              f"{s(r['b_attr']):>7} {r['ratio']:>7.2f} {s(r['b_charged']):>8} {r['b_pending']/1e6:>+7.2f}s "
+              f"{s(r['b_attr']):>7} {r['ratio']:>7.2f} {s(r.get('b_charged', 0)):>8} {r['b_pending']/1e6:>+7.2f}s "
               f"{r['a_share']*100:>6.1f}%  {r.get('throughput', '-')}")
     print(f"{'DOVE':<5} {'NET traced':>17} {'B attr':>7} {'A attr':>7} {'unattr':>7} {'DOVE':>7} {'DOVE/NET':>8}   "
           f"{'/proc/stat sirq':>15} {'ksoftirqd':>9} {'baseline':>8} {'less base':>9}")
@@ -126,7 +131,7 @@ if all(m in runs and "window" in runs[m] for m in MODES):
     if abs(ref["ratio"] - 1) > 0.10:
         failures.append(f"reference: B used {ref['ratio']:.2f}x the {ref['refills']} refills' quota with no traffic: "
                         "the refill count does not describe what CFS granted (want within 10%)")
-    if off["ratio"] <= 1.15:
+    if not compat and off["ratio"] <= 1.15:
         failures.append(f"with DOVE off B's total is only {off['ratio']:.2f}x its quota: the scenario shows no escape, so it proves nothing")
     if not compat and ref["a_share"] - off["a_share"] <= 0.10:
         failures.append(f"with DOVE off A got {off['a_share']*100:.1f}% of CPU 0, not more than 10 points below the "
@@ -171,10 +176,12 @@ if all(m in runs and "window" in runs[m] for m in MODES):
         failures.append(f"cpumax: B's total is {cpumax['ratio']:.2f}x its quota (off: {off['ratio']:.2f}x): want within {limit:.0%}")
     if not compat and abs(cpumax["a_share"] - ref["a_share"]) > 0.05:
         failures.append(f"cpumax: A got {cpumax['a_share']*100:.1f}% of CPU 0: want within 5 points of the reference {ref['a_share']*100:.1f}%")
-    if cpumax["b_charged"] != 0:
+    if cpumax.get("b_charged", 0) != 0:
         failures.append(f"cpumax: the scheduler charged B {s(cpumax['b_charged'])}: no maps were handed to it, so cpumax is not what held B")
-# The 64-byte flood at B in its own network namespace, cpumax without and with early drop.
-FLOOD_MODES = ("flood-off", "flood-on")
+# The 64-byte flood at B in its own network namespace: B alone at the flood runs' quota
+# (A's fair share), then cpumax without and with early drop; on a distribution kernel
+# only the last, whose drops are judged.
+FLOOD_MODES = ("flood-on",) if compat else ("flood-ref", "flood-off", "flood-on")
 for mode in FLOOD_MODES:
     f = floods.get(mode, {})
     if "begin" not in f or "end" not in f:
@@ -184,27 +191,43 @@ for mode in FLOOD_MODES:
     f.update({k: e[k] - b.get(k, 0) for k in e})
     f["a_share"] = f["a_usage"] / max(f["t"], 1)
     f["kernel_dropped"] = f["sndbuf"] - f["vethdrop"]
-if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES) and "a_share" in runs.get("ref", {}):
-    ref_share = runs["ref"]["a_share"]
+if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES):
     print(f"{'flood':<9} {'window':>7} {'B usage':>8} {'B sirq':>7} {'A share':>7} {'dropped':>9} {'kernel':>9} {'veth':>9}  throughput")
     for mode in FLOOD_MODES:
         f = floods[mode]
         print(f"{mode:<9} {f['t']/1e6:>6.2f}s {f['b_usage']/1e6:>7.2f}s {f['b_attr']/1e6:>6.2f}s {f['a_share']*100:>6.1f}% "
               f"{f['dropped']:>9} {f['kernel_dropped']:>9} {f['vethdrop']:>9}  {runs.get(mode, {}).get('throughput', '-')}")
-    off, on = floods["flood-off"], floods["flood-on"]
-    if not compat and ref_share - off["a_share"] <= 0.10:
-        failures.append(f"flood without early drop: A got {off['a_share']*100:.1f}% of CPU 0, not more than 10 points below "
-                        f"the reference {ref_share*100:.1f}%: the flood harms nobody here, so early drop proves nothing")
-    if off["dropped"] != 0:
-        failures.append(f"flood without early drop: {off['dropped']} packets dropped")
-    if not compat and abs(on["a_share"] - ref_share) > 0.10:
-        failures.append(f"flood with early drop: A got {on['a_share']*100:.1f}% of CPU 0: want within 10 points of the reference {ref_share*100:.1f}%")
+    on = floods["flood-on"]
+    if not compat:
+        ref_share, off = floods["flood-ref"]["a_share"], floods["flood-off"]
+        if ref_share - off["a_share"] <= 0.10:
+            failures.append(f"flood without early drop: A got {off['a_share']*100:.1f}% of CPU 0, not more than 10 points below "
+                            f"the flood reference {ref_share*100:.1f}%: the flood harms nobody here, so early drop proves nothing")
+        if off["dropped"] != 0:
+            failures.append(f"flood without early drop: {off['dropped']} packets dropped")
+        if abs(on["a_share"] - ref_share) > 0.10:
+            failures.append(f"flood with early drop: A got {on['a_share']*100:.1f}% of CPU 0: want within 10 points of the flood reference {ref_share*100:.1f}%")
     if on["dropped"] <= 0:
         failures.append("flood with early drop: nothing dropped")
     elif abs(on["dropped"] - on["kernel_dropped"]) > 0.02 * on["kernel_dropped"] + 10:
         failures.append(f"flood with early drop: DOVE counted {on['dropped']} drops, the kernel {on['kernel_dropped']} (want within 2%)")
     if not re.search(r'dove_early_drop_packets_total\{[^}]*container_id="dove-b"[^}]*\} [1-9]', on.get("metrics", "")):
         failures.append(f"flood with early drop: /metrics exports no drops for dove-b: {on.get('metrics', '(no METRICS line)')}")
+# cpumax's ledger (in the cpumax run, the stream still flowing): someone else's change is
+# adopted, and after a kill -9 the next doved restores the base before it serves, also
+# when B was unregistered while no doved ran.
+q = lambda kv, k: int(kv.get(k, "0") or 0)
+adopt, kill9, gone = restores.get("adopt", {}), restores.get("kill9", {}), restores.get("unregistered", {})
+print(f"cpumax ledger: adopted base {q(adopt, 'base_us')} us (quota then {q(adopt, 'quota_us')}); kill -9 at "
+      f"{q(kill9, 'left_us')} us -> {q(kill9, 'served_us')} us when the next doved serves; unregistered while down at "
+      f"{q(gone, 'left_us')} us -> {q(gone, 'served_us')} us, {q(gone, 'later_us')} us a second later")
+if q(adopt, "base_us") != 50000 or not 5000 <= q(adopt, "quota_us") <= 50000:
+    failures.append(f"cpumax: an external change to 50 ms while lowered was not adopted as the base: {adopt or 'no RESTORE line'}")
+if not 0 < q(kill9, "left_us") < QUOTA_US or q(kill9, "served_us") != QUOTA_US:
+    failures.append(f"cpumax: after kill -9 while lowered, the next doved did not restore the base before serving: {kill9 or 'no RESTORE line'}")
+if (not 0 < q(gone, "left_us") < QUOTA_US or q(gone, "served_us") != QUOTA_US or q(gone, "later_us") != QUOTA_US
+        or "dove-b" in gone.get("registered", "")):
+    failures.append(f"cpumax: B unregistered while doved was down: base not restored, or B still enforced: {gone or 'no RESTORE line'}")
 for f in failures:
     print("vm: FAIL:", f)
 print("vm:", "1 passed, 0 failed" if not failures else "0 passed, 1 failed")

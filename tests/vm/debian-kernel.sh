@@ -15,8 +15,8 @@ dir="$cache/$package"
 if [ ! -f "$dir/vmlinuz" ]; then
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
-    # apt's sandbox user cannot write into a root-only temporary directory.
-    chmod 0755 "$work"
+    # apt downloads as its sandbox user, which must be able to write there.
+    chown _apt "$work" 2>/dev/null || chmod 0777 "$work"
     (cd "$work" && apt-get download -qq "$package" >&2)
     dpkg-deb -x "$work"/*.deb "$work/x"
     mkdir -p "$dir.tmp/modules"

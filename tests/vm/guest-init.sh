@@ -187,7 +187,7 @@ stream_start() { # stream_start MODE: B's stream for the window, sized to TARGET
     # one sample far from the rate it asks for misses (a sample at 12 Mbit/s read 10.6%,
     # and the 14.7 Mbit/s it asked for then cost 12%): each pass measures the stream
     # itself and restarts it at a corrected rate until it lands within TOLERANCE.
-    for pass in 1 2 3; do
+    for pass in 1 2 3 4; do
         sender_start $1 $rate $((WINDOW + 120))
         # Past the stream's start (a sample from 1 s in read a third high), and long
         # enough to average over the emulator's stalls.
@@ -200,10 +200,16 @@ stream_start() { # stream_start MODE: B's stream for the window, sized to TARGET
         say CALIBRATE mode=$1 pass=$pass rate_kbit=$rate cpu0_net_permille=$share
         off_by=$(( (share - TARGET) * 1000 / TARGET ))
         [ ${off_by#-} -le $TOLERANCE ] && return 0
-        [ $pass = 3 ] && { say ERROR "mode $1: the stream still costs ${share} per mille of CPU 0 after 3 passes (target $TARGET)"; return 0; }
+        [ $pass = 4 ] && { say ERROR "mode $1: the stream still costs ${share} per mille of CPU 0 after 4 passes (target $TARGET)"; return 0; }
         kill -INT $sender
         wait $sender
-        rate=$((rate * TARGET / (share > 0 ? share : 1)))
+        # At most a quarter up or a fifth down per pass: somewhere in 20-30 Mbit/s the
+        # cost per Mbit jumps (one boot: 23.8 Mbit/s 11.4%, 29.3 Mbit/s 16.0%), and a full
+        # correction from below overshot it.
+        next=$((rate * TARGET / (share > 0 ? share : 1)))
+        [ $next -gt $((rate * 5 / 4)) ] && next=$((rate * 5 / 4))
+        [ $next -lt $((rate * 4 / 5)) ] && next=$((rate * 4 / 5))
+        rate=$next
         [ $rate -gt 200000 ] && rate=200000
     done
 }
@@ -245,6 +251,53 @@ dove_counters() { # DOVE's counters (us) from a `dovectl stats --json` file, as 
         "b_writes=${writes:-0}"
 }
 charged_us() { awk '$1 == "dove_charged_usec" {print $2}' /sys/fs/cgroup/dove-b/cpu.stat; }
+
+b_quota_us() { awk '{print $1}' /sys/fs/cgroup/dove-b/cpu.max; }
+wait_lowered() { # until cpumax has lowered B's quota under its base (at most 10 s)
+    for _ in $(seq 100); do
+        [ "$(b_quota_us)" -lt $QUOTA ] 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+start_doved() { # start_doved MODE: doved again on MODE's configuration, once it serves
+    doved --config /tmp/doved-$1.toml >> /tmp/doved-$1.log 2>&1 &
+    doved_pid=$!
+    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+}
+restore_checks() { # restore_checks MODE: cpumax's ledger against an external change and kill -9
+    # 1. A quota someone else sets while B's is lowered becomes the base, not overwritten.
+    wait_lowered || say ERROR "cpumax never lowered B's quota"
+    echo "50000 $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
+    sleep 1
+    adopted=$(dovectl stats --json | awk 'index($0, "\"id\": \"dove-b\"") {f = 1}
+        f && /"base_quota_us"/ {gsub(/[^0-9]/, ""); print; exit}')
+    lowered_from_new=$(b_quota_us)
+    echo "$QUOTA $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
+    say RESTORE mode=$1 check=adopt base_us=${adopted:-0} quota_us=$lowered_from_new
+    # 2. kill -9 while lowered: the next doved restores the base before it serves.
+    wait_lowered || say ERROR "cpumax never lowered B's quota again"
+    kill -9 $doved_pid
+    wait $doved_pid
+    left=$(b_quota_us)
+    start_doved $1
+    served=$(b_quota_us)
+    say RESTORE mode=$1 check=kill9 left_us=$left served_us=$served
+    # 3. kill -9 while lowered, then B unregistered while no doved runs (its poststop hook
+    #    spools it): the next doved restores the base and leaves B alone.
+    wait_lowered || say ERROR "cpumax never lowered B's quota after the restart"
+    kill -9 $doved_pid
+    wait $doved_pid
+    left=$(b_quota_us)
+    echo "{\"ociVersion\": \"1.0.2\", \"id\": \"dove-b\", \"status\": \"stopped\", \"bundle\": \"/tmp/bundle-dove-b\"}" |
+        dove-hook poststop > /tmp/hook-unregister.log 2>&1
+    start_doved $1
+    served=$(b_quota_us)
+    sleep 1
+    later=$(b_quota_us)
+    registered=$(dovectl list | tail -n +2 | awk '{print $1}' | tr '\n' ' ')
+    say RESTORE mode=$1 check=unregistered left_us=$left served_us=$served later_us=$later registered="$registered"
+}
 
 scenario() { # scenario ref|off|on|cpumax
     # ref: B burns exactly its quota with no traffic (what fair is in this boot);
@@ -324,6 +377,9 @@ EOF
     say NETSOFTIRQ-DOVE mode=$mode lo_us=$lo hi_us=$hi
     say SOFTIRQS-AFTER mode=$mode "$(softirq_counts)" "$(cpu0_times)"
     say THREADS mode=$mode "$(busiest_threads /tmp/threads-before /tmp/threads-after)"
+    # With the stream still running: cpumax's ledger against someone else's change and a
+    # kill -9, on this kernel's cgroup v2 (the host's suites test the v1 layout).
+    [ "$mode" = cpumax ] && restore_checks $mode
     if [ -n "$sender" ]; then
         kill -INT $sender # iperf3 prints its summary on SIGINT
         wait $sender
@@ -352,7 +408,11 @@ EOF
     sleep 0.5
 }
 
-flood() { # flood off|on: a 64-byte UDP flood at B, cpumax without and with early drop
+# B's quota in the flood runs: 10% of CPU 0, so the flood (about a third of CPU 0 under
+# emulation) costs more than the quota absorbs from its base down to its floor (9%).
+FLOOD_QUOTA=10000
+flood() { # flood ref|off|on: B at FLOOD_QUOTA alone (A's fair share), then a 64-byte UDP
+          # flood at B, cpumax without and with early drop
     mode=flood-$1
     cat > /tmp/doved-$mode.toml <<EOF
 [daemon]
@@ -383,18 +443,22 @@ EOF
     /usr/sbin/ip netns exec bns sh -c 'echo 1 > /sys/class/net/b1/queues/rx-0/rps_cpus'
     b_cmd='["sh", "-c", "while :; do :; done & renice -n 19 -p $! > /dev/null; exec iperf3 -s -B 10.1.0.2 -p 5201"]'
     a=$(bundle dove-a /dove-a '{"cpus": "0"}' '["sh", "-c", "while :; do :; done"]')
-    b=$(bundle dove-b /dove-b "{\"cpus\": \"0\", \"quota\": $QUOTA, \"period\": $PERIOD}" "$b_cmd" /run/netns/bns)
+    [ "$1" = ref ] && b_cmd='["sh", "-c", "while :; do :; done"]'
+    b=$(bundle dove-b /dove-b "{\"cpus\": \"0\", \"quota\": $FLOOD_QUOTA, \"period\": $PERIOD}" "$b_cmd" /run/netns/bns)
     runc --root /run/runc create --no-pivot --bundle "$b" dove-b > /tmp/runc-b.log 2>&1 || say ERROR "runc create B: $(cat /tmp/runc-b.log)"
     runc --root /run/runc start dove-b
     runc --root /run/runc create --no-pivot --bundle "$a" dove-a > /tmp/runc-a.log 2>&1 || say ERROR "runc create A: $(cat /tmp/runc-a.log)"
     runc --root /run/runc start dove-a
     sleep 1
-    taskset -c 1 iperf3 --forceflush -u -b 0 -l 64 -c 10.1.0.2 -p 5201 -t $((WINDOW + 60)) > /tmp/iperf-$mode.log 2>&1 &
-    sender=$!
-    for _ in $(seq 40); do
-        [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 1 ] && break
-        sleep 0.5
-    done
+    sender=
+    if [ "$1" != ref ]; then
+        taskset -c 1 iperf3 --forceflush -u -b 0 -l 64 -c 10.1.0.2 -p 5201 -t $((WINDOW + 60)) > /tmp/iperf-$mode.log 2>&1 &
+        sender=$!
+        for _ in $(seq 40); do
+            [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 1 ] && break
+            sleep 0.5
+        done
+    fi
     # Early drop starts once the quota has sat at its floor for about ten periods.
     sleep 4
     say FLOOD mode=$mode at=begin $(read_flood)
@@ -402,9 +466,11 @@ EOF
     say FLOOD mode=$mode at=end $(read_flood)
     say QUOTA mode=$mode "$(dovectl status | grep -E '^dove-b ' | tr -s ' ')"
     say METRICS mode=$mode "$(wget -q -O - http://127.0.0.1:9477/metrics | grep -E '^dove_early_drop_packets_total' | tr '\n' ' ')"
-    kill -INT $sender
-    wait $sender
-    say THROUGHPUT mode=$mode "$(grep -E ' sender$' /tmp/iperf-$mode.log | tail -n 1 | awk '{print $7 $8}')"
+    if [ -n "$sender" ]; then
+        kill -INT $sender
+        wait $sender
+        say THROUGHPUT mode=$mode "$(grep -E ' sender$' /tmp/iperf-$mode.log | tail -n 1 | awk '{print $7 $8}')"
+    fi
     runc --root /run/runc kill dove-a KILL
     runc --root /run/runc kill dove-b KILL
     sleep 0.5
@@ -432,11 +498,15 @@ read_flood() {
         found && /"dropped_packets"/ {gsub(/[^0-9]/, ""); print; exit}' /tmp/stats.json)"
 }
 
+# On a distribution kernel only what can be judged there runs (see check.py): A's share
+# cannot tell fair from stolen without IRQ time accounting, so neither the DOVE-off run
+# nor the flood's reference and no-early-drop runs, which only A's share judges.
 scenario ref
-scenario off
+[ $compat = yes ] || scenario off
 [ $compat = yes ] || scenario on
 scenario cpumax
-flood off
+[ $compat = yes ] || flood ref
+[ $compat = yes ] || flood off
 flood on
 say DMESG-WARNINGS "$(dmesg | grep -cE 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function called from invalid context')"
 dmesg | grep -E 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function' | head -5 | while read -r l; do say DMESG "$l"; done

@@ -31,7 +31,8 @@ boot() { # boot NAME KERNEL INITRAMFS [APPEND]: the guest's DOVE-VM lines in $wo
         -append "console=ttyS0 panic=-1 loglevel=4 irqaffinity=1 ${4:-}" \
         -nographic -no-reboot -nic none > "$log" 2>&1 || true
     echo "vm: guest ran $(( $(date +%s) - start )) s"
-    tr -d '\r' < "$log" | grep '^DOVE-VM' > "$work/$1" || true
+    # (A line may follow the firmware's escape sequences without a newline.)
+    tr -d '\r' < "$log" | grep -ao 'DOVE-VM .*' > "$work/$1" || true
     cat "$work/$1"
     if ! grep -q '^DOVE-VM END' "$work/$1"; then
         echo "vm: the guest did not finish; last console lines:" >&2
