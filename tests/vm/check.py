@@ -43,6 +43,10 @@ for l in lines:
         r["ftrace_cpu0"] = num(kv["cpu0_us"])
     elif l.startswith("DOVE-VM FLOOD "):
         floods.setdefault(kv["mode"], {})[kv["at"]] = {k: num(v) for k, v in kv.items() if k not in ("mode", "at")}
+    elif l.startswith("DOVE-VM DROPS"):
+        floods.setdefault(kv["mode"], {})["drops"] = {k: num(v) for k, v in kv.items() if k != "mode"}
+    elif l.startswith("DOVE-VM ERROR"):
+        failures.append(l[len("DOVE-VM "):])
     elif l.startswith("DOVE-VM RESTORE"):
         restores[kv["check"]] = kv
     elif l.startswith("DOVE-VM METRICS"):
@@ -56,7 +60,7 @@ for l in lines:
         continue
     if not compat and "irq time accounting: active" not in l:
         failures.append(f"doved does not report IRQ time accounting as active in a guest that runs it: {l}")
-    if compat and "irq time accounting: not-built" not in l:
+    if compat and "irq time accounting: not built" not in l:
         failures.append(f"doved does not report that this kernel has no IRQ time accounting: {l}")
 for mode in MODES:
     if (mode, "begin") not in samples or (mode, "end") not in samples or "refills" not in runs.get(mode, {}):
@@ -198,35 +202,47 @@ if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES):
         print(f"{mode:<9} {f['t']/1e6:>6.2f}s {f['b_usage']/1e6:>7.2f}s {f['b_attr']/1e6:>6.2f}s {f['a_share']*100:>6.1f}% "
               f"{f['dropped']:>9} {f['kernel_dropped']:>9} {f['vethdrop']:>9}  {runs.get(mode, {}).get('throughput', '-')}")
     on = floods["flood-on"]
+    # Drops over the whole run, read once the sender stopped: DOVE's against the kernel's
+    # failed sends (less the veth's own drops: on kernels before 6.6 a veth drop may not
+    # fail the send, so either reading of the kernel's count is accepted).
+    drops = lambda f: f.get("drops", {})
+    for mode in FLOOD_MODES:
+        d = drops(floods[mode])
+        print(f"{mode}: dropped by DOVE {d.get('dropped', 0)}, sends the kernel failed {d.get('sndbuf', 0)} "
+              f"(veth's own drops {d.get('vethdrop', 0)})")
     if not compat:
         ref_share, off = floods["flood-ref"]["a_share"], floods["flood-off"]
         if ref_share - off["a_share"] <= 0.10:
             failures.append(f"flood without early drop: A got {off['a_share']*100:.1f}% of CPU 0, not more than 10 points below "
                             f"the flood reference {ref_share*100:.1f}%: the flood harms nobody here, so early drop proves nothing")
-        if off["dropped"] != 0:
-            failures.append(f"flood without early drop: {off['dropped']} packets dropped")
+        d = drops(off)
+        if not d or d["sndbuf"] - d["vethdrop"] > 10:
+            failures.append(f"flood without early drop: the kernel failed {d.get('sndbuf')} sends beyond the veth's own drops: something dropped")
         if abs(on["a_share"] - ref_share) > 0.10:
             failures.append(f"flood with early drop: A got {on['a_share']*100:.1f}% of CPU 0: want within 10 points of the flood reference {ref_share*100:.1f}%")
-    if on["dropped"] <= 0:
-        failures.append("flood with early drop: nothing dropped")
-    elif abs(on["dropped"] - on["kernel_dropped"]) > 0.02 * on["kernel_dropped"] + 10:
-        failures.append(f"flood with early drop: DOVE counted {on['dropped']} drops, the kernel {on['kernel_dropped']} (want within 2%)")
+    d = drops(on)
+    if not d or d["dropped"] <= 0:
+        failures.append(f"flood with early drop: nothing dropped ({d or 'no DROPS line'})")
+    elif min(abs(d["dropped"] - d["sndbuf"]), abs(d["dropped"] - (d["sndbuf"] - d["vethdrop"]))) > 0.02 * d["sndbuf"] + 10:
+        failures.append(f"flood with early drop: DOVE counted {d['dropped']} drops, the kernel {d['sndbuf']} failed sends "
+                        f"({d['vethdrop']} of them the veth's own): want within 2%")
     if not re.search(r'dove_early_drop_packets_total\{[^}]*container_id="dove-b"[^}]*\} [1-9]', on.get("metrics", "")):
         failures.append(f"flood with early drop: /metrics exports no drops for dove-b: {on.get('metrics', '(no METRICS line)')}")
 # cpumax's ledger (in the cpumax run, the stream still flowing): someone else's change is
 # adopted, and after a kill -9 the next doved restores the base before it serves, also
 # when B was unregistered while no doved ran.
-q = lambda kv, k: int(kv.get(k, "0") or 0)
+q = lambda kv, k: int(kv.get(k)) if re.fullmatch(r"\d+", kv.get(k) or "") else 0
 adopt, kill9, gone = restores.get("adopt", {}), restores.get("kill9", {}), restores.get("unregistered", {})
 print(f"cpumax ledger: adopted base {q(adopt, 'base_us')} us (quota then {q(adopt, 'quota_us')}); kill -9 at "
       f"{q(kill9, 'left_us')} us -> {q(kill9, 'served_us')} us when the next doved serves; unregistered while down at "
       f"{q(gone, 'left_us')} us -> {q(gone, 'served_us')} us, {q(gone, 'later_us')} us a second later")
-if q(adopt, "base_us") != 50000 or not 5000 <= q(adopt, "quota_us") <= 50000:
+# The stream paused after the change: a controller that kept the old base would settle at it.
+if q(adopt, "base_us") != 50000 or q(adopt, "quota_us") != 50000:
     failures.append(f"cpumax: an external change to 50 ms while lowered was not adopted as the base: {adopt or 'no RESTORE line'}")
-if not 0 < q(kill9, "left_us") < QUOTA_US or q(kill9, "served_us") != QUOTA_US:
+if not 0 < q(kill9, "left_us") < QUOTA_US or q(kill9, "served_us") != QUOTA_US or q(kill9, "restored_logged") < 1:
     failures.append(f"cpumax: after kill -9 while lowered, the next doved did not restore the base before serving: {kill9 or 'no RESTORE line'}")
 if (not 0 < q(gone, "left_us") < QUOTA_US or q(gone, "served_us") != QUOTA_US or q(gone, "later_us") != QUOTA_US
-        or "dove-b" in gone.get("registered", "")):
+        or "dove-b" in gone.get("registered", "") or gone.get("hook_exit") != "0"):
     failures.append(f"cpumax: B unregistered while doved was down: base not restored, or B still enforced: {gone or 'no RESTORE line'}")
 for f in failures:
     print("vm: FAIL:", f)

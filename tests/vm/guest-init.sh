@@ -188,7 +188,9 @@ stream_start() { # stream_start MODE: B's stream for the window, sized to TARGET
     # and the 14.7 Mbit/s it asked for then cost 12%): each pass measures the stream
     # itself and restarts it at a corrected rate until it lands within TOLERANCE.
     for pass in 1 2 3 4; do
-        sender_start $1 $rate $((WINDOW + 120))
+        # Long enough for the window and cpumax's ledger checks after it (two doved
+        # restarts under emulation); it is stopped when the run is over.
+        sender_start $1 $rate 600
         # Past the stream's start (a sample from 1 s in read a third high), and long
         # enough to average over the emulator's stalls.
         sleep 2
@@ -200,7 +202,7 @@ stream_start() { # stream_start MODE: B's stream for the window, sized to TARGET
         say CALIBRATE mode=$1 pass=$pass rate_kbit=$rate cpu0_net_permille=$share
         off_by=$(( (share - TARGET) * 1000 / TARGET ))
         [ ${off_by#-} -le $TOLERANCE ] && return 0
-        [ $pass = 4 ] && { say ERROR "mode $1: the stream still costs ${share} per mille of CPU 0 after 4 passes (target $TARGET)"; return 0; }
+        [ $pass = 4 ] && { say WARNING "mode $1: the stream still costs ${share} per mille of CPU 0 after 4 passes (target $TARGET)"; return 0; }
         kill -INT $sender
         wait $sender
         # At most a quarter up or a fifth down per pass: somewhere in 20-30 Mbit/s the
@@ -253,50 +255,74 @@ dove_counters() { # DOVE's counters (us) from a `dovectl stats --json` file, as 
 charged_us() { awk '$1 == "dove_charged_usec" {print $2}' /sys/fs/cgroup/dove-b/cpu.stat; }
 
 b_quota_us() { awk '{print $1}' /sys/fs/cgroup/dove-b/cpu.max; }
+b_base_us() { # B's base as doved reports it
+    dovectl stats --json 2>/dev/null | awk 'index($0, "\"id\": \"dove-b\"") {f = 1}
+        f && /"base_quota_us"/ {gsub(/[^0-9]/, ""); print; exit}'
+}
 wait_lowered() { # until cpumax has lowered B's quota under its base (at most 10 s)
     for _ in $(seq 100); do
         [ "$(b_quota_us)" -lt $QUOTA ] 2>/dev/null && return 0
         sleep 0.1
     done
+    say ERROR "cpumax did not lower B's quota within 10 s ($1)"
     return 1
 }
 start_doved() { # start_doved MODE: doved again on MODE's configuration, once it serves
     doved --config /tmp/doved-$1.toml >> /tmp/doved-$1.log 2>&1 &
     doved_pid=$!
-    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && return 0; sleep 0.1; done
+    say ERROR "doved ($1) did not serve within 10 s of its start"
 }
+restored_bases() { grep -c "were restored to their bases" /tmp/doved-$1.log; }
 restore_checks() { # restore_checks MODE: cpumax's ledger against an external change and kill -9
-    # 1. A quota someone else sets while B's is lowered becomes the base, not overwritten.
-    wait_lowered || say ERROR "cpumax never lowered B's quota"
+    # 1. A quota someone else sets while B's is lowered becomes the base: with the stream
+    #    paused (the debt drains within a second or two) the controller goes back to the
+    #    new base, not to the old one.
+    wait_lowered "before the external change"
+    kill -STOP $sender
     echo "50000 $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
-    sleep 1
-    adopted=$(dovectl stats --json | awk 'index($0, "\"id\": \"dove-b\"") {f = 1}
-        f && /"base_quota_us"/ {gsub(/[^0-9]/, ""); print; exit}')
-    lowered_from_new=$(b_quota_us)
-    echo "$QUOTA $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
-    say RESTORE mode=$1 check=adopt base_us=${adopted:-0} quota_us=$lowered_from_new
-    # 2. kill -9 while lowered: the next doved restores the base before it serves.
-    wait_lowered || say ERROR "cpumax never lowered B's quota again"
+    sleep 3
+    adopted=$(b_base_us)
+    settled=$(b_quota_us)
+    kill -CONT $sender
+    say RESTORE mode=$1 check=adopt base_us=${adopted:-0} quota_us=$settled
+    # The old base back, until doved reports it as the base (a write of doved's own
+    # between a read and this one would otherwise be taken for someone else's).
+    for _ in $(seq 30); do
+        echo "$QUOTA $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
+        sleep 0.5
+        [ "$(b_base_us)" = $QUOTA ] && break
+    done
+    # 2. kill -9 while lowered: the next doved restores the base before it serves (the
+    #    stream paused, so nothing lowers it again before the read).
+    wait_lowered "before the first kill -9"
+    kill -STOP $sender
     kill -9 $doved_pid
     wait $doved_pid
     left=$(b_quota_us)
+    before=$(restored_bases $1)
     start_doved $1
     served=$(b_quota_us)
-    say RESTORE mode=$1 check=kill9 left_us=$left served_us=$served
-    # 3. kill -9 while lowered, then B unregistered while no doved runs (its poststop hook
-    #    spools it): the next doved restores the base and leaves B alone.
-    wait_lowered || say ERROR "cpumax never lowered B's quota after the restart"
+    say RESTORE mode=$1 check=kill9 left_us=$left served_us=$served restored_logged=$(( $(restored_bases $1) - before ))
+    kill -CONT $sender
+    # 3. kill -9 while lowered, then B's poststop hook runs while no doved does (it spools
+    #    the unregistration): the next doved restores the base and leaves B alone.
+    wait_lowered "before the second kill -9"
+    kill -STOP $sender
     kill -9 $doved_pid
     wait $doved_pid
     left=$(b_quota_us)
     echo "{\"ociVersion\": \"1.0.2\", \"id\": \"dove-b\", \"status\": \"stopped\", \"bundle\": \"/tmp/bundle-dove-b\"}" |
         dove-hook poststop > /tmp/hook-unregister.log 2>&1
+    hook=$?
     start_doved $1
     served=$(b_quota_us)
-    sleep 1
+    # With the stream flowing again: unregistered, B is not lowered again.
+    kill -CONT $sender
+    sleep 2
     later=$(b_quota_us)
-    registered=$(dovectl list | tail -n +2 | awk '{print $1}' | tr '\n' ' ')
-    say RESTORE mode=$1 check=unregistered left_us=$left served_us=$served later_us=$later registered="$registered"
+    registered=$(dovectl list | tail -n +2 | awk '{print $1}' | tr '\n' ',')
+    say RESTORE mode=$1 check=unregistered left_us=$left hook_exit=$hook served_us=$served later_us=$later registered=$registered
 }
 
 scenario() { # scenario ref|off|on|cpumax
@@ -451,12 +477,18 @@ EOF
     runc --root /run/runc start dove-a
     sleep 1
     sender=
+    sndbuf0=$(udp_sndbuf_errors)
     if [ "$1" != ref ]; then
-        taskset -c 1 iperf3 --forceflush -u -b 0 -l 64 -c 10.1.0.2 -p 5201 -t $((WINDOW + 60)) > /tmp/iperf-$mode.log 2>&1 &
-        sender=$!
-        for _ in $(seq 40); do
-            [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 1 ] && break
-            sleep 0.5
+        for attempt in 1 2; do
+            taskset -c 1 iperf3 --forceflush -u -b 0 -l 64 -c 10.1.0.2 -p 5201 -t $((WINDOW + 60)) > /tmp/iperf-$mode.log 2>&1 &
+            sender=$!
+            for _ in $(seq 40); do
+                [ "$(grep -c ' sec ' /tmp/iperf-$mode.log)" -ge 1 ] && break 2
+                sleep 0.5
+            done
+            say ERROR "flood attempt $attempt: no stream after 20 s: $(tail -n 2 /tmp/iperf-$mode.log | tr '\n' ' ')"
+            kill $sender 2>/dev/null
+            wait $sender
         done
     fi
     # Early drop starts once the quota has sat at its floor for about ten periods.
@@ -465,12 +497,20 @@ EOF
     sleep $WINDOW
     say FLOOD mode=$mode at=end $(read_flood)
     say QUOTA mode=$mode "$(dovectl status | grep -E '^dove-b ' | tr -s ' ')"
-    say METRICS mode=$mode "$(wget -q -O - http://127.0.0.1:9477/metrics | grep -E '^dove_early_drop_packets_total' | tr '\n' ' ')"
     if [ -n "$sender" ]; then
         kill -INT $sender
         wait $sender
         say THROUGHPUT mode=$mode "$(grep -E ' sender$' /tmp/iperf-$mode.log | tail -n 1 | awk '{print $7 $8}')"
     fi
+    # Every drop of the run, once nothing is sent and two ticks have passed: DOVE's count
+    # (this doved started at zero) against the kernel's, from before the flood began.
+    sleep 0.5
+    dovectl stats --json > /tmp/stats.json 2>/dev/null
+    say DROPS mode=$mode sndbuf=$(( $(udp_sndbuf_errors) - sndbuf0 )) \
+        vethdrop=$(cat /sys/class/net/b0/statistics/tx_dropped) \
+        dropped=$(awk 'index($0, "\"id\": \"dove-b\"") {found = 1}
+            found && /"dropped_packets"/ {gsub(/[^0-9]/, ""); print; exit}' /tmp/stats.json)
+    say METRICS mode=$mode "$(wget -q -T 5 -O - http://127.0.0.1:9477/metrics | grep -E '^dove_early_drop_packets_total' | tr '\n' ' ')"
     runc --root /run/runc kill dove-a KILL
     runc --root /run/runc kill dove-b KILL
     sleep 0.5
@@ -483,19 +523,21 @@ EOF
     /usr/sbin/ip netns del bns
     sleep 0.5
 }
-# The flood's counters: A's and B's CPU, UDP sends the kernel failed (a packet dropped at
-# tc egress fails its send with ENOBUFS, which UDP counts as SndbufErrors), DOVE's.
-read_flood() {
-    awk '$1 == "usage_usec" {printf "a_usage=%s ", $2}' /sys/fs/cgroup/dove-a/cpu.stat
-    awk '$1 == "usage_usec" {printf "b_usage=%s ", $2}' /sys/fs/cgroup/dove-b/cpu.stat
-    awk '{printf "t=%d ", $1 * 1000000}' /proc/uptime
-    # The veth's own drops (B's backlog full) fail sends with ENOBUFS too.
-    printf "vethdrop=%s " "$(cat /sys/class/net/b0/statistics/tx_dropped)"
+# UDP sends the kernel failed in this namespace: a packet dropped at tc egress fails its
+# send with ENOBUFS, which UDP counts as SndbufErrors.
+udp_sndbuf_errors() {
     awk '$1 == "Udp:" && ++n == 1 {for (i = 2; i <= NF; i++) if ($i == "SndbufErrors") col = i; next}
-         $1 == "Udp:" && n == 2 && col {printf "sndbuf=%s ", $col}' /proc/net/snmp
+         $1 == "Udp:" && n == 2 && col {print $col}' /proc/net/snmp
+}
+# The flood window's counters: A's and B's CPU and the time, read by one process so they
+# describe one instant, then DOVE's.
+read_flood() {
+    awk 'FILENAME == "/proc/uptime" {printf "t=%d ", $1 * 1000000}
+         FILENAME ~ /dove-a/ && $1 == "usage_usec" {printf "a_usage=%s ", $2}
+         FILENAME ~ /dove-b/ && $1 == "usage_usec" {printf "b_usage=%s ", $2}' \
+        /proc/uptime /sys/fs/cgroup/dove-a/cpu.stat /sys/fs/cgroup/dove-b/cpu.stat
     dovectl stats --json > /tmp/stats.json 2>/dev/null
-    echo "$(dove_counters /tmp/stats.json) dropped=$(awk 'index($0, "\"id\": \"dove-b\"") {found = 1}
-        found && /"dropped_packets"/ {gsub(/[^0-9]/, ""); print; exit}' /tmp/stats.json)"
+    dove_counters /tmp/stats.json
 }
 
 # On a distribution kernel only what can be judged there runs (see check.py): A's share
