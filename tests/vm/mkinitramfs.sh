@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Build the guest's initramfs: busybox, DOVE's binaries, runc, iproute2 and iperf3 with
 # their shared libraries, a container root filesystem, and tests/vm/guest-init.sh as
-# /init. usage: mkinitramfs.sh OUTPUT.cpio BINDIR [MODULES_DIR]
-# MODULES_DIR: kernel modules (*.ko) the guest loads at boot (a distribution kernel's).
+# /init. usage: mkinitramfs.sh OUTPUT.cpio BINDIR
 set -euo pipefail
-out="$1" bindir="$2" modules="${3:-}"
+out="$1" bindir="$2"
 here="$(cd "$(dirname "$0")" && pwd)"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
@@ -46,9 +45,5 @@ ln -sf busybox "$root/bin/ip"
 # The containers' root filesystem: busybox and iperf3.
 make_busybox_root "$root/ctr"
 copy_with_libs "$root/ctr" "$(command -v iperf3)"
-if [ -n "$modules" ]; then
-    mkdir -p "$root/lib/modules"
-    cp "$modules"/*.ko "$root/lib/modules/"
-fi
 install -m 0755 "$here/guest-init.sh" "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet) > "$out"
