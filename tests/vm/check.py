@@ -28,10 +28,9 @@ for l in lines:
         r = runs.setdefault(kv["mode"], {})
         r["net_lo"], r["net_hi"] = num(kv["lo_us"]), num(kv["hi_us"])
     elif l.startswith("DOVE-VM CALIBRATE"):
-        # One line per pass; the last pass's stream is the window's.
-        r = runs.setdefault(kv["mode"], {})
-        r["calibration"] = (r.get("calibration", "") + (", " if "calibration" in r else "") +
-                            f"{num(kv['rate_kbit'])/1000:.1f} Mbit/s -> {num(kv['cpu0_net_permille'])/10:.1f}%")
+        runs.setdefault(kv["mode"], {})["calibration"] = (
+            f"{num(kv['rate_kbit'])/1000:.1f} Mbit/s -> {num(kv['cpu0_net_permille'])/10:.1f}%, "
+            f"window at {num(kv['next_rate_kbit'])/1000:.1f} Mbit/s")
     elif l.startswith("DOVE-VM NETSOFTIRQ"):
         r = runs.setdefault(kv["mode"], {})
         r["ftrace_cpu0"] = num(kv["cpu0_us"])
@@ -92,7 +91,7 @@ if all(m in runs and "window" in runs[m] for m in MODES):
         print(f"CPU 0, {mode}: A {share(r['a_usage'])}, B {share(r['b_usage'])}, softirq {share(r['cpu0_sirq'])}, "
               f"hardirq {share(r['cpu0_irq'])}, everything else {share(rest)}")
 
-    print("stream passes (rate -> B's NET softirq share of CPU 0; the last runs through the window): " +
+    print("calibration (stream's rate -> B's NET softirq share of CPU 0): " +
           "; ".join(f"{m} {runs[m].get('calibration', '-')}" for m in ("off", "on", "cpumax")))
     print(f"CPU 0 NET softirq traced: off {s(off.get('ftrace_cpu0', 0))} (B attributed {s(off['b_attr'])}), "
           f"on {s(on.get('ftrace_cpu0', 0))} (B attributed {s(on['b_attr'])}); /proc/stat CPU 0 softirq: "
