@@ -372,12 +372,14 @@ fn in_cgroup(pid: u32, path: &str) -> bool {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
         return false;
     };
+    let Some(own) = dove_cgroup::parse_proc_cgroup(&text).unified else {
+        return false;
+    };
     let path = path.trim_end_matches('/');
-    text.lines().filter_map(|l| l.strip_prefix("0::")).any(|p| {
-        p == path
-            || p.strip_prefix(path)
-                .is_some_and(|rest| rest.starts_with('/'))
-    })
+    own == path
+        || own
+            .strip_prefix(path)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 struct PidFd(std::os::fd::OwnedFd);
