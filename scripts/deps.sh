@@ -21,7 +21,7 @@ packages=(
     debootstrap rpm systemd
     # VM test bed: the kernel source and what building it needs, QEMU, guest tools
     linux-source-6.12 flex bison bc libelf-dev libssl-dev dwarves cpio kmod ccache
-    qemu-system-x86 iperf3 ethtool
+    qemu-system-x86 ethtool
 )
 
 missing=()

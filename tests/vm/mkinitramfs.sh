@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Build the guest's initramfs: busybox, DOVE's binaries, runc, iproute2 and iperf3 with
-# their shared libraries, a container root filesystem, and tests/vm/guest-init.sh as
-# /init. usage: mkinitramfs.sh OUTPUT.cpio BINDIR
+# Build the guest's initramfs: busybox, DOVE's binaries, runc, iproute2 and the test
+# suite's traffic tool (dove-traffic) with their shared libraries, a container root
+# filesystem, and tests/vm/guest-init.sh as /init.
+# usage: mkinitramfs.sh OUTPUT.cpio BINDIR TRAFFIC_TOOL
 set -euo pipefail
-out="$1" bindir="$2"
+out="$1" bindir="$2" traffic="$3"
 here="$(cd "$(dirname "$0")" && pwd)"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
@@ -35,15 +36,15 @@ for b in doved dovectl dove-hook; do
     copy_with_libs "$root" "$bindir/$b"
 done
 copy_with_libs "$root" "$(command -v runc)"
-copy_with_libs "$root" "$(command -v iperf3)"
+copy_with_libs "$root" "$traffic"
 # iproute2 (for netns), outside PATH and called by full path: busybox's shell runs its
 # own applet for a bare `ip`, and iproute2 picks a subcommand from any other argv[0].
 copy_with_libs "$root" "$(command -v ip)"
 mkdir -p "$root/usr/sbin"
 mv "$root/bin/ip" "$root/usr/sbin/ip"
 ln -sf busybox "$root/bin/ip"
-# The containers' root filesystem: busybox and iperf3.
+# The containers' root filesystem: busybox and the traffic tool (B's receiver).
 make_busybox_root "$root/ctr"
-copy_with_libs "$root/ctr" "$(command -v iperf3)"
+copy_with_libs "$root/ctr" "$traffic"
 install -m 0755 "$here/guest-init.sh" "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet) > "$out"

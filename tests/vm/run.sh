@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DOVE's VM end-to-end suite, one command: build the patched kernel (cached by the hash
-# of kernel-patch/), build an initramfs with DOVE, runc and iperf3, boot it under QEMU
+# of kernel-patch/), build an initramfs with DOVE, runc and a traffic tool, boot it under QEMU
 # with software emulation (KVM refuses ordinary guests on our machines), run the KUnit
 # checks and the noisy-neighbour scenario with DOVE off and on, print the table, and exit
 # non-zero when a criterion fails.
@@ -9,14 +9,16 @@ repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
 export PATH="$HOME/.cargo/bin:$PATH"
 
-command -v qemu-system-x86_64 >/dev/null && command -v iperf3 >/dev/null || \
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 iperf3 cpio >/dev/null
+command -v qemu-system-x86_64 >/dev/null && command -v cpio >/dev/null || \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 cpio >/dev/null
 
 kernel=$(bash tests/vm/build-kernel.sh)
 cargo build --release -q -p dove-daemon -p dove-hook -p dove-ctl
+# The stream's sender and B's receiver (a debug build: the host suites already made it).
+cargo build -q -p dove-tests --bin dove-traffic
 work=$(mktemp -d /tmp/dove-vm.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-bash tests/vm/mkinitramfs.sh "$work/initramfs.cpio" "$repo/target/release"
+bash tests/vm/mkinitramfs.sh "$work/initramfs.cpio" "$repo/target/release" "$repo/target/debug/dove-traffic"
 
 log="${DOVE_VM_LOG:-$work/console.log}"
 echo "vm: booting $kernel (TCG, 2 vCPUs); console log: $log"

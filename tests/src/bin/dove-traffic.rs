@@ -15,13 +15,81 @@
 //!   dove-traffic tcp-send ADDR BYTES              connect and send BYTES
 //!   dove-traffic udp-flood ADDR SECONDS SIZE      send unpaced for SECONDS; prints datagrams sent
 //!   dove-traffic udp-pace ADDR RATE SECONDS SIZE  send RATE datagrams/s for SECONDS
+//!   dove-traffic udp-stream ADDR RATE_FILE SIZE   send at the rate (kbit/s of payload) in
+//!                                                 RATE_FILE, re-read every 100 ms, until
+//!                                                 SIGINT/SIGTERM; prints what it sent
+//!   dove-traffic udp-drain ADDR                   receive and discard until killed
 //!
 //! Sinks print `ready` once bound, and their count when the peer is done or time is up.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// A paced stream whose rate a script changes while it runs, so measuring its cost and
+/// correcting its rate never needs a new stream (a restart waits on the receiver).
+fn udp_stream(to: SocketAddr, rate_file: &str, size: usize) {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            request_stop as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            request_stop as *const () as libc::sighandler_t,
+        );
+    }
+    let read_rate =
+        || -> Option<u64> { std::fs::read_to_string(rate_file).ok()?.trim().parse().ok() };
+    let Some(mut kbit) = read_rate() else {
+        eprintln!("udp-stream: {rate_file} does not hold a rate in kbit/s");
+        std::process::exit(2)
+    };
+    let sock = udp_sender(to);
+    sock.connect(to).unwrap();
+    let payload = vec![0x5au8; size];
+    let bits = (size * 8) as f64;
+    let start = Instant::now();
+    let (mut total, mut segment_start, mut segment_sent) = (0u64, start, 0u64);
+    let mut last_read = start;
+    while !STOP.load(Ordering::Relaxed) {
+        if last_read.elapsed() >= Duration::from_millis(100) {
+            last_read = Instant::now();
+            if let Some(new) = read_rate().filter(|&new| new != kbit) {
+                kbit = new;
+                segment_start = last_read;
+                segment_sent = 0;
+            }
+        }
+        // Catch up with what the rate allows so far, but never with more than 20 ms of it
+        // at once (a sender descheduled for a while must not turn into a burst).
+        let elapsed = segment_start.elapsed().as_secs_f64();
+        let due = (elapsed * kbit as f64 * 1000.0 / bits) as u64;
+        let floor = due.saturating_sub((0.02 * kbit as f64 * 1000.0 / bits).ceil() as u64);
+        segment_sent = segment_sent.max(floor);
+        while segment_sent < due {
+            if sock.send(&payload).is_ok() {
+                total += 1;
+            }
+            segment_sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "datagrams={total} seconds={secs:.1} mean_kbit={:.0} last_kbit={kbit}",
+        total as f64 * bits / secs / 1000.0
+    );
+}
 
 /// An 8 MiB receive buffer and a classic BPF filter of `loads` packet loads that accepts
 /// every datagram: the kernel runs it in softirq for each datagram, after the cgroup
@@ -117,6 +185,14 @@ fn main() {
     }
     let addr: SocketAddr = arg(1).parse().expect("ADDR is ip:port or [ip6]:port");
     match arg(0) {
+        "udp-stream" => udp_stream(addr, arg(2), arg(3).parse().expect("SIZE in bytes")),
+        "udp-drain" => {
+            let sock = UdpSocket::bind(addr).expect("bind");
+            let mut buf = [0u8; 65536];
+            loop {
+                let _ = sock.recv(&mut buf);
+            }
+        }
         "udp-sink" => {
             let secs: u64 = arg(2).parse().unwrap();
             let sock = UdpSocket::bind(addr).expect("bind");
