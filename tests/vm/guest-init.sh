@@ -14,6 +14,13 @@ mount -t tracefs tracefs /sys/kernel/tracing
 echo "+cpu +cpuset +pids" > /sys/fs/cgroup/cgroup.subtree_control
 /usr/sbin/ip link set lo up
 say() { echo "DOVE-VM $*"; }
+# A distribution kernel (dove.compat on the command line): what it builds as modules
+# (veth; clsact and cls_bpf for early drop before tcx) comes from its package.
+compat=no
+grep -q dove.compat /proc/cmdline && compat=yes
+for module in /lib/modules/*.ko; do
+    [ -e "$module" ] && { insmod "$module" || say ERROR "insmod $module failed"; }
+done
 finish() { say END; sync; reboot -f; } # QEMU runs with -no-reboot: a reboot ends it
 
 # CPU 0 is where A and B compete; everything else keeps house on CPU 1, as on a host
@@ -25,7 +32,7 @@ housekeep() { for task in /proc/[0-9]*; do taskset -p -c 1 "${task##*/}" >/dev/n
 echo 2 > /sys/devices/virtual/workqueue/cpumask
 # Per-CPU vm statistics folding every 120 s instead of every second.
 echo 120 > /proc/sys/vm/stat_interval
-say BOOTED "$(uname -r)" irq_time_accounting=$([ -e /proc/pressure/irq ] && echo yes || echo no) \
+say BOOTED "$(uname -r)" compat=$compat irq_time_accounting=$([ -e /proc/pressure/irq ] && echo yes || echo no) \
     clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
 
 # KUnit (built in: the suite ran during boot).
@@ -51,8 +58,10 @@ PERIOD=100000
 # machines seen); each run after the first starts from the rate the last one ended at.
 rate=14000
 
-bundle() { # bundle NAME CGROUP CPU_JSON ARGS_JSON
+bundle() { # bundle NAME CGROUP CPU_JSON ARGS_JSON [NETNS_PATH]
     d=/tmp/bundle-$1
+    netns=
+    [ -n "$5" ] && netns=", {\"type\": \"network\", \"path\": \"$5\"}"
     mkdir -p "$d"
     cat > "$d/config.json" <<EOF
 {
@@ -74,7 +83,7 @@ bundle() { # bundle NAME CGROUP CPU_JSON ARGS_JSON
   "linux": {
     "cgroupsPath": "$2",
     "resources": {"cpu": $3},
-    "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]
+    "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}$netns]
   }
 }
 EOF
@@ -114,13 +123,16 @@ softirq_counts() { # CPU 0's NET_RX TIMER SCHED RCU counts
 # B's cpu.max makes, which names B's bandwidth pool (recorded then: the trace is cleared
 # before each calibration pass and before the window, so reading it stays cheap).
 T=/sys/kernel/tracing
-echo 'p:dove_refill __refill_cfs_bandwidth_runtime cfs_b=%di:x64' >> $T/kprobe_events
+# (A kernel that inlined the refill has no such probe: the checks then count periods.)
+echo 'p:dove_refill __refill_cfs_bandwidth_runtime cfs_b=%di:x64' >> $T/kprobe_events ||
+    say KPROBE missing
+[ -d $T/events/kprobes/dove_refill ] || refill_events=
 echo 16384 > $T/buffer_size_kb
 # Calibration reads the trace while it records; reading must not pause the recording.
 echo 0 > $T/options/pause-on-trace
 echo 'vec == 2 || vec == 3' > $T/events/irq/softirq_entry/filter
 echo 'vec == 2 || vec == 3' > $T/events/irq/softirq_exit/filter
-trace_events() { for e in kprobes/dove_refill irq/softirq_entry irq/softirq_exit; do echo $1 > $T/events/$e/enable; done; }
+trace_events() { for e in ${refill_events-kprobes/dove_refill} irq/softirq_entry irq/softirq_exit; do echo $1 > $T/events/$e/enable; done; }
 trace_start() { echo > $T/trace; trace_events 1; }
 b_pool() { awk '/dove_refill:/ {print $NF; exit}' $T/trace; }
 # Everything the window's criteria read from the trace, in one pass (under emulation
@@ -168,17 +180,37 @@ cpu0_softirq() { # CPU 0's softirq time and the uptime, both in 10 ms
 # (criterion: at most 5). About 14% of NET softirq in the window leaves both at least 0.7
 # points in the worst coupling measured (13% left the DOVE-off run 0.2 points short
 # once); beyond 20% no quota holds B (the scheduler deducts at most half a quota a
-# period). The passes read CPU 0's softirq in /proc/stat (the kernel's IRQ time
-# accounting, not DOVE's numbers), and the window's NET softirq the trace then counts
-# came out at 0.75-0.83 of what the last pass read (the trace leaves out softirq entry
-# and exit, timers and RCU, and the stream costs a little less once it has run a while):
-# 16.5% in /proc/stat is about 13-14% of NET softirq in the window.
-TARGET=165
+# period). The passes, and the window after them, read CPU 0's softirq in /proc/stat (the
+# kernel's IRQ time accounting, not DOVE's numbers); the window's NET softirq the trace
+# counts is about 0.9 of that (the trace leaves out softirq entry and exit, timers and
+# RCU), so 15.5% there is about 14% of NET softirq.
+TARGET=155
 base_sirq=0 # CPU 0's softirq per mille without traffic, set by the reference run
 # How far the stream may land from TARGET (per mille of TARGET) before its rate is
 # corrected. Two 6 s samples of one stream differ by up to 5% under emulation, so a
 # tighter band only chases noise.
 TOLERANCE=80
+stream_cost() { # stream_cost MODE SECONDS: CPU 0's softirq per mille over SECONDS, as $share
+    # CPU 0's softirq time from /proc/stat (exact with IRQ time accounting) less what it
+    # was without traffic in the reference run: the stream's NET softirq, within a few per
+    # cent of the trace's count, at the cost of one read instead of an awk over the trace
+    # (minutes per pass under emulation). Also the packets B's side received, per second.
+    set -- $1 $2 $(cpu0_softirq) $(cat /sys/class/net/veth0/statistics/rx_packets)
+    sleep $2
+    set -- $1 $2 $3 $4 $5 $(cpu0_softirq) $(cat /sys/class/net/veth0/statistics/rx_packets)
+    share=$(( ($6 - $3) * 1000 / ($7 - $4 > 0 ? $7 - $4 : 1) - base_sirq ))
+    pps=$(( ($8 - $5) * 100 / ($7 - $4 > 0 ? $7 - $4 : 1) ))
+    now=$7
+}
+correct_rate() { # correct_rate MODE UP DOWN: move the rate towards TARGET, by at most UP
+                 # and DOWN per mille of it
+    next=$((rate * TARGET / (share > 0 ? share : 1)))
+    [ $next -gt $((rate * (1000 + $2) / 1000)) ] && next=$((rate * (1000 + $2) / 1000))
+    [ $next -lt $((rate * (1000 - $3) / 1000)) ] && next=$((rate * (1000 - $3) / 1000))
+    rate=$next
+    [ $rate -gt 200000 ] && rate=200000
+    echo $rate > /tmp/rate-$1
+}
 stream_start() { # stream_start MODE: B's stream for the window, sized to TARGET in this boot
     # One stream runs from here to the end of the run; only its rate changes (the sender
     # re-reads its rate file). Restarting a stream waited on B's throttled server, and in
@@ -190,19 +222,16 @@ stream_start() { # stream_start MODE: B's stream for the window, sized to TARGET
     /usr/sbin/ip netns exec peer taskset -c 1 dove-traffic udp-stream 10.0.0.1:5201 /tmp/rate-$1 1400 \
         > /tmp/stream-$1.log 2>&1 &
     sender=$!
+    # Without IRQ time accounting (a distribution kernel) /proc/stat books softirq by the
+    # tick that lands in it, which read 18% of CPU 0 where the trace counted 2.7%: nothing
+    # to steer by, so the stream runs at its first rate there.
+    [ $compat = yes ] && { sleep 4; return 0; }
     for pass in 1 2 3 4 5 6 7 8; do
         # Past the last change (the sender reads its rate file every 100 ms), and long
         # enough to average over the emulator's stalls.
         sleep 2
-        set -- $1 $(cpu0_softirq)
-        sleep 6
-        set -- $1 $2 $3 $(cpu0_softirq)
-        # CPU 0's softirq time from /proc/stat (exact with IRQ time accounting) less what
-        # it was without traffic in the reference run: the stream's NET softirq, within a
-        # few per cent of the trace's count, at the cost of one read instead of an awk
-        # over the trace (minutes per pass under emulation).
-        share=$(( ($4 - $2) * 1000 / ($5 - $3 > 0 ? $5 - $3 : 1) - base_sirq ))
-        say CALIBRATE mode=$1 pass=$pass t=$5 rate_kbit=$rate cpu0_net_permille=$share
+        stream_cost $1 6
+        say CALIBRATE mode=$1 pass=$pass t=$now rate_kbit=$rate cpu0_net_permille=$share pps=$pps
         kill -0 $sender 2>/dev/null || { say ERROR "mode $1: the stream's sender exited: $(cat /tmp/stream-$1.log)"; return 1; }
         off_by=$(( (share - TARGET) * 1000 / TARGET ))
         [ ${off_by#-} -le $TOLERANCE ] && return 0
@@ -211,12 +240,17 @@ stream_start() { # stream_start MODE: B's stream for the window, sized to TARGET
         # boot: 23.8 Mbit/s 11.4%, 29.3 Mbit/s 16.0%) a full correction upwards
         # overshoots; downwards the cost falls slower than the rate (4.6-8 Mbit/s all
         # cost about 20% in one boot, as each packet gets a window of its own).
-        next=$((rate * TARGET / (share > 0 ? share : 1)))
-        [ $next -gt $((rate * 5 / 4)) ] && next=$((rate * 5 / 4))
-        [ $next -lt $((rate / 2)) ] && next=$((rate / 2))
-        rate=$next
-        [ $rate -gt 200000 ] && rate=200000
-        echo $rate > /tmp/rate-$1
+        correct_rate $1 250 500
+    done
+}
+stream_hold() { # stream_hold MODE: keep the stream at TARGET until /tmp/hold-MODE goes
+    # At one rate the stream's cost drifted by up to a quarter between the last pass and
+    # the window (17.2% in the pass, 12.9% over the window after it), so the window is
+    # held too: every 4 s, corrected by at most 15%.
+    while [ -e /tmp/hold-$1 ]; do
+        stream_cost $1 4
+        say HOLD mode=$1 t=$now rate_kbit=$rate cpu0_net_permille=$share pps=$pps
+        correct_rate $1 150 150
     done
 }
 
@@ -257,6 +291,77 @@ dove_counters() { # DOVE's counters (us) from a `dovectl stats --json` file, as 
         "b_writes=${writes:-0}"
 }
 charged_us() { awk '$1 == "dove_charged_usec" {print $2}' /sys/fs/cgroup/dove-b/cpu.stat; }
+
+b_quota_us() { awk '{print $1}' /sys/fs/cgroup/dove-b/cpu.max; }
+b_base_us() { # B's base as doved reports it
+    dovectl stats --json 2>/dev/null | awk 'index($0, "\"id\": \"dove-b\"") {f = 1}
+        f && /"base_quota_us"/ {gsub(/[^0-9]/, ""); print; exit}'
+}
+wait_lowered() { # until cpumax has lowered B's quota under its base (at most 10 s)
+    for _ in $(seq 100); do
+        [ "$(b_quota_us)" -lt $QUOTA ] 2>/dev/null && return 0
+        sleep 0.1
+    done
+    say ERROR "cpumax did not lower B's quota within 10 s ($1)"
+    return 1
+}
+start_doved() { # start_doved MODE: doved again on MODE's configuration, once it serves
+    doved --config /tmp/doved-$1.toml >> /tmp/doved-$1.log 2>&1 &
+    doved_pid=$!
+    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && return 0; sleep 0.1; done
+    say ERROR "doved ($1) did not serve within 10 s of its start"
+}
+restored_bases() { grep -c "were restored to their bases" /tmp/doved-$1.log; }
+restore_checks() { # restore_checks MODE: cpumax's ledger against an external change and kill -9
+    # 1. A quota someone else sets while B's is lowered becomes the base: with the stream
+    #    paused (the debt drains within a second or two) the controller goes back to the
+    #    new base, not to the old one.
+    wait_lowered "before the external change"
+    kill -STOP $sender
+    echo "50000 $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
+    sleep 3
+    adopted=$(b_base_us)
+    settled=$(b_quota_us)
+    kill -CONT $sender
+    say RESTORE mode=$1 check=adopt base_us=${adopted:-0} quota_us=$settled
+    # The old base back, until doved reports it as the base (a write of doved's own
+    # between a read and this one would otherwise be taken for someone else's).
+    for _ in $(seq 30); do
+        echo "$QUOTA $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
+        sleep 0.5
+        [ "$(b_base_us)" = $QUOTA ] && break
+    done
+    # 2. kill -9 while lowered: the next doved restores the base before it serves (the
+    #    stream paused, so nothing lowers it again before the read).
+    wait_lowered "before the first kill -9"
+    kill -STOP $sender
+    kill -9 $doved_pid
+    wait $doved_pid
+    left=$(b_quota_us)
+    before=$(restored_bases $1)
+    start_doved $1
+    served=$(b_quota_us)
+    say RESTORE mode=$1 check=kill9 left_us=$left served_us=$served restored_logged=$(( $(restored_bases $1) - before ))
+    kill -CONT $sender
+    # 3. kill -9 while lowered, then B's poststop hook runs while no doved does (it spools
+    #    the unregistration): the next doved restores the base and leaves B alone.
+    wait_lowered "before the second kill -9"
+    kill -STOP $sender
+    kill -9 $doved_pid
+    wait $doved_pid
+    left=$(b_quota_us)
+    echo "{\"ociVersion\": \"1.0.2\", \"id\": \"dove-b\", \"status\": \"stopped\", \"bundle\": \"/tmp/bundle-dove-b\"}" |
+        dove-hook poststop > /tmp/hook-unregister.log 2>&1
+    hook=$?
+    start_doved $1
+    served=$(b_quota_us)
+    # With the stream flowing again: unregistered, B is not lowered again.
+    kill -CONT $sender
+    sleep 2
+    later=$(b_quota_us)
+    registered=$(dovectl list | tail -n +2 | awk '{print $1}' | tr '\n' ',')
+    say RESTORE mode=$1 check=unregistered left_us=$left hook_exit=$hook served_us=$served later_us=$later registered=$registered
+}
 
 scenario() { # scenario ref|off|on|cpumax
     # ref: B burns exactly its quota with no traffic (what fair is in this boot);
@@ -312,12 +417,21 @@ EOF
     sleep 1
     say REGISTERED mode=$mode "$(dovectl list | tail -n +2 | awk '{print $1}' | tr '\n' ' ')"
     pool=$(b_pool)
-    [ -n "$pool" ] || say ERROR "mode $mode: no refill of B's bandwidth traced when runc set its quota"
+    # (Without the kprobe, on a kernel that inlined the refill, there is nothing to trace.)
+    [ -n "$pool" ] || [ -n "${refill_events+missing}" ] ||
+        say ERROR "mode $mode: no refill of B's bandwidth traced when runc set its quota"
 
-    sender=
+    sender= holder=
     # A stream that runs past the window and is stopped after it; it has flowed at the
     # window's rate for 8 s and been measured by the time the window opens.
-    [ "$mode" = ref ] || stream_start $mode
+    if [ "$mode" != ref ]; then
+        stream_start $mode
+        if [ $compat = no ]; then
+            touch /tmp/hold-$mode
+            stream_hold $mode &
+            holder=$!
+        fi
+    fi
     echo > $T/trace
     sleep 2
     measure $mode begin
@@ -327,6 +441,7 @@ EOF
     sleep $WINDOW
     thread_times > /tmp/threads-after
     measure $mode end
+    [ -n "$holder" ] && { rm /tmp/hold-$mode; wait $holder; }
     if [ "$mode" = ref ]; then
         # CPU 0's softirq without B's traffic (timers, RCU), which the stream's
         # calibration subtracts from CPU 0's softirq time.
@@ -339,6 +454,9 @@ EOF
     say TRACE mode=$mode $(window_trace $mode $pool)
     say SOFTIRQS-AFTER mode=$mode "$(softirq_counts)" "$(cpu0_times)"
     say THREADS mode=$mode "$(busiest_threads /tmp/threads-before /tmp/threads-after)"
+    # With the stream still running: cpumax's ledger against someone else's change and a
+    # kill -9, on this kernel's cgroup v2 (the host's suites test the v1 layout).
+    [ "$mode" = cpumax ] && restore_checks $mode
     if [ -n "$sender" ]; then
         kill -INT $sender # the sender prints what it sent on SIGINT
         wait $sender
@@ -367,10 +485,113 @@ EOF
     sleep 0.5
 }
 
+# B's quota in the flood runs: 10% of CPU 0, so the flood (about a third of CPU 0 under
+# emulation) costs more than the quota absorbs from its base down to its floor (9%).
+FLOOD_QUOTA=10000
+flood() { # flood ref|off|on: B at FLOOD_QUOTA alone (A's fair share), then a 64-byte UDP
+          # flood at B, cpumax without and with early drop
+    mode=flood-$1
+    cat > /tmp/doved-$mode.toml <<EOF
+[daemon]
+state_dir = "/tmp/dove-state-$mode"
+[observer]
+pin_dir = "/sys/fs/bpf/dove-$mode"
+[metrics]
+listen = "127.0.0.1:9477"
+[enforcement]
+mode = "cpumax"
+early_drop = $([ "$1" = on ] && echo true || echo false)
+EOF
+    housekeep
+    doved --config /tmp/doved-$mode.toml > /tmp/doved-$mode.log 2>&1 &
+    doved_pid=$!
+    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+    # B in a network namespace of its own, reached from the host's through a veth pair as
+    # a container runtime sets it up; its receive processing on CPU 0 (RPS), the sender
+    # on CPU 1 in the host's namespace.
+    /usr/sbin/ip netns add bns
+    /usr/sbin/ip link add b0 type veth peer name b1
+    /usr/sbin/ip link set b1 netns bns
+    /usr/sbin/ip addr add 10.1.0.1/24 dev b0
+    /usr/sbin/ip link set b0 up
+    /usr/sbin/ip -n bns addr add 10.1.0.2/24 dev b1
+    /usr/sbin/ip -n bns link set b1 up
+    /usr/sbin/ip -n bns link set lo up
+    /usr/sbin/ip netns exec bns sh -c 'echo 1 > /sys/class/net/b1/queues/rx-0/rps_cpus'
+    b_cmd='["sh", "-c", "while :; do :; done & renice -n 19 -p $! > /dev/null; exec dove-traffic udp-drain 10.1.0.2:5201"]'
+    a=$(bundle dove-a /dove-a '{"cpus": "0"}' '["sh", "-c", "while :; do :; done"]')
+    [ "$1" = ref ] && b_cmd='["sh", "-c", "while :; do :; done"]'
+    b=$(bundle dove-b /dove-b "{\"cpus\": \"0\", \"quota\": $FLOOD_QUOTA, \"period\": $PERIOD}" "$b_cmd" /run/netns/bns)
+    runc --root /run/runc create --no-pivot --bundle "$b" dove-b > /tmp/runc-b.log 2>&1 || say ERROR "runc create B: $(cat /tmp/runc-b.log)"
+    runc --root /run/runc start dove-b
+    runc --root /run/runc create --no-pivot --bundle "$a" dove-a > /tmp/runc-a.log 2>&1 || say ERROR "runc create A: $(cat /tmp/runc-a.log)"
+    runc --root /run/runc start dove-a
+    sleep 1
+    sender=
+    sndbuf0=$(udp_sndbuf_errors)
+    # The sender runs on CPU 1 in the host's namespace, unpaced; a send the tc program
+    # refuses fails with ENOBUFS, which the kernel counts (udp_sndbuf_errors).
+    [ "$1" = ref ] || { taskset -c 1 dove-traffic udp-flood 10.1.0.2:5201 $((WINDOW + 60)) 64 > /tmp/flood-$mode.log 2>&1 & sender=$!; }
+    # Early drop starts once the quota has sat at its floor for about ten periods.
+    sleep 4
+    say FLOOD mode=$mode at=begin $(read_flood)
+    sleep $WINDOW
+    say FLOOD mode=$mode at=end $(read_flood)
+    say QUOTA mode=$mode "$(dovectl status | grep -E '^dove-b ' | tr -s ' ')"
+    if [ -n "$sender" ]; then
+        kill -0 $sender 2>/dev/null || say ERROR "$mode: the flood's sender exited early: $(cat /tmp/flood-$mode.log)"
+        kill $sender
+        wait $sender
+    fi
+    # Every drop of the run, once nothing is sent and two ticks have passed: DOVE's count
+    # (this doved started at zero) against the kernel's, from before the flood began.
+    sleep 0.5
+    dovectl stats --json > /tmp/stats.json 2>/dev/null
+    say DROPS mode=$mode sndbuf=$(( $(udp_sndbuf_errors) - sndbuf0 )) \
+        vethdrop=$(cat /sys/class/net/b0/statistics/tx_dropped) \
+        dropped=$(awk 'index($0, "\"id\": \"dove-b\"") {found = 1}
+            found && /"dropped_packets"/ {gsub(/[^0-9]/, ""); print; exit}' /tmp/stats.json)
+    # (timeout, not wget -T: busybox 1.35's wget crashes with -T.)
+    say METRICS mode=$mode "$(timeout 10 wget -q -O - http://127.0.0.1:9477/metrics | grep -E '^dove_early_drop_packets_total' | tr '\n' ' ')"
+    runc --root /run/runc kill dove-a KILL
+    runc --root /run/runc kill dove-b KILL
+    sleep 0.5
+    runc --root /run/runc delete -f dove-a
+    runc --root /run/runc delete -f dove-b
+    kill $doved_pid
+    wait $doved_pid
+    grep -E 'early drop' /tmp/doved-$mode.log | head -n 3 | while read -r l; do say LOG mode=$mode "$l"; done
+    /usr/sbin/ip link del b0
+    /usr/sbin/ip netns del bns
+    sleep 0.5
+}
+# UDP sends the kernel failed in this namespace: a packet dropped at tc egress fails its
+# send with ENOBUFS, which UDP counts as SndbufErrors.
+udp_sndbuf_errors() {
+    awk '$1 == "Udp:" && ++n == 1 {for (i = 2; i <= NF; i++) if ($i == "SndbufErrors") col = i; next}
+         $1 == "Udp:" && n == 2 && col {print $col}' /proc/net/snmp
+}
+# The flood window's counters: A's and B's CPU and the time, read by one process so they
+# describe one instant, then DOVE's.
+read_flood() {
+    awk 'FILENAME == "/proc/uptime" {printf "t=%d ", $1 * 1000000}
+         FILENAME ~ /dove-a/ && $1 == "usage_usec" {printf "a_usage=%s ", $2}
+         FILENAME ~ /dove-b/ && $1 == "usage_usec" {printf "b_usage=%s ", $2}' \
+        /proc/uptime /sys/fs/cgroup/dove-a/cpu.stat /sys/fs/cgroup/dove-b/cpu.stat
+    dovectl stats --json > /tmp/stats.json 2>/dev/null
+    dove_counters /tmp/stats.json
+}
+
+# On a distribution kernel only what can be judged there runs (see check.py): A's share
+# cannot tell fair from stolen without IRQ time accounting, so neither the DOVE-off run
+# nor the flood's reference and no-early-drop runs, which only A's share judges.
 scenario ref
-scenario off
-scenario on
+[ $compat = yes ] || scenario off
+[ $compat = yes ] || scenario on
 scenario cpumax
+[ $compat = yes ] || flood ref
+[ $compat = yes ] || flood off
+flood on
 say DMESG-WARNINGS "$(dmesg | grep -cE 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function called from invalid context')"
 dmesg | grep -E 'BUG:|WARNING:|possible recursive locking|circular locking|sleeping function' | head -5 | while read -r l; do say DMESG "$l"; done
 finish

@@ -2,9 +2,10 @@
 # Build the guest's initramfs: busybox, DOVE's binaries, runc, iproute2 and the test
 # suite's traffic tool (dove-traffic) with their shared libraries, a container root
 # filesystem, and tests/vm/guest-init.sh as /init.
-# usage: mkinitramfs.sh OUTPUT.cpio BINDIR TRAFFIC_TOOL
+# usage: mkinitramfs.sh OUTPUT.cpio BINDIR TRAFFIC_TOOL [MODULES_DIR]
+# MODULES_DIR: kernel modules (*.ko) the guest loads at boot (a distribution kernel's).
 set -euo pipefail
-out="$1" bindir="$2" traffic="$3"
+out="$1" bindir="$2" traffic="$3" modules="${4:-}"
 here="$(cd "$(dirname "$0")" && pwd)"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
@@ -46,5 +47,9 @@ ln -sf busybox "$root/bin/ip"
 # The containers' root filesystem: busybox and the traffic tool (B's receiver).
 make_busybox_root "$root/ctr"
 copy_with_libs "$root/ctr" "$traffic"
+if [ -n "$modules" ]; then
+    mkdir -p "$root/lib/modules"
+    cp "$modules"/*.ko "$root/lib/modules/"
+fi
 install -m 0755 "$here/guest-init.sh" "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet) > "$out"
