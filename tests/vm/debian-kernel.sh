@@ -17,7 +17,13 @@ if [ ! -f "$dir/vmlinuz" ]; then
     trap 'rm -rf "$work"' EXIT
     # apt downloads as its sandbox user, which must be able to write there.
     chown _apt "$work" 2>/dev/null || chmod 0777 "$work"
-    (cd "$work" && apt-get download -qq "$package" >&2)
+    # Stale package lists name a version the mirror may have dropped: refresh and retry.
+    (cd "$work" && apt-get download -qq "$package" >&2) || {
+        apt-get update -qq >&2
+        package=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+        dir="$cache/$package"
+        (cd "$work" && apt-get download -qq "$package" >&2)
+    }
     dpkg-deb -x "$work"/*.deb "$work/x"
     mkdir -p "$dir.tmp/modules"
     cp "$work"/x/boot/vmlinuz-* "$dir.tmp/vmlinuz"

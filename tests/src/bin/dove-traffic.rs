@@ -22,6 +22,7 @@
 //!
 //! Sinks print `ready` once bound, and their count when the peer is done or time is up.
 
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -37,16 +38,14 @@ extern "C" fn request_stop(_: libc::c_int) {
 /// A paced stream whose rate a script changes while it runs, so measuring its cost and
 /// correcting its rate never needs a new stream (a restart waits on the receiver).
 fn udp_stream(to: SocketAddr, rate_file: &str, size: usize) {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            request_stop as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            request_stop as *const () as libc::sighandler_t,
-        );
+    let stop = SigAction::new(
+        SigHandler::Handler(request_stop),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(signal, &stop) }.expect("installing the stop handler");
     }
     let read_rate =
         || -> Option<u64> { std::fs::read_to_string(rate_file).ok()?.trim().parse().ok() };
