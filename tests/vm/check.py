@@ -215,14 +215,18 @@ if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES):
     on = floods["flood-on"]
     if not compat:
         ref_share, off = floods["flood-ref"]["a_share"], floods["flood-off"]
-        if ref_share - off["a_share"] <= 0.10:
-            failures.append(f"flood without early drop: A got {off['a_share']*100:.1f}% of CPU 0, not more than 10 points below "
+        # As in the stream scenario, the harm without early drop must be at least twice
+        # what early drop is allowed to leave, here with a tighter tolerance (3 points;
+        # measured 0.1-0.3): the flood's cost, and so A's loss, depends on how fast the
+        # sender on CPU 1 runs under this machine's emulation (8.6-14.9 points seen).
+        if ref_share - off["a_share"] <= 0.06:
+            failures.append(f"flood without early drop: A got {off['a_share']*100:.1f}% of CPU 0, not more than 6 points below "
                             f"the flood reference {ref_share*100:.1f}%: the flood harms nobody here, so early drop proves nothing")
         d = drops(off)
         if not d or d["sndbuf"] - d["vethdrop"] > 10 or d["dropped"] != 0:
             failures.append(f"flood without early drop: the kernel failed {d.get('sndbuf')} sends beyond the veth's own drops: something dropped")
-        if abs(on["a_share"] - ref_share) > 0.10:
-            failures.append(f"flood with early drop: A got {on['a_share']*100:.1f}% of CPU 0: want within 10 points of the flood reference {ref_share*100:.1f}%")
+        if abs(on["a_share"] - ref_share) > 0.03:
+            failures.append(f"flood with early drop: A got {on['a_share']*100:.1f}% of CPU 0: want within 3 points of the flood reference {ref_share*100:.1f}%")
     d = drops(on)
     if not d or d["dropped"] <= 0:
         failures.append(f"flood with early drop: nothing dropped ({d or 'no DROPS line'})")
