@@ -315,11 +315,36 @@ wait_lowered() { # until cpumax has lowered B's quota under its base (at most 10
     say ERROR "cpumax did not lower B's quota within 10 s ($1)"
     return 1
 }
-start_doved() { # start_doved MODE: doved again on MODE's configuration, once it serves
+doved_config() { # doved_config MODE ENFORCEMENT METRICS_LISTEN EARLY_DROP: MODE's own
+                 # state, pins and configuration
+    cat > /tmp/doved-$1.toml <<EOF
+[daemon]
+state_dir = "/tmp/dove-state-$1"
+[observer]
+pin_dir = "/sys/fs/bpf/dove-$1"
+[metrics]
+listen = "$3"
+[enforcement]
+mode = "$2"
+early_drop = $4
+EOF
+}
+start_doved() { # start_doved MODE: doved on MODE's configuration, once it serves
     doved --config /tmp/doved-$1.toml >> /tmp/doved-$1.log 2>&1 &
     doved_pid=$!
     for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && return 0; sleep 0.1; done
     say ERROR "doved ($1) did not serve within 10 s of its start"
+}
+veth_pair() { # veth_pair NETNS HOST_END PEER_END HOST_ADDR PEER_ADDR: a veth pair whose
+               # PEER_END is in a new NETNS, both ends up (/24 addresses)
+    /usr/sbin/ip netns add $1
+    /usr/sbin/ip link add $2 type veth peer name $3
+    /usr/sbin/ip link set $3 netns $1
+    /usr/sbin/ip addr add $4/24 dev $2
+    /usr/sbin/ip link set $2 up
+    /usr/sbin/ip -n $1 addr add $5/24 dev $3
+    /usr/sbin/ip -n $1 link set $3 up
+    /usr/sbin/ip -n $1 link set lo up
 }
 restored_bases() { grep -c "were restored to their bases" /tmp/doved-$1.log; }
 restore_checks() { # restore_checks MODE: cpumax's ledger against an external change and kill -9
@@ -382,32 +407,14 @@ scenario() { # scenario ref|off|on|cpumax
     enforcement=none
     [ "$mode" = on ] && enforcement=kernel
     [ "$mode" = cpumax ] && enforcement=cpumax
-    cat > /tmp/doved-$mode.toml <<EOF
-[daemon]
-state_dir = "/tmp/dove-state-$mode"
-[observer]
-pin_dir = "/sys/fs/bpf/dove-$mode"
-[metrics]
-listen = ""
-[enforcement]
-mode = "$enforcement"
-EOF
+    doved_config $mode $enforcement "" false
     housekeep # before the containers exist: they must stay on CPU 0
-    doved --config /tmp/doved-$mode.toml > /tmp/doved-$mode.log 2>&1 &
-    doved_pid=$!
-    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+    start_doved $mode
     say STATUS mode=$mode "$(dovectl status | grep -E 'enforcement|observer|irq time' | tr '\n' ' ')"
 
     b_cmd='["sh", "-c", "while :; do :; done"]'
     if [ "$mode" != ref ]; then
-        /usr/sbin/ip netns add peer
-        /usr/sbin/ip link add veth0 type veth peer name veth1
-        /usr/sbin/ip link set veth1 netns peer
-        /usr/sbin/ip addr add 10.0.0.1/24 dev veth0
-        /usr/sbin/ip link set veth0 up
-        /usr/sbin/ip -n peer addr add 10.0.0.2/24 dev veth1
-        /usr/sbin/ip -n peer link set veth1 up
-        /usr/sbin/ip -n peer link set lo up
+        veth_pair peer veth0 veth1 10.0.0.1 10.0.0.2
         # Receive processing for B's traffic on CPU 0, where A and B run; the peer's (ARP)
         # on CPU 1 with the sender, as if the peer were another host.
         echo 1 > /sys/class/net/veth0/queues/rx-0/rps_cpus
@@ -502,32 +509,13 @@ FLOOD_QUOTA=10000
 flood() { # flood ref|off|on: B at FLOOD_QUOTA alone (A's fair share), then a 64-byte UDP
           # flood at B, cpumax without and with early drop
     mode=flood-$1
-    cat > /tmp/doved-$mode.toml <<EOF
-[daemon]
-state_dir = "/tmp/dove-state-$mode"
-[observer]
-pin_dir = "/sys/fs/bpf/dove-$mode"
-[metrics]
-listen = "127.0.0.1:9477"
-[enforcement]
-mode = "cpumax"
-early_drop = $([ "$1" = on ] && echo true || echo false)
-EOF
+    doved_config $mode cpumax 127.0.0.1:9477 $([ "$1" = on ] && echo true || echo false)
     housekeep
-    doved --config /tmp/doved-$mode.toml > /tmp/doved-$mode.log 2>&1 &
-    doved_pid=$!
-    for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
+    start_doved $mode
     # B in a network namespace of its own, reached from the host's through a veth pair as
     # a container runtime sets it up; its receive processing on CPU 0 (RPS), the sender
     # on CPU 1 in the host's namespace.
-    /usr/sbin/ip netns add bns
-    /usr/sbin/ip link add b0 type veth peer name b1
-    /usr/sbin/ip link set b1 netns bns
-    /usr/sbin/ip addr add 10.1.0.1/24 dev b0
-    /usr/sbin/ip link set b0 up
-    /usr/sbin/ip -n bns addr add 10.1.0.2/24 dev b1
-    /usr/sbin/ip -n bns link set b1 up
-    /usr/sbin/ip -n bns link set lo up
+    veth_pair bns b0 b1 10.1.0.1 10.1.0.2
     /usr/sbin/ip netns exec bns sh -c 'echo 1 > /sys/class/net/b1/queues/rx-0/rps_cpus'
     b_cmd='["sh", "-c", "while :; do :; done & renice -n 19 -p $! > /dev/null; exec dove-traffic udp-drain 10.1.0.2:5201"]'
     a=$(bundle dove-a /dove-a '{"cpus": "0"}' '["sh", "-c", "while :; do :; done"]')
