@@ -32,3 +32,4 @@ bash tests/vm/run.sh
 echo "== benchmarks (print numbers; no pass/fail thresholds)"
 cargo bench -p dove-tests --bench hook_latency
 cargo bench -p dove-tests --bench observer_overhead
+cargo bench -p dove-tests --bench early_drop_placement

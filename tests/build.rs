@@ -1,5 +1,7 @@
-//! Build the empty programs the observer benchmark attaches at DOVE's hooks
-//! (`ebpf/programs/src/floor.rs`) into OUT_DIR/dove-floor.bpf.o.
+//! Build the benchmarks' own programs into OUT_DIR: the empty programs the observer
+//! benchmark attaches at DOVE's hooks (`ebpf/programs/src/floor.rs`, dove-floor.bpf.o)
+//! and the drops the early-drop placement benchmark compares
+//! (`ebpf/programs/src/drop_placement.rs`, dove-drop-placement.bpf.o).
 
 fn main() {
     // Where scripts/build-release.sh leaves the static dove-hook the hook bench measures.
@@ -8,5 +10,8 @@ fn main() {
         std::env::var("TARGET").unwrap()
     );
     let manifest = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    dove_ebpf_build::build(&manifest.join("../ebpf/programs"), &["dove-floor"]);
+    dove_ebpf_build::build(
+        &manifest.join("../ebpf/programs"),
+        &["dove-floor", "dove-drop-placement"],
+    );
 }

@@ -32,6 +32,7 @@
 use std::time::Duration;
 
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
+use dove_tests::bench::*;
 use dove_tests::*;
 
 static FLOOR_OBJECT: &[u8] =
@@ -237,78 +238,8 @@ struct Flood {
     cpu_ns: f64,
 }
 
-/// The namespace's UDP `InDatagrams` and `InErrors` (buffer drops and the like).
-fn udp_counters(ns: &str) -> (u64, u64) {
-    let snmp =
-        run(std::process::Command::new("ip").args(["netns", "exec", ns, "cat", "/proc/net/snmp"]))
-            .unwrap();
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-    let field = |name: &str| {
-        let i = names.split_whitespace().position(|n| n == name).unwrap();
-        values.split_whitespace().nth(i).unwrap().parse().unwrap()
-    };
-    (field("InDatagrams"), field("InErrors"))
-}
-
-/// All CPUs' busy time so far, in ns (USER_HZ jiffies from /proc/stat).
-fn busy_ns() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap())
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: u64 = cpu.iter().take(8).sum::<u64>() - cpu[3] - cpu[4];
-    busy * 10_000_000
-}
-
-/// Median and interquartile range.
-fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.25), at(0.75))
-}
-
-/// xorshift64*: enough to shuffle an order, with a seed that can be given back.
-struct Shuffle(u64);
-
-impl Shuffle {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
-        }
-    }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn timed_rounds(bed: &Bed, rounds: usize, seconds: f64) {
-    let seed = env_or(
-        "SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1,
-    );
-    let mut order = Shuffle(seed);
+    let (mut order, seed) = Shuffle::from_env();
     let pairs: Vec<(usize, usize)> = (0..PATHS.len())
         .flat_map(|p| (0..Variant::ALL.len()).map(move |v| (p, v)))
         .collect();

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use dove_proto::{Client, Container, Registration, Reply, Request};
 
+pub mod bench;
+
 pub const UNIFIED: &str = "/sys/fs/cgroup/unified";
 
 /// True when the test may go on; prints a loud skip otherwise (and fails in CI).
@@ -434,29 +436,41 @@ impl NetPair {
         args: &[&str],
         wait_ready: bool,
     ) -> Result<Child> {
-        // Join the cgroup before `ip netns exec`, which remounts /sys for the namespace.
-        let mut script = String::new();
-        if let Some(cg) = cgroup {
-            script.push_str(&format!("echo $$ > {}/cgroup.procs && ", cg.dir.display()));
-        }
-        if let Some(cpu) = cpu {
-            script.push_str(&format!("taskset -pc {cpu} $$ >/dev/null && "));
-        }
-        script.push_str("exec ip netns exec \"$0\" \"$@\"");
-        let mut child = Command::new("sh")
-            .args(["-c", &script, ns])
-            .arg(bin("dove-traffic"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        if wait_ready {
-            let mut line = [0u8; 6];
-            child.stdout.as_mut().unwrap().read_exact(&mut line)?;
-            anyhow::ensure!(&line == b"ready\n", "traffic sink did not start");
-        }
-        Ok(child)
+        spawn_traffic(cpu, ns, cgroup, args, wait_ready)
     }
+}
+
+/// Start `dove-traffic ARGS` in network namespace `ns`, pinned to `cpu` and inside
+/// `cgroup` when given; waits for `ready` when `wait_ready`.
+pub fn spawn_traffic(
+    cpu: Option<usize>,
+    ns: &str,
+    cgroup: Option<&TestCgroup>,
+    args: &[&str],
+    wait_ready: bool,
+) -> Result<Child> {
+    // Join the cgroup before `ip netns exec`, which remounts /sys for the namespace.
+    let mut script = String::new();
+    if let Some(cg) = cgroup {
+        script.push_str(&format!("echo $$ > {}/cgroup.procs && ", cg.dir.display()));
+    }
+    if let Some(cpu) = cpu {
+        script.push_str(&format!("taskset -pc {cpu} $$ >/dev/null && "));
+    }
+    script.push_str("exec ip netns exec \"$0\" \"$@\"");
+    let mut child = Command::new("sh")
+        .args(["-c", &script, ns])
+        .arg(bin("dove-traffic"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    if wait_ready {
+        let mut line = [0u8; 6];
+        child.stdout.as_mut().unwrap().read_exact(&mut line)?;
+        anyhow::ensure!(&line == b"ready\n", "traffic sink did not start");
+    }
+    Ok(child)
 }
 
 impl Drop for NetPair {
