@@ -16,9 +16,10 @@ if [ ! -f "$tarball" ] || ! command -v pahole >/dev/null || ! command -v ccache 
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev dwarves cpio ccache >/dev/null
 fi
-# The source package's version and the compiler are part of what is built.
+# The source package's version, the compiler and pahole (it writes the BTF) are part of
+# what is built.
 key=$( (cat "$here"/kernel-patch/*.patch "$here/kernel-patch/dove.config" "$0"
-    dpkg-query -W -f='${Version}' linux-source-6.12 2>/dev/null; gcc --version | head -n 1) |
+    dpkg-query -W -f='${Version}' linux-source-6.12 2>/dev/null; gcc --version | head -n 1; pahole --version) |
     sha256sum | cut -c1-16)
 out="$cache/$key"
 if [ -s "$out/bzImage" ]; then
@@ -44,6 +45,7 @@ src="$cache/src"
 rm -rf "$src"
 mkdir -p "$src"
 echo "build-kernel.sh: building $key (cold build; cached afterwards)" >&2
+started=$(date +%s)
 tar -xJf "$tarball" -C "$src" --strip-components=1
 cd "$src"
 for p in "$here"/kernel-patch/*.patch; do
@@ -73,4 +75,8 @@ cp .config "$out/config"
 mv "$out/bzImage.tmp" "$out/bzImage"
 cd /
 rm -rf "$src"
+took=$(( $(date +%s) - started ))
+# The goal is 8 minutes from nothing on 2 cores (7.7 measured with nothing else running):
+# say so when a build takes longer (ccache hits make a rebuild much shorter).
+echo "build-kernel.sh: built $key in $took s$([ $took -gt 480 ] && echo " (over the 8-minute goal: a slower or busier machine than ours)")" >&2
 echo "$out/bzImage"

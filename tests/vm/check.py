@@ -17,39 +17,49 @@ if not compat and (not suite or any("not ok" in l for l in kunit)):
 # The guest says ERROR where a step of the scenario itself went wrong (a runtime refused a
 # container, the stream's sender died): whatever the numbers say, the run is not valid.
 failures += [f"the guest reported: {l[len('DOVE-VM ERROR '):]}" for l in lines if l.startswith("DOVE-VM ERROR")]
+# The patched kernel's clock must stay the TSC from boot to the end: the kernel stops IRQ
+# time accounting when it finds the TSC unstable.
+clock = next((dict(re.findall(r"(\w+)=(\S*)", l)) for l in lines if l.startswith("DOVE-VM CLOCK")), {})
+booted = next((l for l in lines if l.startswith("DOVE-VM BOOTED")), "")
+if not compat and ("clocksource=tsc" not in booted or clock.get("clocksource") != "tsc" or clock.get("unstable") != "0"):
+    failures.append(f"the guest's clock left the TSC or found it unstable (boot: {booted or 'no BOOTED line'}; end: {clock or 'no CLOCK line'})")
 warnings = [l for l in lines if l.startswith("DOVE-VM DMESG-WARNINGS")]
 if not warnings or warnings[0].split()[-1] != "0":
     failures.append("kernel warnings during the run: " + "; ".join(l for l in lines if l.startswith("DOVE-VM DMESG ")))
 
 QUOTA_US = 40000
 MODES = ("ref", "cpumax") if compat else ("ref", "off", "on", "cpumax")
-samples, runs, floods, restores = {}, {}, {}, {}
+samples, runs, floods, restores, health = {}, {}, {}, {}, {}
 for l in lines:
     kv = dict(re.findall(r"(\w+)=(\S*)", l))
-    num = lambda v: int(v) if re.fullmatch(r"-?\d+", v or "") else 0
+    # A value the guest could not read is empty: None, never a 0 that might pass.
+    num = lambda v: int(v) if re.fullmatch(r"-?\d+", v or "") else None
     if l.startswith("DOVE-VM SAMPLE"):
         samples[(kv["mode"], kv["at"])] = {k: num(v) for k, v in kv.items() if k not in ("mode", "at")}
     elif l.startswith("DOVE-VM TRACE"):
         # The kernel's own count over the window: B's refills, NET softirq on CPU 0, and
         # all CPUs' NET softirq over the shortest and longest stretch DOVE's reads span.
         r = runs.setdefault(kv["mode"], {})
-        r["refills"], r["ftrace_cpu0"] = num(kv["refills"]), num(kv["cpu0_us"])
+        r["refills"], r["ftrace_cpu0"] = num(kv.get("refills")), num(kv.get("cpu0_us"))
         r["timer_runs"] = num(kv.get("timer_runs"))
-        r["net_lo"], r["net_hi"] = num(kv["lo_us"]), num(kv["hi_us"])
+        r["net_lo"], r["net_hi"] = num(kv.get("lo_us")), num(kv.get("hi_us"))
     elif l.startswith("DOVE-VM FINAL"):
-        runs.setdefault(kv["mode"], {})["final"] = {k: num(v) for k, v in kv.items() if k != "mode"}
+        final = {k: num(v) for k, v in kv.items() if k != "mode"}
+        runs.setdefault(kv["mode"], {})["final"] = final if None not in final.values() else None
     elif l.startswith("DOVE-VM CALIBRATE"):
         runs.setdefault(kv["mode"], {}).setdefault("calibration", []).append(
-            f"{num(kv['rate_kbit'])/1000:.1f} Mbit/s ({num(kv.get('pps'))} packets/s) -> {num(kv['cpu0_net_permille'])/10:.1f}%")
+            f"{(num(kv.get('rate_kbit')) or 0)/1000:.1f} Mbit/s ({num(kv.get('pps'))} packets/s) -> {(num(kv.get('cpu0_net_permille')) or 0)/10:.1f}%")
     elif l.startswith("DOVE-VM HOLD"):
         runs.setdefault(kv["mode"], {}).setdefault("hold", []).append(
-            f"{num(kv['rate_kbit'])/1000:.1f} Mbit/s ({num(kv.get('pps'))} packets/s) -> {num(kv['cpu0_net_permille'])/10:.1f}%")
+            f"{(num(kv.get('rate_kbit')) or 0)/1000:.1f} Mbit/s ({num(kv.get('pps'))} packets/s) -> {(num(kv.get('cpu0_net_permille')) or 0)/10:.1f}%")
     elif l.startswith("DOVE-VM FLOOD "):
         floods.setdefault(kv["mode"], {})[kv["at"]] = {k: num(v) for k, v in kv.items() if k not in ("mode", "at")}
     elif l.startswith("DOVE-VM DROPS"):
         floods.setdefault(kv["mode"], {})["drops"] = {k: num(v) for k, v in kv.items() if k != "mode"}
     elif l.startswith("DOVE-VM RESTORE"):
         restores[kv["check"]] = kv
+    elif l.startswith("DOVE-VM HEALTH"):
+        health.setdefault(kv["mode"], {})[kv["at"]] = {k: num(v) for k, v in kv.items() if k not in ("mode", "at")}
     elif l.startswith("DOVE-VM METRICS"):
         floods.setdefault(kv["mode"], {})["metrics"] = l
 
@@ -68,11 +78,20 @@ for mode in MODES:
         continue
     b, e = samples[(mode, "begin")], samples[(mode, "end")]
     r = runs[mode]
-    r.update({k: e[k] - b.get(k, 0) for k in e})
+    unread = sorted({k for k in set(b) | set(e) if b.get(k) is None or e.get(k) is None}
+                    | {k for k in ("refills", "timer_runs", "ftrace_cpu0", "net_lo", "net_hi") if r.get(k) is None})
+    if unread:
+        failures.append(f"scenario {mode}: the guest could not read {', '.join(unread)}")
+        runs.pop(mode)
+        continue
+    r.update({k: e[k] - b[k] for k in e})
     r["window"] = r.pop("t")
     # A write of cpu.max refills B's runtime too (tg_set_cfs_bandwidth), and the kprobe
     # counts it: only the period timer's refills grant B its base quota.
-    r["quota"] = (r["refills"] - r.get("b_writes", 0)) * QUOTA_US
+    r["quota"] = (r["refills"] - r["b_writes"]) * QUOTA_US
+    if mode == "cpumax" and b["b_writes"] < 1:
+        failures.append("cpumax: doved reported no quota writes before the window, though it had lowered B's quota: "
+                        "its refills cannot be told from the period timer's")
     if compat:
         # The period timer's refill is inlined in this kernel: the refill kprobe sees only
         # writes of cpu.max. B's quota is counted from the timer's runs (each refills once;
@@ -122,6 +141,12 @@ if all(m in runs and "window" in runs[m] for m in MODES):
         print(f"CPU 0, {mode}: A {share(r['a_usage'])}, B {share(r['b_usage'])}, softirq {share(r['cpu0_sirq'])}, "
               f"hardirq {share(r['cpu0_irq'])}, everything else {share(rest)}")
 
+    # Not judged: where the unattributed time comes from.
+    for mode in MODES[1:]:
+        h = health.get(mode, {})
+        if "begin" in h and "end" in h:
+            d = {k: (h["end"].get(k) or 0) - (v or 0) for k, v in h["begin"].items()}
+            print(f"observer, {mode}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
     print("the stream (its rate -> CPU 0's softirq in /proc/stat, less the reference's): passes before the window; "
           "held through it; the window's NET softirq on CPU 0 as the trace counts it")
     for m in MODES[1:]:
@@ -131,12 +156,16 @@ if all(m in runs and "window" in runs[m] for m in MODES):
           f"on {s(on.get('ftrace_cpu0', 0))} (B attributed {s(on['b_attr'])}); /proc/stat CPU 0 softirq: "
           f"off {s(off['cpu0_sirq'])}, on {s(on['cpu0_sirq'])}")
     # What must hold for DOVE to be doing its job here (the suite fails otherwise).
-    # IRQ time accounting really on (the kernel turns it off when the TSC is unstable,
-    # and then B's usage would include the softirq time DOVE also attributes): CPU 0's
-    # softirq in /proc/stat covers at least the NET softirq the kernel traced there.
-    if not compat and off["cpu0_sirq"] < 0.9 * off.get("ftrace_cpu0", 0):
-        failures.append(f"IRQ time accounting is off in this boot: /proc/stat booked {s(off['cpu0_sirq'])} of softirq on CPU 0 "
-                        f"where the kernel traced {s(off.get('ftrace_cpu0', 0))} of NET softirq")
+    # IRQ time accounting really on through every window (the kernel turns it off when
+    # the TSC turns unstable, and then B's usage would include the softirq time DOVE also
+    # attributes): CPU 0's softirq in /proc/stat covers the NET softirq the kernel traced
+    # there, plus the other vectors' (timers, RCU: 1.05-1.10x measured), and not the
+    # several times more that booking by the tick gives (Debian's 6.1: 8.7x).
+    for mode in MODES[1:]:
+        r = runs[mode]
+        if not compat and not 0.9 <= r["cpu0_sirq"] / max(r["ftrace_cpu0"], 1) <= 1.4:
+            failures.append(f"DOVE {mode}: /proc/stat booked {s(r['cpu0_sirq'])} of softirq on CPU 0 where the kernel traced "
+                            f"{s(r['ftrace_cpu0'])} of NET softirq (want 0.9-1.4x): IRQ time accounting is not what it should be")
     # The reference: B alone on its quota burns what the refills granted it.
     if abs(ref["ratio"] - 1) > 0.10:
         failures.append(f"reference: B used {ref['ratio']:.2f}x the {ref['refills']} refills' quota with no traffic: "
@@ -198,14 +227,20 @@ if all(m in runs and "window" in runs[m] for m in MODES):
 # (A's fair share), then cpumax without and with early drop; on a distribution kernel
 # only the last, whose drops are judged.
 FLOOD_MODES = ("flood-on",) if compat else ("flood-ref", "flood-off", "flood-on")
+FLOOD_QUOTA_SHARE = 10000 / 100000  # guest-init.sh's FLOOD_QUOTA over its period
 for mode in FLOOD_MODES:
     f = floods.get(mode, {})
     if "begin" not in f or "end" not in f:
         failures.append(f"scenario {mode}: no complete results")
         continue
     b, e = f["begin"], f["end"]
-    f.update({k: e[k] - b.get(k, 0) for k in e})
+    unread = sorted(k for k in set(b) | set(e) if b.get(k) is None or e.get(k) is None)
+    if unread:
+        failures.append(f"scenario {mode}: the guest could not read {', '.join(unread)}")
+        continue
+    f.update({k: e[k] - b[k] for k in e})
     f["a_share"] = f["a_usage"] / max(f["t"], 1)
+    f["b_share"] = f["b_usage"] / max(f["t"], 1)
 drops = lambda f: f.get("drops", {})
 if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES):
     # Drops over the whole run, read once the sender stopped: DOVE's against the kernel's
@@ -214,11 +249,21 @@ if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES):
     print(f"{'flood':<10} {'window':>7} {'B usage':>8} {'B sirq':>7} {'A share':>7}  {'DOVE dropped':>12} {'failed sends':>12} {'veth drops':>10}")
     for mode in FLOOD_MODES:
         f, d = floods[mode], drops(floods[mode])
+        shown = lambda k: "-" if d.get(k) is None else d[k]
         print(f"{mode:<10} {f['t']/1e6:>6.2f}s {f['b_usage']/1e6:>7.2f}s {f['b_attr']/1e6:>6.2f}s {f['a_share']*100:>6.1f}%  "
-              f"{d.get('dropped', 0):>12} {d.get('sndbuf', 0):>12} {d.get('vethdrop', 0):>10}")
+              f"{shown('dropped'):>12} {shown('sndbuf'):>12} {shown('vethdrop'):>10}")
     on = floods["flood-on"]
     if not compat:
         ref_share, off = floods["flood-ref"]["a_share"], floods["flood-off"]
+        # The reference is what the other two are judged against: B must really have run
+        # at its quota there (FLOOD_QUOTA of 100 ms, 10% of CPU 0). Under emulation a
+        # late period timer grants fewer periods than the window holds, so below that is
+        # allowed down to half; above it, the quota did not hold.
+        b_share = floods["flood-ref"]["b_share"]
+        print(f"flood reference: B used {b_share*100:.1f}% of CPU 0 on a quota of {FLOOD_QUOTA_SHARE*100:.0f}%")
+        if not 0.5 * FLOOD_QUOTA_SHARE <= b_share <= 1.1 * FLOOD_QUOTA_SHARE:
+            failures.append(f"flood reference: B used {b_share*100:.1f}% of CPU 0 on a quota of {FLOOD_QUOTA_SHARE*100:.0f}% "
+                            "(want 50-110% of it): the reference is not B at its quota")
         # As in the stream scenario, the harm without early drop must be at least twice
         # what early drop is allowed to leave, here with a tighter tolerance (3 points;
         # measured 0.1-1.1): the flood's cost, and so A's loss, depends on how fast the
@@ -227,12 +272,17 @@ if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES):
             failures.append(f"flood without early drop: A got {off['a_share']*100:.1f}% of CPU 0, not more than 6 points below "
                             f"the flood reference {ref_share*100:.1f}%: the flood harms nobody here, so early drop proves nothing")
         d = drops(off)
-        if not d or d["sndbuf"] - d["vethdrop"] > 10 or d["dropped"] != 0:
-            failures.append(f"flood without early drop: the kernel failed {d.get('sndbuf')} sends beyond the veth's own drops: something dropped")
+        # DOVE reports no early drop for B at all (it is off), and the kernel failed no
+        # sends beyond the veth's own drops.
+        if not d or d.get("sndbuf") is None or d.get("vethdrop") is None or d["sndbuf"] - d["vethdrop"] > 10:
+            failures.append(f"flood without early drop: the kernel failed {d.get('sndbuf')} sends beyond the veth's own drops "
+                            f"({d.get('vethdrop')}): something dropped")
+        if d.get("dropped") not in (None, 0):
+            failures.append(f"flood without early drop: DOVE reports {d['dropped']} early drops with early drop off")
         if abs(on["a_share"] - ref_share) > 0.03:
             failures.append(f"flood with early drop: A got {on['a_share']*100:.1f}% of CPU 0: want within 3 points of the flood reference {ref_share*100:.1f}%")
     d = drops(on)
-    if not d or d["dropped"] <= 0:
+    if not d or None in (d.get("dropped"), d.get("sndbuf"), d.get("vethdrop")) or d["dropped"] <= 0:
         failures.append(f"flood with early drop: nothing dropped ({d or 'no DROPS line'})")
     elif min(abs(d["dropped"] - d["sndbuf"]), abs(d["dropped"] - (d["sndbuf"] - d["vethdrop"]))) > 0.02 * d["sndbuf"] + 10:
         failures.append(f"flood with early drop: DOVE counted {d['dropped']} drops, the kernel {d['sndbuf']} failed sends "

@@ -15,7 +15,7 @@ command -v qemu-system-x86_64 >/dev/null && command -v cpio >/dev/null || \
 
 kernel=$(bash tests/vm/build-kernel.sh)
 # A Debian kernel that cannot be fetched fails the suite, after the patched boot has run.
-debian=$(bash tests/vm/debian-kernel.sh) || debian=
+debian=$(bash tests/vm/debian-kernel.sh 6.1) || debian=
 cargo build --release -q -p dove-daemon -p dove-hook -p dove-ctl
 # The streams' senders and B's receiver (a debug build: the host suites already made it).
 cargo build -q -p dove-tests --bin dove-traffic
