@@ -361,16 +361,22 @@ veth_pair() { # veth_pair NETNS HOST_END PEER_END HOST_ADDR PEER_ADDR: a veth pa
 restored_bases() { grep -c "were restored to their bases" /tmp/doved-$1.log; }
 restore_checks() { # restore_checks MODE: cpumax's ledger against an external change and kill -9
     # 1. A quota someone else sets while B's is lowered becomes the base: with the stream
-    #    paused (the debt drains within a second or two) the controller goes back to the
-    #    new base, not to the old one.
+    #    paused the debt drains (usually within 3 s; a debt that refills of a throttled
+    #    group added to takes longer) and the controller goes back to the new base, not
+    #    to the old one, where it would stay.
     wait_lowered "before the external change"
     kill -STOP $sender
     echo "50000 $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
-    sleep 3
+    waited=0
+    while [ $waited -lt 150 ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+        [ $waited -ge 30 ] && [ "$(b_quota_us)" = 50000 ] && break
+    done
     adopted=$(b_base_us)
     settled=$(b_quota_us)
     kill -CONT $sender
-    say RESTORE mode=$1 check=adopt base_us=${adopted:-0} quota_us=$settled
+    say RESTORE mode=$1 check=adopt base_us=${adopted:-0} quota_us=$settled settled_ms=$((waited * 100))
     # The old base back, until doved reports it as the base (a write of doved's own
     # between a read and this one would otherwise be taken for someone else's).
     for _ in $(seq 30); do
