@@ -5,9 +5,17 @@
 //! be fast and must not block container starts: every failure is logged and, unless
 //! `--fail-closed` is given, the hook still exits 0.
 
+// The hook is on the critical path of every container start, so it skips std's runtime
+// set-up (which reads /proc/self/maps to find the main thread's stack and installs an
+// alternate signal stack: about 0.06 ms of a ~1.2 ms run) and does the two parts of it
+// that matter here itself, in `main`. glibc still hands std the arguments and environment.
+#![no_main]
+
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::BorrowedFd;
+use std::os::raw::{c_char, c_int};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -17,6 +25,8 @@ use dove_proto::{
     Client, ClientError, ErrorCode, Registration, Reply, Request, DEFAULT_SOCKET,
     MAX_ANNOTATION_BYTES,
 };
+use nix::fcntl::{FcntlArg, OFlag};
+use nix::sys::signal::{SigHandler, Signal};
 
 use dove_hook::state::{self, read_state, HookState};
 
@@ -86,14 +96,37 @@ struct Args {
     stage: Stage,
 }
 
-fn main() -> ExitCode {
+const SUCCESS: c_int = 0;
+const FAILURE: c_int = 1;
+
+#[no_mangle]
+pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     let started = Instant::now();
+    // What std's set-up would have done and the hook needs: a doved that closes the
+    // connection mid-request must be an error the hook fails open on, not a SIGPIPE that
+    // kills it (and fails the container start); and a runtime that starts the hook with
+    // 0, 1 or 2 closed must not get the socket as fd 1 for a message to land on.
+    // SAFETY: no other thread exists yet; SIG_IGN installs no handler code.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) };
+    for fd in 0..=2 {
+        if nix::fcntl::fcntl(unsafe { BorrowedFd::borrow_raw(fd) }, FcntlArg::F_GETFD).is_err() {
+            // Opened without O_CLOEXEC so it is the lowest free descriptor, i.e. `fd`.
+            let _ = nix::fcntl::open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty())
+                .map(std::mem::forget);
+        }
+    }
+    let code = hook_main(started);
+    let _ = std::io::stdout().flush();
+    code
+}
+
+fn hook_main(started: Instant) -> c_int {
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => {
             // --help / --version
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            return SUCCESS;
         }
         Err(e) => {
             // A misconfigured hook must not block containers unless the operator asked.
@@ -102,12 +135,9 @@ fn main() -> ExitCode {
             let msg = e.to_string();
             let msg = msg.trim_end();
             tracing::error!("bad arguments, container not registered: {msg}");
-            eprintln!("dove-hook: {msg}");
-            return if fail_closed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            // Not eprintln!, which panics when stderr has no reader.
+            let _ = writeln!(std::io::stderr(), "dove-hook: {msg}");
+            return if fail_closed { FAILURE } else { SUCCESS };
         }
     };
     let _ = LOG_LEVEL.set(args.log_level.clone());
@@ -116,13 +146,13 @@ fn main() -> ExitCode {
     }
     let deadline = started + Duration::from_millis(args.timeout_ms);
     match run(&args, deadline) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => SUCCESS,
         Err(e) if args.fail_closed => {
             start_logging();
             let e = dove_logging::describe(e.as_ref());
             tracing::error!(stage = args.stage.name(), "{e}");
-            eprintln!("dove-hook ({}): {e}", args.stage.name());
-            ExitCode::FAILURE
+            let _ = writeln!(std::io::stderr(), "dove-hook ({}): {e}", args.stage.name());
+            FAILURE
         }
         Err(e) => {
             start_logging();
@@ -131,7 +161,7 @@ fn main() -> ExitCode {
                 stage = args.stage.name(),
                 "{e} (fail-open: the container proceeds unregistered)"
             );
-            ExitCode::SUCCESS
+            SUCCESS
         }
     }
 }

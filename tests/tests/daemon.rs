@@ -276,6 +276,40 @@ fn daemon_down_or_stuck_fails_open_within_the_timeout() {
     assert!(daemon.running());
 }
 
+/// A runtime that stops reading the hook's stderr (or a journal that went away) must not
+/// turn a fail-open warning into a SIGPIPE death, which the runtime reads as a failed hook
+/// and so fails the container start.
+#[test]
+fn a_hook_whose_stderr_reader_is_gone_still_fails_open() {
+    if !require_root("a_hook_whose_stderr_reader_is_gone_still_fails_open") {
+        return;
+    }
+    let parked = Parked::new();
+    let bundle = tempfile::tempdir().unwrap();
+    let state = state_json("c1", Some(parked.pid()), bundle.path());
+    let nowhere = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin("dove-hook"))
+        .arg("--socket")
+        .arg(nowhere.path().join("dove.sock"))
+        .arg("createRuntime")
+        .env("DOVE_LOG_STDERR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the hook has anything to say: its warning (no doved is
+    // listening) then meets a pipe without a reader.
+    drop(child.stderr.take());
+    child.stdin.take().unwrap().write_all(&state).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the hook died ({status}) instead of failing open"
+    );
+}
+
 #[test]
 fn daemon_dying_mid_request_is_reported() {
     if !require_root("daemon_dying_mid_request_is_reported") {
