@@ -8,13 +8,14 @@
 // The hook is on the critical path of every container start, so it skips std's runtime
 // set-up (which reads /proc/self/maps to find the main thread's stack and installs an
 // alternate signal stack: about 0.06 ms of a ~1.2 ms run) and does the two parts of it
-// that matter here itself, in `main`. glibc still hands std the arguments and environment.
+// that matter here itself, in `main`.
 #![no_main]
 
 use std::collections::BTreeMap;
+use std::ffi::{CStr, OsString};
 use std::io::Write;
-use std::os::fd::BorrowedFd;
 use std::os::raw::{c_char, c_int};
+use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use dove_proto::{
     Client, ClientError, ErrorCode, Registration, Reply, Request, DEFAULT_SOCKET,
     MAX_ANNOTATION_BYTES,
 };
-use nix::fcntl::{FcntlArg, OFlag};
+use nix::fcntl::OFlag;
 use nix::sys::signal::{SigHandler, Signal};
 
 use dove_hook::state::{self, read_state, HookState};
@@ -99,8 +100,12 @@ struct Args {
 const SUCCESS: c_int = 0;
 const FAILURE: c_int = 1;
 
+/// The process's entry, called by the C runtime.
+///
+/// # Safety
+/// `argv` holds `argc` valid NUL-terminated strings, as the C runtime guarantees.
 #[no_mangle]
-pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
+pub unsafe extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
     let started = Instant::now();
     // What std's set-up would have done and the hook needs: a doved that closes the
     // connection mid-request must be an error the hook fails open on, not a SIGPIPE that
@@ -109,19 +114,43 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     // SAFETY: no other thread exists yet; SIG_IGN installs no handler code.
     let _ = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) };
     for fd in 0..=2 {
-        if nix::fcntl::fcntl(unsafe { BorrowedFd::borrow_raw(fd) }, FcntlArg::F_GETFD).is_err() {
-            // Opened without O_CLOEXEC so it is the lowest free descriptor, i.e. `fd`.
+        // SAFETY: F_GETFD only asks whether `fd` is open; it touches no memory.
+        if unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) } == -1 {
+            // open(2) returns the lowest free descriptor, which is `fd`: 0..fd are open.
             let _ = nix::fcntl::open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty())
                 .map(std::mem::forget);
         }
     }
-    let code = hook_main(started);
+    // The arguments from the C runtime itself: std would read them from glibc's
+    // .init_array call, which other C libraries (musl) do not make.
+    let args: Vec<OsString> = (0..usize::try_from(argc).unwrap_or(0))
+        .map(|i| {
+            // SAFETY: the C runtime hands main `argc` valid NUL-terminated strings.
+            let arg = unsafe { CStr::from_ptr(*argv.add(i)) };
+            OsString::from_vec(arg.to_bytes().to_vec())
+        })
+        .collect();
+    let fail_closed = args.iter().any(|a| a == "--fail-closed");
+    // A panic must not unwind out of `main` (that aborts) and, like every other failure,
+    // must not block the container unless the operator asked for that.
+    let code = std::panic::catch_unwind(|| hook_main(args, started)).unwrap_or_else(|_| {
+        start_logging();
+        tracing::error!(
+            "dove-hook panicked; the container proceeds unregistered unless --fail-closed"
+        );
+        if fail_closed {
+            FAILURE
+        } else {
+            SUCCESS
+        }
+    });
     let _ = std::io::stdout().flush();
     code
 }
 
-fn hook_main(started: Instant) -> c_int {
-    let args = match Args::try_parse() {
+fn hook_main(argv: Vec<OsString>, started: Instant) -> c_int {
+    let fail_closed = argv.iter().any(|a| a == "--fail-closed");
+    let args = match Args::try_parse_from(argv) {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => {
             // --help / --version
@@ -130,7 +159,6 @@ fn hook_main(started: Instant) -> c_int {
         }
         Err(e) => {
             // A misconfigured hook must not block containers unless the operator asked.
-            let fail_closed = std::env::args().any(|a| a == "--fail-closed");
             dove_logging::init("dove-hook", "info", dove_logging::Target::Auto);
             let msg = e.to_string();
             let msg = msg.trim_end();
