@@ -42,10 +42,11 @@ for l in lines:
         r = runs.setdefault(kv["mode"], {})
         r["refills"], r["ftrace_cpu0"] = num(kv.get("refills")), num(kv.get("cpu0_us"))
         r["timer_runs"] = num(kv.get("timer_runs"))
+        r["trace_overrun"] = num(kv.get("overrun"))
         r["net_lo"], r["net_hi"] = num(kv.get("lo_us")), num(kv.get("hi_us"))
     elif l.startswith("DOVE-VM FINAL"):
         final = {k: num(v) for k, v in kv.items() if k != "mode"}
-        runs.setdefault(kv["mode"], {})["final"] = final if None not in final.values() else None
+        runs.setdefault(kv["mode"], {})["final"] = final
     elif l.startswith("DOVE-VM CALIBRATE"):
         runs.setdefault(kv["mode"], {}).setdefault("calibration", []).append(
             f"{(num(kv.get('rate_kbit')) or 0)/1000:.1f} Mbit/s ({num(kv.get('pps'))} packets/s) -> {(num(kv.get('cpu0_net_permille')) or 0)/10:.1f}%")
@@ -79,12 +80,15 @@ for mode in MODES:
     b, e = samples[(mode, "begin")], samples[(mode, "end")]
     r = runs[mode]
     unread = sorted({k for k in set(b) | set(e) if b.get(k) is None or e.get(k) is None}
-                    | {k for k in ("refills", "timer_runs", "ftrace_cpu0", "net_lo", "net_hi") if r.get(k) is None})
+                    | {k for k in ("refills", "timer_runs", "ftrace_cpu0", "net_lo", "net_hi", "trace_overrun") if r.get(k) is None})
     if unread:
         failures.append(f"scenario {mode}: the guest could not read {', '.join(unread)}")
         runs.pop(mode)
         continue
     r.update({k: e[k] - b[k] for k in e})
+    if r["trace_overrun"]:
+        failures.append(f"scenario {mode}: the trace buffer lost {r['trace_overrun']} events: its refills and NET "
+                        "time are undercounted (raise buffer_size_kb in guest-init.sh)")
     r["window"] = r.pop("t")
     # A write of cpu.max refills B's runtime too (tg_set_cfs_bandwidth), and the kprobe
     # counts it: only the period timer's refills grant B its base quota.
@@ -92,6 +96,9 @@ for mode in MODES:
     if mode == "cpumax" and b["b_writes"] < 1:
         failures.append("cpumax: doved reported no quota writes before the window, though it had lowered B's quota: "
                         "its refills cannot be told from the period timer's")
+    elif mode == "cpumax" and r["b_writes"] < 0:
+        failures.append(f"cpumax: doved's quota writes went from {b['b_writes']} to {e['b_writes']} "
+                        "over the window (unreadable at its end?)")
     if compat:
         # The period timer's refill is inlined in this kernel: the refill kprobe sees only
         # writes of cpu.max. B's quota is counted from the timer's runs (each refills once;
@@ -196,6 +203,9 @@ if all(m in runs and "window" in runs[m] for m in MODES):
         pass
     elif not final:
         failures.append("with DOVE on: no FINAL line (B's totals once the traffic was over)")
+    elif None in final.values():
+        failures.append("with DOVE on: the guest could not read B's final "
+                        + ", ".join(k for k, v in final.items() if v is None))
     else:
         # No cost is lost: over B's whole life, what DOVE attributed was either charged by
         # the scheduler (its own counter in cpu.stat) or is still pending. Read once

@@ -142,6 +142,9 @@ echo 'vec == 2 || vec == 3' > $T/events/irq/softirq_entry/filter
 echo 'vec == 2 || vec == 3' > $T/events/irq/softirq_exit/filter
 trace_events() { for e in kprobes/dove_refill kprobes/dove_period irq/softirq_entry irq/softirq_exit; do echo $1 > $T/events/$e/enable; done; }
 trace_start() { echo > $T/trace; trace_events 1; }
+# Events the ring buffer lost since the trace was last cleared (a full buffer would
+# make the window's NET time look short).
+trace_overrun() { cat $T/per_cpu/cpu*/stats | awk '/^overrun:/ {n += $2} END {print n + 0}'; }
 b_pool() { awk '/dove_refill:/ {print $NF; exit}' $T/trace; }
 # Everything the window's criteria read from the trace, in one pass (under emulation
 # busybox awk reads about 500 trace lines a second, and a window holds tens of thousands):
@@ -300,7 +303,7 @@ dove_counters() { # DOVE's counters (us) from a `dovectl stats --json` file, as 
         awk -v id="$1" -v f="\"$2\"" '
             id == "unattributed" && /"unattributed"/ {found = 1; next}
             id != "unattributed" && index($0, "\"id\": \"" id "\"") {found = 1; next}
-            found && (/"id": / || /"health"/) {exit}
+            found && (/"id": / || /"health"/ || /"unattributed"/) {exit}
             found && index($0, f) {gsub(/[^0-9]/, ""); print int($0 / 1000); exit}' "$3"
     }
     # cpumax's quota writes so far (each one refills B's runtime, and the refill kprobe
@@ -315,6 +318,7 @@ dove_counters() { # DOVE's counters (us) from a `dovectl stats --json` file, as 
 charged_us() { awk '$1 == "dove_charged_usec" {print $2}' /sys/fs/cgroup/dove-b/cpu.stat; }
 
 b_quota_us() { awk '{print $1}' /sys/fs/cgroup/dove-b/cpu.max; }
+uptime_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
 b_base_us() { # B's base as doved reports it
     dovectl stats --json 2>/dev/null | awk 'index($0, "\"id\": \"dove-b\"") {f = 1}
         f && /"base_quota_us"/ {gsub(/[^0-9]/, ""); print; exit}'
@@ -367,16 +371,17 @@ restore_checks() { # restore_checks MODE: cpumax's ledger against an external ch
     wait_lowered "before the external change"
     kill -STOP $sender
     echo "50000 $PERIOD" > /sys/fs/cgroup/dove-b/cpu.max
-    waited=0
-    while [ $waited -lt 150 ]; do
-        sleep 0.1
-        waited=$((waited + 1))
-        [ $waited -ge 30 ] && [ "$(b_quota_us)" = 50000 ] && break
+    changed=$(uptime_ms)
+    sleep 3
+    # (Timed by the clock: under emulation each pass's processes take a while.)
+    while [ "$(b_quota_us)" != 50000 ] && [ $(( $(uptime_ms) - changed )) -lt 15000 ]; do
+        sleep 0.2
     done
+    settled_ms=$(( $(uptime_ms) - changed ))
     adopted=$(b_base_us)
     settled=$(b_quota_us)
     kill -CONT $sender
-    say RESTORE mode=$1 check=adopt base_us=${adopted:-0} quota_us=$settled settled_ms=$((waited * 100))
+    say RESTORE mode=$1 check=adopt base_us=${adopted:-0} quota_us=$settled settled_ms=$settled_ms
     # The old base back, until doved reports it as the base (a write of doved's own
     # between a read and this one would otherwise be taken for someone else's).
     for _ in $(seq 30); do
@@ -487,7 +492,7 @@ scenario() { # scenario ref|off|on|cpumax
         say BASELINE cpu0_softirq_permille=$base_sirq
     fi
     [ "$mode" = cpumax ] && say QUOTA mode=$mode "$(dovectl status | grep -E '^dove-b ' | tr -s ' ')"
-    say TRACE mode=$mode $(window_trace $mode $pool)
+    say TRACE mode=$mode $(window_trace $mode $pool) overrun=$(trace_overrun)
     say SOFTIRQS-AFTER mode=$mode "$(softirq_counts)" "$(cpu0_times)"
     say THREADS mode=$mode "$(busiest_threads /tmp/threads-before /tmp/threads-after)"
     # With the stream still running: cpumax's ledger against someone else's change and a
@@ -613,7 +618,7 @@ scenario cpumax
 flood on
 say CLOCK clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource) \
     unstable=$(dmesg | grep -ci 'clocksource.*unstable')
-splats='BUG:|WARNING:|kernel BUG at|Oops|general protection fault|Call Trace:|rcu.*stall|possible recursive locking|circular locking|sleeping function called from invalid context'
+splats='BUG:|WARNING:|kernel BUG at|Oops|general protection fault|Call Trace:|rcu: INFO: .*detected stall|possible recursive locking|circular locking|sleeping function called from invalid context'
 say DMESG-WARNINGS "$(dmesg | grep -cE "$splats")"
 dmesg | grep -E "$splats" | head -5 | while read -r l; do say DMESG "$l"; done
 finish
