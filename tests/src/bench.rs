@@ -30,8 +30,9 @@ pub fn busy_ns() -> u64 {
         .skip(1)
         .map(|v| v.parse().unwrap())
         .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: u64 = cpu.iter().take(8).sum::<u64>() - cpu[3] - cpu[4];
+    // user nice system idle iowait irq softirq (steal is time a hypervisor gave to
+    // someone else, not work done here)
+    let busy: u64 = cpu.iter().take(7).sum::<u64>() - cpu[3] - cpu[4];
     busy * 10_000_000
 }
 
@@ -49,14 +50,14 @@ impl Shuffle {
     /// Seeded from `SEED` when set (to repeat an order), else from the clock; the seed
     /// is returned so that the run can print it.
     pub fn from_env() -> (Self, u64) {
+        // Never 0, from which xorshift never moves: every round would get one order.
         let seed = env_or(
             "SEED",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
-                .as_nanos() as u64
-                | 1,
-        );
+                .as_nanos() as u64,
+        ) | 1;
         (Shuffle(seed), seed)
     }
 

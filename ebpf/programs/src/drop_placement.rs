@@ -3,15 +3,16 @@
 //! where it enters the host (XDP or tc ingress, keyed by the container's address, as a
 //! program at a host's NIC would have to be) and at the container's host-side veth (tc
 //! egress, keyed by the interface, where doved's `dove_early_drop` stands). Each does one
-//! hash lookup and drops whatever it matches, so the benchmark compares the placements,
-//! not the policies. doved never loads them.
+//! hash lookup and drops (and counts) whatever it matches, so the benchmark compares the
+//! placements, not the policies. `drop_tc_entry` at the sender's own egress measures what
+//! the sender alone costs. doved never loads them.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, map, xdp},
-    maps::HashMap,
+    maps::{HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 
@@ -22,6 +23,18 @@ static DROP_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 /// Interfaces (ifindex) whose egress drops everything IPv4.
 #[map(name = "DROP_IFINDEX")]
 static DROP_IFINDEX: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
+
+/// Packets the loaded program dropped (slot 0, per CPU): the benchmark tells its drops
+/// from a full ring or backlog, which are cheaper and would flatter a placement.
+#[map(name = "DROPPED")]
+static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+fn count_drop() {
+    if let Some(n) = DROPPED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a program runs to completion on one CPU.
+        unsafe { *n += 1 };
+    }
+}
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -47,7 +60,10 @@ pub fn drop_xdp_entry(ctx: XdpContext) -> u32 {
     }
     // SAFETY: a map value the kernel keeps while the program runs; only its presence counts.
     match unsafe { DROP_ADDRS.get(&dst) } {
-        Some(_) => xdp_action::XDP_DROP,
+        Some(_) => {
+            count_drop();
+            xdp_action::XDP_DROP
+        }
         None => xdp_action::XDP_PASS,
     }
 }
@@ -62,7 +78,10 @@ pub fn drop_tc_entry(ctx: TcContext) -> i32 {
     }
     // SAFETY: as above.
     match unsafe { DROP_ADDRS.get(&dst) } {
-        Some(_) => TC_ACT_SHOT,
+        Some(_) => {
+            count_drop();
+            TC_ACT_SHOT
+        }
         None => TC_NEXT,
     }
 }
@@ -76,7 +95,10 @@ pub fn drop_tc_host_veth(ctx: TcContext) -> i32 {
     }
     // SAFETY: as above.
     match unsafe { DROP_IFINDEX.get(&ifindex) } {
-        Some(_) => TC_ACT_SHOT,
+        Some(_) => {
+            count_drop();
+            TC_ACT_SHOT
+        }
         None => TC_NEXT,
     }
 }
