@@ -6,8 +6,7 @@
 # usage: debian-kernel.sh [6.1|6.12]
 #   6.1:  bookworm's linux-image-cloud-amd64, from the apt sources the host already has
 #   6.12: bookworm-backports' linux-image-cloud-amd64, from a package list of its own
-#         (deb.debian.org, the same mirror as the host's) kept under the cache: the
-#         host's apt sources are left as they are
+#         (tests/vm/backports.sh): the host's apt sources are left as they are
 set -euo pipefail
 series="${1:-6.1}"
 cache=/var/cache/dove/debian-kernel
@@ -15,11 +14,8 @@ apt_opts=()
 case "$series" in
 6.1) ;;
 6.12)
-    lists="$cache/apt-bookworm-backports"
-    mkdir -p "$lists/lists/partial"
-    echo "deb http://deb.debian.org/debian bookworm-backports main" > "$lists/sources.list"
-    apt_opts=(-o "Dir::Etc::sourcelist=$lists/sources.list" -o Dir::Etc::sourceparts=-
-        -o "Dir::State::Lists=$lists/lists" -o APT::Get::List-Cleanup=0)
+    . "$(dirname "$0")/backports.sh"
+    apt_opts=("${backports_apt_opts[@]}")
     ;;
 *) echo "debian-kernel: unknown series '$series': want 6.1 or 6.12" >&2; exit 2 ;;
 esac
