@@ -691,6 +691,16 @@ fn transmit_work_is_billed_to_the_sender() {
         "tbf released the packets in only {} NET_TX windows: the bed does not exercise NET_TX",
         kernel.net_tx_windows
     );
+    // The transmit work that runs in TIMER/HRTIMER/TASKLET (or BH work) callbacks must be
+    // a real part of what is judged, or a rule that billed NET_TX alone would pass. Here
+    // TCP paces itself (tcp_pace_kick, an hrtimer: no fq) and small queues resume it.
+    let callbacks_ns: u64 = kernel.callbacks.values().map(|(_, ns)| ns).sum();
+    assert!(
+        callbacks_ns as f64 >= 0.1 * kernel.total_ns() as f64,
+        "TCP's transmit callbacks ran only {:.2} ms of {:.2} ms: the bed does not exercise them",
+        ms(callbacks_ns),
+        ms(kernel.total_ns())
+    );
     assert!(
         tx as f64 >= 0.8 * kernel.total_ns() as f64,
         "the sender was billed {:.2} ms of transmit work; the kernel ran {:.2} ms of it",
