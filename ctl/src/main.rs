@@ -257,6 +257,9 @@ fn print_status(s: &Status) {
         "disabled-at-boot" => {
             "disabled at boot (tsc=noirqtime): softirq time is billed to whichever task it interrupted"
         }
+        "disabled-tsc-unstable" => {
+            "switched off by the kernel (the TSC was found unstable): softirq time is billed to whichever task it interrupted"
+        }
         "not-built" => "not built: softirq time is billed to whichever task it interrupted",
         "" if s.irq_time_accounting => "built (older doved: running state not reported)",
         "" => "not built (older doved)",

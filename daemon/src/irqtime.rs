@@ -7,9 +7,14 @@
 //! twice unless the victim is credited.
 //!
 //! Being built in (`CONFIG_IRQ_TIME_ACCOUNTING`) is not enough: x86 turns it off at boot
-//! with `tsc=noirqtime` and whenever the TSC is found unstable. The kernel does not export
-//! the switch; what shows it is PSI's `irq` line, which only grows while IRQ time is being
-//! accounted (it is fed from the same per-CPU IRQ time counters).
+//! with `tsc=noirqtime` and whenever the TSC is found unstable, at boot or at any time
+//! later (`mark_tsc_unstable`). The kernel does not export the switch. What shows it
+//! running is PSI's `irq` line, which only grows while IRQ time is being accounted (it is
+//! fed from the same per-CPU IRQ time counters); but PSI keeps its total, so once the
+//! switch goes off later only the TSC shows it: a TSC found unstable loses its
+//! high-resolution flag, and with the tick in one-shot mode (NO_HZ or high-resolution
+//! timers, every distribution kernel) `available_clocksource` stops listing it. x86 only
+//! enables the accounting from `tsc_init`, so no listed TSC means none.
 
 use std::path::Path;
 
@@ -20,6 +25,8 @@ pub enum IrqTimeAccounting {
     NotBuilt,
     /// Built, switched off on the command line (`tsc=noirqtime`).
     DisabledAtBoot,
+    /// Built, switched off by the kernel: the TSC was found unstable (x86).
+    DisabledTscUnstable,
     /// Built and accounting: PSI has recorded IRQ time since boot.
     Active,
     /// Built, but nothing shows it running: PSI is off or has recorded no IRQ time (an
@@ -30,9 +37,10 @@ pub enum IrqTimeAccounting {
 }
 
 impl IrqTimeAccounting {
-    pub const ALL: [IrqTimeAccounting; 5] = [
+    pub const ALL: [IrqTimeAccounting; 6] = [
         IrqTimeAccounting::NotBuilt,
         IrqTimeAccounting::DisabledAtBoot,
+        IrqTimeAccounting::DisabledTscUnstable,
         IrqTimeAccounting::Active,
         IrqTimeAccounting::Unconfirmed,
         IrqTimeAccounting::Unknown,
@@ -42,6 +50,7 @@ impl IrqTimeAccounting {
         match self {
             IrqTimeAccounting::NotBuilt => "not-built",
             IrqTimeAccounting::DisabledAtBoot => "disabled-at-boot",
+            IrqTimeAccounting::DisabledTscUnstable => "disabled-tsc-unstable",
             IrqTimeAccounting::Active => "active",
             IrqTimeAccounting::Unconfirmed => "unconfirmed",
             IrqTimeAccounting::Unknown => "unknown",
@@ -80,7 +89,16 @@ impl IrqTimeAccounting {
                 std::io::ErrorKind::NotFound => Psi::Absent,
                 _ => Psi::Unreadable,
             });
-        Self::classify(config.as_deref(), &cmdline, psi)
+        let tsc = if cfg!(target_arch = "x86_64") {
+            std::fs::read_to_string(
+                "/sys/devices/system/clocksource/clocksource0/available_clocksource",
+            )
+            .map(|list| Tsc::from_available(&list))
+            .unwrap_or(Tsc::Unknown)
+        } else {
+            Tsc::NotX86
+        };
+        Self::classify(config.as_deref(), &cmdline, psi, tsc)
     }
 
     fn kernel_config() -> Option<String> {
@@ -101,7 +119,7 @@ impl IrqTimeAccounting {
     }
 
     /// The decision, from the texts [`Self::probe`] reads.
-    pub fn classify(kernel_config: Option<&str>, cmdline: &str, psi: Psi) -> Self {
+    pub fn classify(kernel_config: Option<&str>, cmdline: &str, psi: Psi, tsc: Tsc) -> Self {
         let configured = kernel_config.and_then(|c| {
             c.lines().find_map(|l| match l.trim() {
                 "CONFIG_IRQ_TIME_ACCOUNTING=y" => Some(true),
@@ -121,6 +139,9 @@ impl IrqTimeAccounting {
         }
         if cmdline.split_whitespace().any(|arg| arg == "tsc=noirqtime") {
             return IrqTimeAccounting::DisabledAtBoot;
+        }
+        if tsc == Tsc::NotListed {
+            return IrqTimeAccounting::DisabledTscUnstable;
         }
         match psi {
             Psi::Read(text) if psi_irq_total(&text).is_some_and(|t| t > 0) => {
@@ -143,6 +164,33 @@ pub enum Psi {
     AbsentWhilePsiRuns,
     /// There but unreadable.
     Unreadable,
+}
+
+/// The TSC as `available_clocksource` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tsc {
+    /// Listed (`tsc`, or `tsc-early` before its calibration is refined): not found
+    /// unstable, or the tick is periodic and the list cannot tell.
+    Listed,
+    /// Not listed: found unstable, or never usable; either way no IRQ time accounting.
+    NotListed,
+    /// The list could not be read.
+    Unknown,
+    /// Not an x86 machine: the TSC has nothing to do with it.
+    NotX86,
+}
+
+impl Tsc {
+    fn from_available(list: &str) -> Self {
+        if list
+            .split_whitespace()
+            .any(|name| name == "tsc" || name == "tsc-early")
+        {
+            Tsc::Listed
+        } else {
+            Tsc::NotListed
+        }
+    }
 }
 
 /// The `total=` (µs) of the `full` line.
@@ -170,7 +218,7 @@ mod tests {
         use IrqTimeAccounting::*;
         let read = |t: &str| Psi::Read(t.to_owned());
         let cases = [
-            // (config, cmdline, psi, expected)
+            // (config, cmdline, psi, expected), the TSC listed
             (Some(NOT_BUILT), "quiet", Psi::Absent, NotBuilt),
             (None, "quiet", Psi::Absent, Unknown),
             (None, "quiet", Psi::AbsentWhilePsiRuns, NotBuilt),
@@ -195,9 +243,52 @@ mod tests {
         ];
         for (config, cmdline, psi, expected) in cases {
             assert_eq!(
-                IrqTimeAccounting::classify(config, cmdline, psi.clone()),
+                IrqTimeAccounting::classify(config, cmdline, psi.clone(), Tsc::Listed),
                 expected,
                 "{config:?} {cmdline:?} {psi:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tsc_found_unstable_switches_it_off_whatever_psi_recorded() {
+        use IrqTimeAccounting::*;
+        let busy = || Psi::Read(BUSY.to_owned());
+        let tsc = |list: &str| Tsc::from_available(list);
+        let cases = [
+            // PSI keeps the IRQ time recorded before the TSC was found unstable.
+            (
+                Some(BUILT),
+                "quiet",
+                tsc("hpet acpi_pm \n"),
+                DisabledTscUnstable,
+            ),
+            (Some(BUILT), "quiet", tsc("tsc hpet acpi_pm \n"), Active),
+            (Some(BUILT), "quiet", tsc("tsc-early hpet\n"), Active),
+            (Some(BUILT), "quiet", tsc("kvm-clock tsc hpet\n"), Active),
+            // A name that merely starts like it is not it.
+            (
+                Some(BUILT),
+                "quiet",
+                tsc("tscx hpet\n"),
+                DisabledTscUnstable,
+            ),
+            (Some(BUILT), "quiet", Tsc::Unknown, Active),
+            (Some(BUILT), "quiet", Tsc::NotX86, Active),
+            // The command line and the build decide first.
+            (Some(BUILT), "tsc=noirqtime", tsc("hpet\n"), DisabledAtBoot),
+            (Some(NOT_BUILT), "quiet", tsc("hpet\n"), NotBuilt),
+        ];
+        for (config, cmdline, tsc, expected) in cases {
+            let psi = if config == Some(NOT_BUILT) {
+                Psi::Absent
+            } else {
+                busy()
+            };
+            assert_eq!(
+                IrqTimeAccounting::classify(config, cmdline, psi, tsc),
+                expected,
+                "{cmdline:?} {tsc:?}"
             );
         }
     }

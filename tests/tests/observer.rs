@@ -1083,13 +1083,17 @@ fn metrics_endpoint_is_valid_prometheus_text() {
         .or_else(|_| run(std::process::Command::new("sh").args(["-c", "zcat /proc/config.gz"])));
     let allowed: &[&str] = match config.as_deref() {
         Ok(c) if c.contains("# CONFIG_IRQ_TIME_ACCOUNTING is not set") => &["not-built"],
-        Ok(c) if c.contains("CONFIG_IRQ_TIME_ACCOUNTING=y") => {
-            &["active", "unconfirmed", "disabled-at-boot"]
-        }
+        Ok(c) if c.contains("CONFIG_IRQ_TIME_ACCOUNTING=y") => &[
+            "active",
+            "unconfirmed",
+            "disabled-at-boot",
+            "disabled-tsc-unstable",
+        ],
         _ => &[
             "active",
             "unconfirmed",
             "disabled-at-boot",
+            "disabled-tsc-unstable",
             "not-built",
             "unknown",
         ],
