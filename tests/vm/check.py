@@ -305,7 +305,8 @@ if all("a_share" in floods.get(m, {}) for m in FLOOD_MODES):
 q = lambda kv, k: int(kv.get(k)) if re.fullmatch(r"\d+", kv.get(k) or "") else 0
 adopt, kill9, gone = restores.get("adopt", {}), restores.get("kill9", {}), restores.get("unregistered", {})
 print(f"cpumax ledger: adopted base {q(adopt, 'base_us')} us (quota then {q(adopt, 'quota_us')}, "
-      f"{q(adopt, 'settled_ms') / 1000:.1f} s after the change); kill -9 at "
+      f"{q(adopt, 'settled_ms') / 1000:.1f} s after the change"
+      f"{', written twice: doved overwrote the first write' if q(adopt, 'retried') else ''}); kill -9 at "
       f"{q(kill9, 'left_us')} us -> {q(kill9, 'served_us')} us when the next doved serves; unregistered while down at "
       f"{q(gone, 'left_us')} us -> {q(gone, 'served_us')} us, {q(gone, 'later_us')} us a second later")
 # The stream paused after the change: a controller that kept the old base would settle at it

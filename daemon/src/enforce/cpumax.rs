@@ -625,6 +625,13 @@ impl CpuMax {
                     continue;
                 }
             }
+            // Someone else may have written since the read at the top (the plan took the
+            // ledger's fsync, perhaps): leave their value for the next control to adopt
+            // rather than overwrite it. This narrows the race to the two syscalls; cgroup
+            // files have no compare-and-swap to close it.
+            if group.files.read().ok() != Some(current) {
+                continue;
+            }
             match group.files.write(next) {
                 Ok(()) => {
                     group.written = Some(next);
