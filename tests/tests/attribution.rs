@@ -13,15 +13,7 @@
 //! with only its flow) is printed beside it. Every datagram must reach its socket (8 MiB
 //! buffers; the test checks the kernel's drop counters).
 
-use std::sync::Mutex;
-
 use dove_tests::*;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Packet loads in the costly owner's socket filter: enough that its datagrams cost
 /// about twice a plain one's in softirq, all of it after the cgroup ingress hook.

@@ -1,21 +1,13 @@
 //! The eBPF observer on the running kernel: network namespaces joined by veth stand in
 //! for containers' networks, cgroups under the unified hierarchy for their cgroups,
-//! registered through the real socket protocol. Bounded traffic only.
+//! registered through the real socket protocol. Bounded traffic only. Every test measures
+//! host-wide softirq time, so they run one at a time ([`serial`]).
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dove_proto::Stats;
 use dove_tests::*;
-
-/// Every test here attaches programs at the cgroup root and measures host-wide softirq
-/// time: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[test]
 fn one_owner_takes_at_least_90_percent_of_net_softirq_time() {
