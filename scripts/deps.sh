@@ -11,6 +11,8 @@ fi
 packages=(
     build-essential pkg-config ca-certificates
     iproute2 jq util-linux procps
+    # a lossy link in the transmit attribution test (the host kernel has no netem)
+    iptables
     # container runtimes and a root filesystem for test containers
     runc crun podman busybox-static
     # rootless podman (its user namespace needs newuidmap)

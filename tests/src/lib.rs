@@ -20,7 +20,6 @@ pub mod bench;
 
 pub const UNIFIED: &str = "/sys/fs/cgroup/unified";
 
-/// True when the test may go on; prints a loud skip otherwise (and fails in CI).
 /// Tests of one binary that time softirq work (floods, host-wide softirq shares, quota
 /// cuts) take this first: `cargo test` runs a binary's tests on parallel threads, and on
 /// a two-core machine one test's flood is another's noise.
@@ -29,6 +28,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// True when the test may go on; prints a loud skip otherwise (and fails in CI).
 pub fn require_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;

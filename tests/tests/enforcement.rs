@@ -257,7 +257,7 @@ fn cpumax_lowers_the_quota_by_softirq_cost_and_always_restores_the_base() {
     );
 
     // 2. An external change while lowered is adopted, not overwritten.
-    let traffic = flood(&net, &ctr, 5402, 6.0);
+    let traffic = flood(&net, &ctr, 5402, 8.0);
     let lowered = cpu.lowered_below(72_000, LOWERING);
     assert!(lowered.is_some(), "not lowered: {}", cpu.quota_us());
     cpu.set_quota_us(90_000);
@@ -265,11 +265,12 @@ fn cpumax_lowers_the_quota_by_softirq_cost_and_always_restores_the_base() {
     let state = quota_state(&daemon, "flooded").unwrap();
     assert_eq!(state.base_quota_us, 90_000, "{state:?}");
     let relowered = cpu.lowered_below(81_000, LOWERING);
-    eprintln!("lowered {lowered:?}; from the adopted base {relowered:?}");
+    // The floor is the new base's (9 ms), not the old one's (8 ms).
+    let lowest = cpu.lowest_within(Duration::from_millis(1000));
+    eprintln!("lowered {lowered:?}; from the adopted base {relowered:?}, lowest {lowest}");
     assert!(
-        relowered.is_some_and(|(quota, _)| quota >= 9_000),
-        "lowered from the new base: {relowered:?}, now {}",
-        cpu.quota_us()
+        relowered.is_some() && lowest >= 9_000,
+        "lowered from the new base: {relowered:?}, lowest {lowest}"
     );
     drop(traffic);
     assert!(
@@ -341,6 +342,7 @@ fn cpumax_leaves_containers_without_a_quota_alone() {
     if !require_root("cpumax_leaves_containers_without_a_quota_alone") {
         return;
     }
+    let _serial = serial();
     let daemon = TempDaemon::with_observer_config("", "cpumax").unwrap();
     let net = NetPair::new().unwrap();
     let ctr = TestCgroup::new("dove-test-unlimited").unwrap();
