@@ -1,11 +1,12 @@
 //! Benchmark: what the eBPF observer costs per datagram, per program, and per tick.
 //!
 //! 1. Floods of 64-byte UDP over a veth pair between two namespaces, sender pinned to
-//!    CPU 0 and sink to CPU 1, on three paths:
+//!    CPU 0 and sink to CPU 1, on four paths:
 //!    - the worst case: veth without RPS, where every datagram is its own softirq window,
 //!      run on the sender's CPU; the sink registered;
 //!    - the batched path: RPS steers every packet to CPU 1, whose NET_RX windows drain
 //!      the backlog in batches (as NAPI does on a NIC); the sink registered;
+//!    - bulk TCP on the batched path: one stream (GSO: 64 KB packets), per byte;
 //!    - unregistered traffic: the worst-case path with the sink in an unregistered cgroup
 //!      while 1,000 other containers are registered.
 //!
@@ -40,6 +41,9 @@ static FLOOR_OBJECT: &[u8] =
 
 const SENDER_CPU: usize = 0;
 const SINK_CPU: usize = 1;
+/// The bulk TCP path's stream size per second of FLOOD_SECONDS (about a second over
+/// veth here, at 2.6-3.2 GB/s).
+const TCP_BYTES_PER_SECOND: u64 = 3_000_000_000;
 
 /// Empty programs at DOVE's four per-packet tracepoints and at the socket hooks of the
 /// cgroup at `socket_hooks_at`; detached on drop.
@@ -100,27 +104,40 @@ impl Variant {
 struct Path {
     label: &'static str,
     rps: bool,
+    /// Bulk TCP (one stream of `TCP_BYTES_PER_SECOND` × FLOOD_SECONDS) instead of the
+    /// 64-byte UDP flood: reported per byte, as GSO hands veth 64 KB packets.
+    tcp: bool,
     sink_registered: bool,
     /// Other containers registered while DOVE runs.
     crowd: usize,
 }
 
-const PATHS: [Path; 3] = [
+const PATHS: [Path; 4] = [
     Path {
         label: "worst case: veth, a softirq window per datagram, sink registered",
         rps: false,
+        tcp: false,
         sink_registered: true,
         crowd: 0,
     },
     Path {
         label: "batched: RPS to CPU 1, windows drain the backlog, sink registered",
         rps: true,
+        tcp: false,
+        sink_registered: true,
+        crowd: 0,
+    },
+    Path {
+        label: "batched, bulk TCP: one stream, RPS to CPU 1, sink registered",
+        rps: true,
+        tcp: true,
         sink_registered: true,
         crowd: 0,
     },
     Path {
         label: "unregistered traffic: veth, sink unregistered, 1,000 containers registered",
         rps: false,
+        tcp: false,
         sink_registered: false,
         crowd: 1000,
     },
@@ -185,6 +202,56 @@ impl Bed {
                 }
                 Box::new(daemon)
             }
+        }
+    }
+
+    /// The path's traffic: its UDP flood or its TCP stream.
+    fn run(&self, path: &Path, port: u16, seconds: f64) -> Flood {
+        if path.tcp {
+            self.stream(port, seconds)
+        } else {
+            self.flood(port, seconds)
+        }
+    }
+
+    /// One bulk TCP stream of `TCP_BYTES_PER_SECOND × seconds` into the sink; `per_second`
+    /// in bytes, `cpu_ns` per KB.
+    fn stream(&self, port: u16, seconds: f64) -> Flood {
+        let addr = format!("{}:{port}", self.net.addr_b);
+        let bytes = (TCP_BYTES_PER_SECOND as f64 * seconds) as u64;
+        let sink = self
+            .net
+            .spawn_on(
+                Some(SINK_CPU),
+                &self.net.b,
+                Some(&self.sink),
+                &["tcp-sink", &addr, "60"],
+                true,
+            )
+            .unwrap();
+        let before = busy_ns();
+        let start = std::time::Instant::now();
+        finish(
+            self.net
+                .spawn_on(
+                    Some(SENDER_CPU),
+                    &self.net.a,
+                    None,
+                    &["tcp-send", &addr, &bytes.to_string()],
+                    false,
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        let received = finish(sink).unwrap();
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu = busy_ns() - before;
+        Flood {
+            sent: bytes,
+            processed: received,
+            dropped: bytes.saturating_sub(received),
+            per_second: received as f64 / elapsed,
+            cpu_ns: cpu as f64 / (received.max(1) as f64 / 1000.0),
         }
     }
 
@@ -254,13 +321,13 @@ fn timed_rounds(bed: &Bed, rounds: usize, seconds: f64) {
             bed.set_rps(path.rps);
             let _attached = bed.attach(path, Variant::ALL[v]);
             port += 1;
-            results[k].push(bed.flood(port, seconds));
+            results[k].push(bed.run(path, port, seconds));
         }
     }
     bed.set_rps(false);
 
     println!(
-        "64-byte UDP floods, sender on CPU {SENDER_CPU}, sink on CPU {SINK_CPU}: {rounds} rounds of {seconds} s, every (path, variant) once per round in a shuffled order (SEED={seed})"
+        "64-byte UDP floods and one bulk TCP path, sender on CPU {SENDER_CPU}, sink on CPU {SINK_CPU}: {rounds} rounds of {seconds} s, every (path, variant) once per round in a shuffled order (SEED={seed})"
     );
     println!("  datagrams the receiving side processed (delivered + dropped at the socket), median [interquartile range]");
     for (p, path) in PATHS.iter().enumerate() {
@@ -279,12 +346,17 @@ fn timed_rounds(bed: &Bed, rounds: usize, seconds: f64) {
             let sent: u64 = floods.iter().map(|f| f.sent).sum();
             let processed: u64 = floods.iter().map(|f| f.processed).sum();
             let dropped: u64 = floods.iter().map(|f| f.dropped).sum();
+            let (unit, per, scale) = if path.tcp {
+                ("MB/s", "KB", 1e-6)
+            } else {
+                ("datagrams/s", "datagram", 1.0)
+            };
             println!(
-                "  {:<40} {:>7.0} datagrams/s [{:.0}..{:.0}]  {:>6.0} CPU ns/datagram [{:.0}..{:.0}]  vs without: {:.3}x datagrams/s, {:.3}x CPU ns  ({} sent, {} processed, {} dropped)",
+                "  {:<40} {:>7.0} {unit} [{:.0}..{:.0}]  {:>6.0} CPU ns/{per} [{:.0}..{:.0}]  vs without: {:.3}x {unit}, {:.3}x CPU ns  ({} sent, {} processed, {} dropped)",
                 variant.label(),
-                rate.0,
-                rate.1,
-                rate.2,
+                rate.0 * scale,
+                rate.1 * scale,
+                rate.2 * scale,
                 cpu.0,
                 cpu.1,
                 cpu.2,
@@ -298,7 +370,7 @@ fn timed_rounds(bed: &Bed, rounds: usize, seconds: f64) {
         let (floor_rate, floor_cpu) = stats(1);
         let (dove_rate, dove_cpu) = stats(3);
         println!(
-            "  DOVE over its floor: {:.3}x datagrams/s, {:.3}x CPU ns per datagram",
+            "  DOVE over its floor: {:.3}x rate, {:.3}x CPU ns per unit",
             dove_rate.0 / floor_rate.0,
             dove_cpu.0 / floor_cpu.0
         );
@@ -339,7 +411,13 @@ fn program_costs(bed: &Bed, seconds: f64) {
         let others = dove_program_ids();
         let attached = bed.attach(path, Variant::Dove);
         std::fs::write(STATS, "1").unwrap();
-        let flood = bed.flood(7000 + p as u16, seconds);
+        let flood = bed.run(path, 7000 + p as u16, seconds);
+        // Per datagram, or for the TCP stream per 64 KB (a GSO packet's worth).
+        let (per, units) = if path.tcp {
+            ("64 KB", flood.processed as f64 / 65536.0)
+        } else {
+            ("datagram", flood.processed as f64)
+        };
         let programs = programs();
         std::fs::write(STATS, was).unwrap();
         drop(attached);
@@ -354,10 +432,10 @@ fn program_costs(bed: &Bed, seconds: f64) {
                 let runs = p["run_cnt"].as_u64().unwrap();
                 let ns = p["run_time_ns"].as_u64().unwrap_or(0);
                 format!(
-                    "{} {:.0} ns x {:.2}/datagram",
+                    "{} {:.0} ns x {:.2}/{per}",
                     p["name"].as_str().unwrap(),
                     ns as f64 / runs as f64,
-                    runs as f64 / flood.processed.max(1) as f64
+                    runs as f64 / units.max(1.0)
                 )
             })
             .collect();
