@@ -436,8 +436,9 @@ pub struct Status {
     /// clients; [`Self::irq_time_accounting_state`] says whether it is running).
     pub irq_time_accounting: bool,
     /// `active`, `unconfirmed` (built, nothing shows it running), `disabled-at-boot`,
-    /// `disabled-tsc-unstable`, `not-built` or `unknown`: whether softirq time is kept out of the interrupted
-    /// task's runtime, i.e. whether anyone already paid for what DOVE charges.
+    /// `disabled-tsc-unstable`, `not-built` or `unknown`: whether softirq time is kept out
+    /// of the interrupted task's runtime, i.e. whether anyone already paid for what DOVE
+    /// charges.
     #[serde(default)]
     pub irq_time_accounting_state: String,
     /// Registrations dropped because their cgroup vanished without a poststop.

@@ -205,6 +205,24 @@ impl Bed {
         }
     }
 
+    /// `dove-traffic ARGS` in the sink's cgroup and namespace, on the sink's CPU, ready.
+    fn sink(&self, args: &[&str]) -> std::process::Child {
+        self.net
+            .spawn_on(Some(SINK_CPU), &self.net.b, Some(&self.sink), args, true)
+            .unwrap()
+    }
+
+    /// `dove-traffic ARGS` in the sending namespace on the sender's CPU, to its end: the
+    /// count it prints.
+    fn send(&self, args: &[&str]) -> u64 {
+        finish(
+            self.net
+                .spawn_on(Some(SENDER_CPU), &self.net.a, None, args, false)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
     /// The path's traffic: its UDP flood or its TCP stream.
     fn run(&self, path: &Path, port: u16, seconds: f64) -> Flood {
         if path.tcp {
@@ -219,30 +237,10 @@ impl Bed {
     fn stream(&self, port: u16, seconds: f64) -> Flood {
         let addr = format!("{}:{port}", self.net.addr_b);
         let bytes = (TCP_BYTES_PER_SECOND as f64 * seconds) as u64;
-        let sink = self
-            .net
-            .spawn_on(
-                Some(SINK_CPU),
-                &self.net.b,
-                Some(&self.sink),
-                &["tcp-sink", &addr, "60"],
-                true,
-            )
-            .unwrap();
+        let sink = self.sink(&["tcp-sink", &addr, "60"]);
         let before = busy_ns();
         let start = std::time::Instant::now();
-        finish(
-            self.net
-                .spawn_on(
-                    Some(SENDER_CPU),
-                    &self.net.a,
-                    None,
-                    &["tcp-send", &addr, &bytes.to_string()],
-                    false,
-                )
-                .unwrap(),
-        )
-        .unwrap();
+        self.send(&["tcp-send", &addr, &bytes.to_string()]);
         let received = finish(sink).unwrap();
         let elapsed = start.elapsed().as_secs_f64();
         let cpu = busy_ns() - before;
@@ -257,30 +255,10 @@ impl Bed {
 
     fn flood(&self, port: u16, seconds: f64) -> Flood {
         let addr = format!("{}:{port}", self.net.addr_b);
-        let sink = self
-            .net
-            .spawn_on(
-                Some(SINK_CPU),
-                &self.net.b,
-                Some(&self.sink),
-                &["udp-sink", &addr, "60"],
-                true,
-            )
-            .unwrap();
+        let sink = self.sink(&["udp-sink", &addr, "60"]);
         let before = (udp_counters(&self.net.b), busy_ns());
         let start = std::time::Instant::now();
-        let sent = finish(
-            self.net
-                .spawn_on(
-                    Some(SENDER_CPU),
-                    &self.net.a,
-                    None,
-                    &["udp-flood", &addr, &seconds.to_string(), "64"],
-                    false,
-                )
-                .unwrap(),
-        )
-        .unwrap();
+        let sent = self.send(&["udp-flood", &addr, &seconds.to_string(), "64"]);
         // The receiving side drains its backlog.
         std::thread::sleep(Duration::from_millis(20));
         let elapsed = start.elapsed().as_secs_f64();
