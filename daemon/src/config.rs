@@ -70,6 +70,8 @@ pub struct ObserverConfig {
     pub pin_dir: PathBuf,
     pub tick_ms: u64,
     pub egress: bool,
+    /// Containers the cost maps have slots for; sizes the maps when they are created.
+    pub max_containers: u32,
 }
 
 impl Default for ObserverConfig {
@@ -79,6 +81,7 @@ impl Default for ObserverConfig {
             pin_dir: PathBuf::from("/sys/fs/bpf/dove"),
             tick_ms: 100,
             egress: true,
+            max_containers: dove_ebpf_common::SLOTS - 1,
         }
     }
 }
@@ -197,6 +200,12 @@ impl Config {
         if !(10..=10_000).contains(&self.observer.tick_ms) {
             return Err(bad("observer.tick_ms", "must be between 10 and 10000"));
         }
+        if !(1..dove_ebpf_common::MAX_SLOTS).contains(&self.observer.max_containers) {
+            return Err(bad(
+                "observer.max_containers",
+                "must be between 1 and 65535 (the maps hold one slot per container and one for unattributed time)",
+            ));
+        }
         if !self.metrics.listen.is_empty()
             && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -269,6 +278,14 @@ mod tests {
             ("[daemon]\nmax_connections = 0\n", "daemon.max_connections"),
             ("[daemon]\nlog_level = \"\"\n", "daemon.log_level"),
             ("[observer]\ntick_ms = 0\n", "observer.tick_ms"),
+            (
+                "[observer]\nmax_containers = 0\n",
+                "observer.max_containers",
+            ),
+            (
+                "[observer]\nmax_containers = 65536\n",
+                "observer.max_containers",
+            ),
             ("[observer]\npin_dir = \"dove\"\n", "observer.pin_dir"),
             ("[metrics]\nlisten = \"everywhere\"\n", "metrics.listen"),
             ("[observer]\nenable = true\n", "enable"),

@@ -159,6 +159,7 @@ fn acquire(config: &Config) -> Result<Privileged, DaemonError> {
             &config.observer.pin_dir,
             &mounts.unified,
             config.observer.egress,
+            config.observer.max_containers,
         )?)
     } else {
         tracing::info!("eBPF observer disabled (observer.enabled = false)");
@@ -416,15 +417,27 @@ async fn serve(
 }
 
 /// Every outermost registered cgroup holds two link fds, next to the clients' sockets: the
-/// usual soft limit of 1,024 would run out near 500 containers. The hard limit (524,288
-/// under systemd) is what the administrator allows.
+/// usual soft limit of 1,024 would run out near 500 containers, and a shell's hard limit
+/// (often 4,096 to 20,000) near its half. Root may raise the hard limit up to the
+/// kernel's `fs.nr_open` (capped here at 1,048,576); failing that, the hard limit the
+/// administrator allows (524,288 under systemd) is used.
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!("raising the open-file limit from {soft} to {hard}: {e}");
-            }
+    const WANTED: u64 = 1 << 20;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let target = WANTED.min(nr_open).max(hard);
+    if target > hard && setrlimit(Resource::RLIMIT_NOFILE, target, target).is_ok() {
+        return;
+    }
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("raising the open-file limit from {soft} to {hard}: {e}");
         }
     }
 }

@@ -891,6 +891,102 @@ fn restart_over_pins_of_another_layout_keeps_the_bills() {
     assert!(daemon.log_text().contains("DOVE_WINDOW"));
 }
 
+/// `observer.max_containers` sizes the slot maps, and the programs index every CPU's row
+/// with that capacity: traffic whose softirq runs on the last CPU lands in the right
+/// slot. A restart with another setting keeps the pinned size (the counters in it are
+/// bills) and says so; registering beyond the capacity names the setting to raise.
+#[test]
+fn the_slot_capacity_follows_max_containers_on_every_cpu() {
+    if !require_root("the_slot_capacity_follows_max_containers_on_every_cpu") {
+        return;
+    }
+    let _serial = serial();
+    let mut daemon = TempDaemon::with_observer_settings("max_containers = 2").unwrap();
+    let pin_dir = daemon.pin_dir.clone().unwrap();
+    let entries = |name: &str| {
+        aya::maps::MapInfo::from_pin(pin_dir.join(name))
+            .unwrap()
+            .max_entries()
+    };
+    let cpus = aya::util::nr_cpus().unwrap() as u32;
+    assert_eq!(
+        (
+            entries("DOVE_COST"),
+            entries("DOVE_SLOTS"),
+            entries("DOVE_PERCPU_COST")
+        ),
+        (3, 3, 3 * cpus)
+    );
+    assert_eq!(daemon.stats().health.slots_capacity, 2);
+
+    let net = NetPair::new().unwrap();
+    let ctr = TestCgroup::new("dove-test-capacity").unwrap();
+    let other = TestCgroup::new("dove-test-capacity-other").unwrap();
+    daemon.register(&other, "other");
+    daemon.register(&ctr, "small");
+    let udp = format!("{}:5421", net.addr_b);
+    let last_cpu = cpus as usize - 1;
+    let flood = |daemon: &TempDaemon| {
+        let before = cost(&settled(daemon), "small").rx_packets;
+        let sink = net
+            .spawn(&net.b, Some(&ctr), &["udp-sink", &udp, "20"], true)
+            .unwrap();
+        // On veth the receive softirq runs on the sender's CPU.
+        finish(
+            net.spawn_on(
+                Some(last_cpu),
+                &net.a,
+                None,
+                &["udp-send", &udp, "3000", "64"],
+                false,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        finish(sink).unwrap();
+        cost(&settled(daemon), "small").rx_packets - before
+    };
+    let billed = flood(&daemon);
+    assert!(
+        billed >= 2_500,
+        "{billed} of 3,000 datagrams received on CPU {last_cpu} billed: {}",
+        daemon.log_text()
+    );
+
+    let third = TestCgroup::new("dove-test-capacity-third").unwrap();
+    daemon.register(&third, "third");
+    let log_has = |daemon: &TempDaemon, text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if daemon.log_text().contains(text) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    assert!(
+        log_has(&daemon, "raise observer.max_containers"),
+        "{}",
+        daemon.log_text()
+    );
+
+    let before = cost(&settled(&daemon), "small").total_ns;
+    daemon.kill9();
+    std::fs::write(
+        &daemon.config,
+        std::fs::read_to_string(&daemon.config)
+            .unwrap()
+            .replace("max_containers = 2", "max_containers = 5"),
+    )
+    .unwrap();
+    daemon.spawn().unwrap();
+    assert!(log_has(&daemon, "hold 2 containers: keeping them"));
+    assert_eq!(entries("DOVE_COST"), 3);
+    assert!(cost(&settled(&daemon), "small").total_ns >= before);
+    assert!(flood(&daemon) >= 2_500, "{}", daemon.log_text());
+}
+
 /// An upgrade may change the layout of one cost map and not the other: doved creates that
 /// one afresh and rebases on the one it kept, so a bill neither stalls nor jumps, and an
 /// enforcer is never handed a container's whole history as pending.

@@ -23,8 +23,8 @@ use aya::{Ebpf, EbpfLoader};
 use super::ingress_limit::IngressLimiter;
 use dove_ebpf_common::{
     CpuCost, GlobalCost, KernelOffsets, Settings, WindowState, BASE_MAP, COST_MAP, ENFORCE_MAP,
-    KERNEL_OFFSETS_MAP, NO_PACKET, PERCPU_COST_MAP, SETTINGS_MAP, SETTINGS_PENDING_FOR_ENFORCER,
-    SLOTS, SLOTS_MAP, UNATTRIBUTED_SLOT, WINDOW_MAP,
+    KERNEL_OFFSETS_MAP, MAX_SLOTS, NO_PACKET, PERCPU_COST_MAP, SETTINGS_MAP,
+    SETTINGS_PENDING_FOR_ENFORCER, SLOTS_MAP, SLOT_CAPACITY_GLOBAL, UNATTRIBUTED_SLOT, WINDOW_MAP,
 };
 
 /// The compiled programs (built by build.rs from `ebpf/programs`).
@@ -60,7 +60,7 @@ pub enum ObserverError {
     },
     #[error("map {name}: {detail}")]
     Map { name: &'static str, detail: String },
-    #[error("all {0} cost slots are in use: raise SLOTS in ebpf/common or unregister containers")]
+    #[error("all {0} cost slots are in use: raise observer.max_containers (takes effect once the pinned maps are gone: next boot, or stop doved and remove observer.pin_dir) or unregister containers")]
     SlotsFull(u32),
     #[error("enforcement.mode = \"kernel\" but this kernel has no DOVE scheduler patch ({SLOT_SYSCTL} is missing): boot a kernel built with kernel-patch/ and CONFIG_SCHED_DOVE=y, or set enforcement.mode = \"auto\" or \"none\"")]
     KernelUnpatched,
@@ -244,8 +244,14 @@ pub struct Observer {
     /// Per slot: what it had before the per-CPU map was last created afresh.
     base: Mapped<CpuCost>,
     nr_cpus: usize,
+    /// Slots per CPU row (registered containers + the unattributed slot).
+    capacity: u32,
     /// cgroup ID → (slot, level).
     owned: HashMap<u64, (u32, u32)>,
+    /// `owned` as (cgroup ID, slot) in slot order, and the generation it was built at:
+    /// the tick walks the maps in address order, which the prefetcher follows (at 10,000
+    /// containers, hash order made the tick a third slower).
+    tick_order: (Option<u32>, Vec<(u64, u32)>),
     free: BTreeSet<u32>,
     /// Slots released recently, with the tick at which they may be reused: programs on
     /// other CPUs may still be adding to them for a moment after the release.
@@ -568,10 +574,13 @@ impl Observer {
     /// Load and attach the tracepoint programs. `cgroups` is the cgroup v2 hierarchy in
     /// which [`Observer::hook_sockets`] attaches the cgroup_skb programs, one pair per
     /// outermost registered cgroup: sockets of unregistered cgroups run no DOVE program.
+    /// `max_containers` sizes the slot maps when this start creates them; maps pinned by
+    /// an earlier start keep their size, so no counter is lost to a changed setting.
     pub fn start(
         pin_dir: &Path,
         cgroups: &dove_cgroup::Hierarchy,
         egress: bool,
+        max_containers: u32,
     ) -> Result<Self, ObserverError> {
         preflight()?;
         // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default).
@@ -591,13 +600,14 @@ impl Observer {
             name: PERCPU_COST_MAP,
             detail: format!("{what}: {e}"),
         })?;
-        let percpu_entries = nr_cpus as u32 * SLOTS;
-        remove_mismatched_pins(pin_dir, percpu_entries);
+        let capacity = slot_capacity(pin_dir, max_containers);
+        let percpu_entries = nr_cpus as u32 * capacity;
+        remove_mismatched_pins(pin_dir, capacity, percpu_entries);
         // Which cost maps this start creates afresh (first start, or an upgrade that
         // changed one's layout): the other is rebased on it below, so bills continue.
         let mut fresh_percpu = !pin_dir.join(PERCPU_COST_MAP).exists();
         let mut fresh_cost = !pin_dir.join(COST_MAP).exists();
-        let mut ebpf = match load(pin_dir, percpu_entries) {
+        let mut ebpf = match load(pin_dir, capacity, percpu_entries) {
             Ok(ebpf) => ebpf,
             Err(e) => {
                 // Pins from an incompatible build (other map sizes or flags): start over
@@ -618,7 +628,7 @@ impl Observer {
                     let _ = std::fs::remove_file(pin_dir.join(name));
                 }
                 (fresh_percpu, fresh_cost) = (true, true);
-                load(pin_dir, percpu_entries)?
+                load(pin_dir, capacity, percpu_entries)?
             }
         };
         // No window a previous doved saw open may be closed by these programs: its
@@ -674,8 +684,8 @@ impl Observer {
             percpu_entries as usize,
             PERCPU_COST_MAP,
         )?;
-        let cost = Mapped::new(map_fd(&ebpf, COST_MAP)?, SLOTS as usize, COST_MAP)?;
-        let base = Mapped::new(map_fd(&ebpf, BASE_MAP)?, SLOTS as usize, BASE_MAP)?;
+        let cost = Mapped::new(map_fd(&ebpf, COST_MAP)?, capacity as usize, COST_MAP)?;
+        let base = Mapped::new(map_fd(&ebpf, BASE_MAP)?, capacity as usize, BASE_MAP)?;
         let slots = take(&mut ebpf, SLOTS_MAP, BpfHashMap::try_from)?;
         {
             // Rebuilt from the registry as it reloads.
@@ -704,7 +714,9 @@ impl Observer {
             base,
             nr_cpus,
             owned: HashMap::new(),
-            free: (1..SLOTS).collect(),
+            tick_order: (None, Vec::new()),
+            capacity,
+            free: (1..capacity).collect(),
             quarantine: Vec::new(),
             tracepoints_attached: attached,
             socket_hooks: SocketHooks::new(cgroups, socket_programs),
@@ -739,7 +751,7 @@ impl Observer {
     fn rebase(&mut self, fresh_percpu: bool, fresh_cost: bool) {
         match (fresh_percpu, fresh_cost) {
             (true, false) => {
-                for slot in 0..SLOTS as usize {
+                for slot in 0..self.capacity as usize {
                     let c = self.cost.read(slot);
                     // SAFETY: in-bounds entry of doved's own map.
                     unsafe {
@@ -764,10 +776,12 @@ impl Observer {
                     .iter()
                     .map(|(id, (slot, _))| (*slot, *id))
                     .collect();
-                for slot in 0..SLOTS {
+                for slot in 0..self.capacity {
                     let mut sum = self.base.read(slot as usize);
                     for cpu in 0..self.nr_cpus {
-                        let c = self.percpu.read(cpu * SLOTS as usize + slot as usize);
+                        let c = self
+                            .percpu
+                            .read(cpu * self.capacity as usize + slot as usize);
                         sum.rx_ns += c.rx_ns;
                         sum.tx_ns += c.tx_ns;
                         sum.rx_packets += c.rx_packets;
@@ -795,7 +809,7 @@ impl Observer {
             }
             (true, true) => {
                 // Everything starts over: no base may linger from a previous layout.
-                for slot in 0..SLOTS as usize {
+                for slot in 0..self.capacity as usize {
                     // SAFETY: in-bounds entry of doved's own map.
                     unsafe { std::ptr::write_volatile(self.base.at(slot), CpuCost::default()) };
                 }
@@ -807,7 +821,7 @@ impl Observer {
     fn adopt_pinned_slots(&mut self) {
         let entries: Vec<(u64, u32)> = self.slots.iter().filter_map(Result::ok).collect();
         for (cgroup_id, slot) in entries {
-            if slot == UNATTRIBUTED_SLOT || slot >= SLOTS || !self.free.remove(&slot) {
+            if slot == UNATTRIBUTED_SLOT || slot >= self.capacity || !self.free.remove(&slot) {
                 let _ = self.slots.remove(&cgroup_id);
                 continue;
             }
@@ -854,7 +868,7 @@ impl Observer {
             // SAFETY: in bounds; no program writes this slot while it is not in the map.
             unsafe {
                 std::ptr::write_volatile(
-                    self.percpu.at(cpu * SLOTS as usize + slot as usize),
+                    self.percpu.at(cpu * self.capacity as usize + slot as usize),
                     CpuCost::default(),
                 )
             };
@@ -980,7 +994,7 @@ impl Observer {
         let inherited_for_enforcer = self.flags & SETTINGS_PENDING_FOR_ENFORCER != 0;
         if !(on && inherited_for_enforcer) {
             let mut dropped = 0u64;
-            for slot in 0..SLOTS as usize {
+            for slot in 0..self.capacity as usize {
                 let entry = self.cost.at(slot);
                 // SAFETY: in-bounds entry; pending_ns is shared through atomics.
                 dropped +=
@@ -1068,7 +1082,7 @@ impl Observer {
         self.free.extend(ready.into_iter().map(|(slot, _)| slot));
         self.free
             .pop_first()
-            .ok_or(ObserverError::SlotsFull(SLOTS - 1))
+            .ok_or(ObserverError::SlotsFull(self.capacity - 1))
     }
 
     /// Publish the registered levels, and a new generation so that every CPU's owner
@@ -1116,11 +1130,33 @@ impl Observer {
     fn flush_slot(&mut self, slot: u32, pending_slot: u32) -> Cost {
         let mut sum = self.base.read(slot as usize);
         for cpu in 0..self.nr_cpus {
-            let c = self.percpu.read(cpu * SLOTS as usize + slot as usize);
+            let c = self
+                .percpu
+                .read(cpu * self.capacity as usize + slot as usize);
             sum.rx_ns += c.rx_ns;
             sum.tx_ns += c.tx_ns;
             sum.rx_packets += c.rx_packets;
             sum.tx_packets += c.tx_packets;
+        }
+        let published = self.cost.read(slot as usize);
+        let cost_of = |g: GlobalCost| Cost {
+            rx_ns: g.rx_ns,
+            tx_ns: g.tx_ns,
+            rx_packets: g.rx_packets,
+            tx_packets: g.tx_packets,
+            total_ns: g.total_ns,
+            pending_ns: g.pending_ns,
+        };
+        if (sum.rx_ns, sum.tx_ns, sum.rx_packets, sum.tx_packets)
+            == (
+                published.rx_ns,
+                published.tx_ns,
+                published.rx_packets,
+                published.tx_packets,
+            )
+        {
+            // An idle slot (most of them on a crowded host): nothing to write.
+            return cost_of(published);
         }
         let total = sum.rx_ns + sum.tx_ns;
         let global = self.cost.at(slot as usize);
@@ -1128,11 +1164,10 @@ impl Observer {
         // SAFETY: fields of in-bounds entries; doved is the only writer of these fields
         // but pending_ns, which is shared with the scheduler through atomics.
         unsafe {
-            let previous = std::ptr::read_volatile(&raw const (*global).total_ns);
-            if total > previous {
+            if total > published.total_ns {
                 if self.accrue_pending {
                     atomic_field(&raw mut (*pending).pending_ns)
-                        .fetch_add(total - previous, Ordering::SeqCst);
+                        .fetch_add(total - published.total_ns, Ordering::SeqCst);
                 }
                 std::ptr::write_volatile(&raw mut (*global).total_ns, total);
             }
@@ -1141,15 +1176,7 @@ impl Observer {
             std::ptr::write_volatile(&raw mut (*global).rx_packets, sum.rx_packets);
             std::ptr::write_volatile(&raw mut (*global).tx_packets, sum.tx_packets);
         }
-        let g = self.cost.read(slot as usize);
-        Cost {
-            rx_ns: g.rx_ns,
-            tx_ns: g.tx_ns,
-            rx_packets: g.rx_packets,
-            tx_packets: g.tx_packets,
-            total_ns: g.total_ns,
-            pending_ns: g.pending_ns,
-        }
+        cost_of(self.cost.read(slot as usize))
     }
 
     /// Aggregate every slot into the global cost map.
@@ -1157,16 +1184,24 @@ impl Observer {
         let start = Instant::now();
         self.ticks += 1;
         let unattributed = self.flush_slot(UNATTRIBUTED_SLOT, UNATTRIBUTED_SLOT);
-        let owned: Vec<(u64, u32)> = self
-            .owned
-            .iter()
-            .map(|(id, (slot, _))| (*id, *slot))
-            .collect();
-        let mut by_cgroup = HashMap::with_capacity(owned.len());
-        for (cgroup_id, slot) in owned {
+        // Every change to `owned` publishes a new generation.
+        if self.tick_order.0 != Some(self.generation) || self.tick_order.1.len() != self.owned.len()
+        {
+            let mut order: Vec<(u64, u32)> = self
+                .owned
+                .iter()
+                .map(|(id, (slot, _))| (*id, *slot))
+                .collect();
+            order.sort_unstable_by_key(|&(_, slot)| slot);
+            self.tick_order = (Some(self.generation), order);
+        }
+        let order = std::mem::take(&mut self.tick_order.1);
+        let mut by_cgroup = HashMap::with_capacity(order.len());
+        for &(cgroup_id, slot) in &order {
             let pending_slot = self.pending_slot(cgroup_id, slot);
             by_cgroup.insert(cgroup_id, self.flush_slot(slot, pending_slot));
         }
+        self.tick_order.1 = order;
         let health = self
             .windows
             .get(&0, 0)
@@ -1196,7 +1231,7 @@ impl Observer {
                 + self.socket_hooks.links()
                 + self.ingress.as_ref().map_or(0, IngressLimiter::attached),
             hooked_cgroups: self.socket_hooks.attached.len(),
-            slots_capacity: SLOTS - 1,
+            slots_capacity: self.capacity - 1,
             tick_duration_ns: start.elapsed().as_nanos() as u64,
             ticks: self.ticks,
         }
@@ -1207,21 +1242,21 @@ impl Observer {
 /// programs expect (an upgrade changed a shared type): aya reuses a pinned map by name
 /// without comparing, and the verifier would then refuse the programs. Pins that still
 /// fit are kept, so an upgrade that changes only the window state keeps the bills.
-fn remove_mismatched_pins(pin_dir: &Path, percpu_entries: u32) {
+fn remove_mismatched_pins(pin_dir: &Path, capacity: u32, percpu_entries: u32) {
     let size = |bytes: usize| bytes as u32;
     let expected = [
-        (SLOTS_MAP, 8, 4, SLOTS),
-        (ENFORCE_MAP, 8, 4, SLOTS),
+        (SLOTS_MAP, 8, 4, capacity),
+        (ENFORCE_MAP, 8, 4, capacity),
         (
             PERCPU_COST_MAP,
             4,
             size(size_of::<CpuCost>()),
             percpu_entries,
         ),
-        (COST_MAP, 4, size(size_of::<GlobalCost>()), SLOTS),
+        (COST_MAP, 4, size(size_of::<GlobalCost>()), capacity),
         (WINDOW_MAP, 4, size(size_of::<WindowState>()), 1),
         (SETTINGS_MAP, 4, size(size_of::<Settings>()), 1),
-        (BASE_MAP, 4, size(size_of::<CpuCost>()), SLOTS),
+        (BASE_MAP, 4, size(size_of::<CpuCost>()), capacity),
         (KERNEL_OFFSETS_MAP, 4, size(size_of::<KernelOffsets>()), 1),
     ];
     let mut replaced = Vec::new();
@@ -1358,11 +1393,39 @@ fn reset_windows(ebpf: &mut Ebpf) -> Result<(), ObserverError> {
     })
 }
 
-fn load(pin_dir: &Path, percpu_entries: u32) -> Result<Ebpf, aya::EbpfError> {
+fn load(pin_dir: &Path, capacity: u32, percpu_entries: u32) -> Result<Ebpf, aya::EbpfError> {
     EbpfLoader::new()
         .map_pin_path(pin_dir)
+        .set_global(SLOT_CAPACITY_GLOBAL, &capacity, true)
+        .set_max_entries(SLOTS_MAP, capacity)
+        .set_max_entries(ENFORCE_MAP, capacity)
+        .set_max_entries(COST_MAP, capacity)
+        .set_max_entries(BASE_MAP, capacity)
         .set_max_entries(PERCPU_COST_MAP, percpu_entries)
         .load(OBJECT)
+}
+
+/// The slot capacity to load with: the one the pinned cost map has, when a previous
+/// start left it (the counters in it are bills), else `max_containers` + 1.
+fn slot_capacity(pin_dir: &Path, max_containers: u32) -> u32 {
+    let wanted = max_containers.saturating_add(1).clamp(2, MAX_SLOTS);
+    let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(COST_MAP)) else {
+        return wanted;
+    };
+    let pinned = info.max_entries();
+    let fits = info.key_size() == 4
+        && info.value_size() as usize == size_of::<GlobalCost>()
+        && (2..=MAX_SLOTS).contains(&pinned);
+    if !fits || pinned == wanted {
+        return wanted;
+    }
+    tracing::warn!(
+        "observer.max_containers is {max_containers}, but the cost maps pinned at {} hold {} containers: keeping them, so no counter is lost. The new size takes effect once they are gone (next boot, or stop doved, remove {} and start it: counters then restart from zero)",
+        pin_dir.display(),
+        pinned - 1,
+        pin_dir.display()
+    );
+    pinned
 }
 
 pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ObserverError>

@@ -4,7 +4,10 @@
 //! implicit padding, so both sides (and the kernel patch, which reads [`GlobalCost`])
 //! agree on the layout. Build with the `user` feature for `aya::Pod` impls.
 //!
-//! Map layout (names are the pinned names under the daemon's bpffs directory):
+//! Map layout (names are the pinned names under the daemon's bpffs directory). `SLOTS`
+//! below is the slot capacity doved loads the programs with (one more than
+//! `observer.max_containers`: [`SLOTS`] by default, at most [`MAX_SLOTS`]); the programs
+//! read it from the [`SLOT_CAPACITY_GLOBAL`] global.
 //! - [`SLOTS_MAP`]: hash, cgroup v2 ID → slot index, one per registered container.
 //! - [`ENFORCE_MAP`]: hash, ID of the quota-holding cgroup (cgroup v2, or the v1 `cpu`
 //!   hierarchy on hybrid hosts) → slot; read by the patched scheduler (kernel-patch/).
@@ -23,8 +26,15 @@
 //! - [`DROPPED_MAP`]: per-CPU hash, interface index → [`Dropped`].
 #![no_std]
 
-/// Slots in the cost maps: one per registered container, slot 0 for unattributed time.
+/// Slots in the cost maps by default: one per registered container, slot 0 for
+/// unattributed time.
 pub const SLOTS: u32 = 4096;
+/// The most slots doved loads the maps with. The per-CPU cost map takes
+/// `nr_cpus × slots × 32` bytes of kernel memory (2 MiB per CPU at this bound).
+pub const MAX_SLOTS: u32 = 65536;
+/// Name of the programs' read-only global holding the slot capacity (the row length of
+/// [`PERCPU_COST_MAP`]).
+pub const SLOT_CAPACITY_GLOBAL: &str = "SLOT_CAPACITY";
 /// Slot that collects softirq time with no registered owner.
 pub const UNATTRIBUTED_SLOT: u32 = 0;
 /// Deepest cgroup level at which a registered container is looked for as an ancestor.

@@ -51,7 +51,8 @@ static SLOT_OF: HashMap<u64, u32> = HashMap::pinned(SLOTS, 0);
 #[map(name = "DOVE_ENFORCE")]
 static ENFORCE: HashMap<u64, u32> = HashMap::pinned(SLOTS, 0);
 
-/// Resized by doved at load time to `nr_cpus × SLOTS`.
+/// Every slot-indexed map is resized by doved at load time to its configured capacity
+/// ([`SLOT_CAPACITY`]); this one to `nr_cpus × SLOT_CAPACITY`, row `cpu × capacity + slot`.
 #[map(name = "DOVE_PERCPU_COST")]
 static PERCPU_COST: Array<CpuCost> = Array::pinned(SLOTS, BPF_F_MMAPABLE);
 
@@ -63,6 +64,11 @@ static BASE: Array<CpuCost> = Array::pinned(SLOTS, BPF_F_MMAPABLE);
 /// Written by doved, read here only so that it is created and pinned with the others.
 #[map(name = "DOVE_COST")]
 static COST: Array<GlobalCost> = Array::pinned(SLOTS, BPF_F_MMAPABLE);
+
+/// Slots per CPU row of [`PERCPU_COST`]: set by doved at load time (a read-only global,
+/// so the verifier sees a constant), from `observer.max_containers`.
+#[no_mangle]
+static SLOT_CAPACITY: u32 = SLOTS;
 
 #[map(name = "DOVE_WINDOW")]
 static WINDOW: PerCpuArray<WindowState> = PerCpuArray::pinned(1, 0);
@@ -91,7 +97,10 @@ fn raw_arg0(ctx: &RawTracePointContext) -> u64 {
 fn charge(slot: u32, ns: u64, rx: bool, packets: u64) {
     // SAFETY: helper without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(cost) = PERCPU_COST.get_ptr_mut(cpu * SLOTS + slot) else {
+    // SAFETY: a plain read of a global; volatile so the compiler does not fold in the
+    // default that doved overrides at load time.
+    let capacity = unsafe { core::ptr::read_volatile(&SLOT_CAPACITY) };
+    let Some(cost) = PERCPU_COST.get_ptr_mut(cpu * capacity + slot) else {
         return;
     };
     // Only this CPU writes this entry, and softirqs do not nest on a CPU: plain adds.
