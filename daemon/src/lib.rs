@@ -418,9 +418,10 @@ async fn serve(
 
 /// Every outermost registered cgroup holds two link fds, next to the clients' sockets: the
 /// usual soft limit of 1,024 would run out near 500 containers, and a shell's hard limit
-/// (often 4,096 to 20,000) near its half. Root may raise the hard limit up to the
-/// kernel's `fs.nr_open` (capped here at 1,048,576); failing that, the hard limit the
-/// administrator allows (524,288 under systemd) is used.
+/// (often 4,096 to 20,000) near its half. Root with CAP_SYS_RESOURCE raises the hard limit
+/// up to the kernel's `fs.nr_open` (capped here at 1,048,576), over a lower `LimitNOFILE=`
+/// too, and says so; otherwise the hard limit the administrator allows (524,288 under
+/// systemd) is used.
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     const WANTED: u64 = 1 << 20;
@@ -433,6 +434,7 @@ fn raise_open_file_limit() {
         .unwrap_or(hard);
     let target = WANTED.min(nr_open).max(hard);
     if target > hard && setrlimit(Resource::RLIMIT_NOFILE, target, target).is_ok() {
+        tracing::info!("open-file limit raised from {soft} (hard {hard}) to {target}: each outermost registered cgroup holds two link fds");
         return;
     }
     if soft < hard {

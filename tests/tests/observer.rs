@@ -910,12 +910,15 @@ fn the_slot_capacity_follows_max_containers_on_every_cpu() {
     };
     let cpus = aya::util::nr_cpus().unwrap() as u32;
     assert_eq!(
-        (
-            entries("DOVE_COST"),
-            entries("DOVE_SLOTS"),
-            entries("DOVE_PERCPU_COST")
-        ),
-        (3, 3, 3 * cpus)
+        [
+            "DOVE_COST",
+            "DOVE_SLOTS",
+            "DOVE_BASE",
+            "DOVE_ENFORCE",
+            "DOVE_PERCPU_COST"
+        ]
+        .map(entries),
+        [3, 3, 3, 3, 3 * cpus]
     );
     assert_eq!(daemon.stats().health.slots_capacity, 2);
 
@@ -925,7 +928,9 @@ fn the_slot_capacity_follows_max_containers_on_every_cpu() {
     daemon.register(&other, "other");
     daemon.register(&ctr, "small");
     let udp = format!("{}:5421", net.addr_b);
-    let last_cpu = cpus as usize - 1;
+    // A row length left at the compiled default shows only on a CPU past the first.
+    let last_cpu = allowed_cpus().into_iter().max().unwrap();
+    assert!(last_cpu > 0, "this test needs two CPUs it may run on");
     let flood = |daemon: &TempDaemon| {
         let before = cost(&settled(daemon), "small").rx_packets;
         let sink = net
@@ -985,6 +990,27 @@ fn the_slot_capacity_follows_max_containers_on_every_cpu() {
     assert_eq!(entries("DOVE_COST"), 3);
     assert!(cost(&settled(&daemon), "small").total_ns >= before);
     assert!(flood(&daemon) >= 2_500, "{}", daemon.log_text());
+
+    // The cost map gone (an upgrade that changed its layout) while the setting changed
+    // again: the size comes from the other pins, and the bill from the per-CPU rows.
+    let before = cost(&settled(&daemon), "small").total_ns;
+    daemon.kill9();
+    std::fs::remove_file(pin_dir.join("DOVE_COST")).unwrap();
+    std::fs::write(
+        &daemon.config,
+        std::fs::read_to_string(&daemon.config)
+            .unwrap()
+            .replace("max_containers = 5", "max_containers = 7"),
+    )
+    .unwrap();
+    daemon.spawn().unwrap();
+    assert_eq!(
+        ["DOVE_COST", "DOVE_BASE", "DOVE_PERCPU_COST"].map(entries),
+        [3, 3, 3 * cpus],
+        "{}",
+        daemon.log_text()
+    );
+    assert!(cost(&settled(&daemon), "small").total_ns >= before);
 }
 
 /// An upgrade may change the layout of one cost map and not the other: doved creates that

@@ -600,8 +600,8 @@ impl Observer {
             name: PERCPU_COST_MAP,
             detail: format!("{what}: {e}"),
         })?;
-        let capacity = slot_capacity(pin_dir, max_containers);
-        let percpu_entries = nr_cpus as u32 * capacity;
+        let mut capacity = slot_capacity(pin_dir, max_containers, nr_cpus);
+        let mut percpu_entries = nr_cpus as u32 * capacity;
         remove_mismatched_pins(pin_dir, capacity, percpu_entries);
         // Which cost maps this start creates afresh (first start, or an upgrade that
         // changed one's layout): the other is rebased on it below, so bills continue.
@@ -628,6 +628,9 @@ impl Observer {
                     let _ = std::fs::remove_file(pin_dir.join(name));
                 }
                 (fresh_percpu, fresh_cost) = (true, true);
+                // Nothing is kept, so the configured size applies now.
+                capacity = configured_capacity(max_containers);
+                percpu_entries = nr_cpus as u32 * capacity;
                 load(pin_dir, capacity, percpu_entries)?
             }
         };
@@ -1405,27 +1408,46 @@ fn load(pin_dir: &Path, capacity: u32, percpu_entries: u32) -> Result<Ebpf, aya:
         .load(OBJECT)
 }
 
-/// The slot capacity to load with: the one the pinned cost map has, when a previous
-/// start left it (the counters in it are bills), else `max_containers` + 1.
-fn slot_capacity(pin_dir: &Path, max_containers: u32) -> u32 {
-    let wanted = max_containers.saturating_add(1).clamp(2, MAX_SLOTS);
-    let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(COST_MAP)) else {
-        return wanted;
-    };
-    let pinned = info.max_entries();
-    let fits = info.key_size() == 4
-        && info.value_size() as usize == size_of::<GlobalCost>()
-        && (2..=MAX_SLOTS).contains(&pinned);
-    if !fits || pinned == wanted {
-        return wanted;
+/// The slot capacity to load with: the one the pinned slot-indexed maps have, when a
+/// previous start left some (their counters are bills), else `max_containers` + 1. Read
+/// from the first pin that still has this build's layout, counters first, so an upgrade
+/// that changed one map's layout still keeps the others at their size.
+fn slot_capacity(pin_dir: &Path, max_containers: u32, nr_cpus: usize) -> u32 {
+    let wanted = configured_capacity(max_containers);
+    let candidates = [
+        (COST_MAP, 4, size_of::<GlobalCost>(), 1),
+        (BASE_MAP, 4, size_of::<CpuCost>(), 1),
+        (PERCPU_COST_MAP, 4, size_of::<CpuCost>(), nr_cpus as u32),
+        (SLOTS_MAP, 8, 4, 1),
+    ];
+    let pinned = candidates
+        .into_iter()
+        .find_map(|(name, key_size, value_size, rows)| {
+            let info = aya::maps::MapInfo::from_pin(pin_dir.join(name)).ok()?;
+            let entries = info.max_entries();
+            let fits = info.key_size() == key_size
+                && info.value_size() as usize == value_size
+                && rows > 0
+                && entries % rows == 0;
+            fits.then_some(entries / rows.max(1))
+                .filter(|capacity| (2..=MAX_SLOTS).contains(capacity))
+        });
+    match pinned {
+        Some(pinned) if pinned != wanted => {
+            tracing::warn!(
+                "observer.max_containers is {max_containers}, but the cost maps pinned at {} hold {} containers: keeping them, so no counter is lost. The new size takes effect once they are gone (next boot, or stop doved, remove {} and start it: counters then restart from zero)",
+                pin_dir.display(),
+                pinned - 1,
+                pin_dir.display()
+            );
+            pinned
+        }
+        _ => wanted,
     }
-    tracing::warn!(
-        "observer.max_containers is {max_containers}, but the cost maps pinned at {} hold {} containers: keeping them, so no counter is lost. The new size takes effect once they are gone (next boot, or stop doved, remove {} and start it: counters then restart from zero)",
-        pin_dir.display(),
-        pinned - 1,
-        pin_dir.display()
-    );
-    pinned
+}
+
+fn configured_capacity(max_containers: u32) -> u32 {
+    max_containers.saturating_add(1).clamp(2, MAX_SLOTS)
 }
 
 pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ObserverError>

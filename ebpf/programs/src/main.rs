@@ -100,6 +100,11 @@ fn charge(slot: u32, ns: u64, rx: bool, packets: u64) {
     // SAFETY: a plain read of a global; volatile so the compiler does not fold in the
     // default that doved overrides at load time.
     let capacity = unsafe { core::ptr::read_volatile(&SLOT_CAPACITY) };
+    // A slot beyond a row would land in the next CPU's row, whose owner adds without
+    // atomics: doved never hands one out, and this keeps it so.
+    if slot >= capacity {
+        return;
+    }
     let Some(cost) = PERCPU_COST.get_ptr_mut(cpu * capacity + slot) else {
         return;
     };
