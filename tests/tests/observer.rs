@@ -978,13 +978,7 @@ fn the_slot_capacity_follows_max_containers_on_every_cpu() {
 
     let before = cost(&settled(&daemon), "small").total_ns;
     daemon.kill9();
-    std::fs::write(
-        &daemon.config,
-        std::fs::read_to_string(&daemon.config)
-            .unwrap()
-            .replace("max_containers = 2", "max_containers = 5"),
-    )
-    .unwrap();
+    set_max_containers(&daemon, 2, 5);
     daemon.spawn().unwrap();
     assert!(log_has(&daemon, "hold 2 containers: keeping them"));
     assert_eq!(entries("DOVE_COST"), 3);
@@ -996,13 +990,7 @@ fn the_slot_capacity_follows_max_containers_on_every_cpu() {
     let before = cost(&settled(&daemon), "small").total_ns;
     daemon.kill9();
     std::fs::remove_file(pin_dir.join("DOVE_COST")).unwrap();
-    std::fs::write(
-        &daemon.config,
-        std::fs::read_to_string(&daemon.config)
-            .unwrap()
-            .replace("max_containers = 5", "max_containers = 7"),
-    )
-    .unwrap();
+    set_max_containers(&daemon, 5, 7);
     daemon.spawn().unwrap();
     assert_eq!(
         ["DOVE_COST", "DOVE_BASE", "DOVE_PERCPU_COST"].map(entries),
@@ -1011,6 +999,17 @@ fn the_slot_capacity_follows_max_containers_on_every_cpu() {
         daemon.log_text()
     );
     assert!(cost(&settled(&daemon), "small").total_ns >= before);
+}
+
+/// Rewrite a stopped test daemon's `observer.max_containers` from `from` to `to`.
+fn set_max_containers(daemon: &TempDaemon, from: u32, to: u32) {
+    let text = std::fs::read_to_string(&daemon.config).unwrap();
+    let (old, new) = (
+        format!("max_containers = {from}"),
+        format!("max_containers = {to}"),
+    );
+    assert!(text.contains(&old), "{text}");
+    std::fs::write(&daemon.config, text.replace(&old, &new)).unwrap();
 }
 
 /// An upgrade may change the layout of one cost map and not the other: doved creates that

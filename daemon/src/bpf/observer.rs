@@ -1429,7 +1429,7 @@ fn slot_capacity(pin_dir: &Path, max_containers: u32, nr_cpus: usize) -> u32 {
                 && info.value_size() as usize == value_size
                 && rows > 0
                 && entries % rows == 0;
-            fits.then_some(entries / rows.max(1))
+            fits.then(|| entries / rows)
                 .filter(|capacity| (2..=MAX_SLOTS).contains(capacity))
         });
     match pinned {
