@@ -2,5 +2,6 @@
 //! replay of requests hooks spooled while doved was unreachable. The containerd NRI
 //! plugin joins here.
 
+pub mod nri;
 pub mod replay;
 pub mod server;
