@@ -4,3 +4,6 @@
 //! other the plugin calls the runtime's `Runtime` service.
 
 pub mod mux;
+
+#[cfg(test)]
+mod handshake_test;
