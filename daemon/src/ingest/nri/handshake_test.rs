@@ -74,9 +74,14 @@ async fn registers_with_a_real_containerd_and_is_configured() {
             ConfigureResponse { events: 0x430 }.encode_to_vec()
         })),
     );
+    let (synchronized_tx, mut synchronized) = mpsc::unbounded_channel();
     methods.insert(
         "Synchronize".into(),
-        Box::new(Raw(|_: &[u8]| Empty {}.encode_to_vec())),
+        Box::new(Raw(move |_: &[u8]| {
+            let _ = synchronized_tx.send(());
+            // SynchronizeResponse with no updates: the same bytes as an empty message.
+            Empty {}.encode_to_vec()
+        })),
     );
     methods.insert(
         "StateChange".into(),
@@ -117,4 +122,8 @@ async fn registers_with_a_real_containerd_and_is_configured() {
         configure.runtime_name, configure.runtime_version
     );
     assert!(!configure.runtime_name.is_empty());
+    tokio::time::timeout(std::time::Duration::from_secs(5), synchronized.recv())
+        .await
+        .expect("containerd synchronizes a configured plugin")
+        .unwrap();
 }
