@@ -7,34 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message;
+
+use super::api::{event, ConfigureRequest, ConfigureResponse, Empty, RegisterPluginRequest};
 use tokio::sync::mpsc;
-
-#[derive(Clone, PartialEq, Message)]
-struct RegisterPluginRequest {
-    #[prost(string, tag = "1")]
-    plugin_name: String,
-    #[prost(string, tag = "2")]
-    plugin_idx: String,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct ConfigureRequest {
-    #[prost(string, tag = "1")]
-    config: String,
-    #[prost(string, tag = "2")]
-    runtime_name: String,
-    #[prost(string, tag = "3")]
-    runtime_version: String,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct ConfigureResponse {
-    #[prost(int32, tag = "2")]
-    events: i32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Empty {}
 
 /// A method answered by a function of the request's bytes.
 struct Raw<F>(F);
@@ -70,8 +45,14 @@ async fn registers_with_a_real_containerd_and_is_configured() {
         "Configure".into(),
         Box::new(Raw(move |bytes: &[u8]| {
             let _ = configured_tx.send(ConfigureRequest::decode(bytes).unwrap());
-            // POST_CREATE | START | REMOVE_CONTAINER
-            ConfigureResponse { events: 0x430 }.encode_to_vec()
+            ConfigureResponse {
+                events: event::mask(&[
+                    event::POST_CREATE_CONTAINER,
+                    event::START_CONTAINER,
+                    event::REMOVE_CONTAINER,
+                ]),
+            }
+            .encode_to_vec()
         })),
     );
     let (synchronized_tx, mut synchronized) = mpsc::unbounded_channel();
@@ -96,14 +77,14 @@ async fn registers_with_a_real_containerd_and_is_configured() {
             futures_util::stream::iter([Ok::<_, std::io::Error>(plugin)]),
         ))
         .register_service(HashMap::from([(
-            "nri.pkg.api.v1alpha1.Plugin".to_owned(),
+            super::api::PLUGIN_SERVICE.to_owned(),
             service,
         )]));
     server.start().await.unwrap();
 
     let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(runtime));
     let mut request = ttrpc::Request::new();
-    request.service = "nri.pkg.api.v1alpha1.Runtime".into();
+    request.service = super::api::RUNTIME_SERVICE.into();
     request.method = "RegisterPlugin".into();
     request.timeout_nano = 2_000_000_000;
     request.payload = RegisterPluginRequest {

@@ -3,6 +3,7 @@
 //! runtime ([`mux`]): on one the runtime calls the plugin's `Plugin` service, on the
 //! other the plugin calls the runtime's `Runtime` service.
 
+pub mod api;
 pub mod mux;
 
 #[cfg(test)]
