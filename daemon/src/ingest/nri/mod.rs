@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod mux;
+pub mod translate;
 
 #[cfg(test)]
 mod handshake_test;
