@@ -24,6 +24,8 @@ packages=(
     # VM test bed: the kernel source and what building it needs, QEMU, guest tools
     linux-source-6.12 flex bison bc libelf-dev libssl-dev dwarves cpio kmod ccache
     qemu-system-x86 ethtool
+    # the NRI tests' CRI client (k8s-cri generates its gRPC code with protoc at build time)
+    protobuf-compiler
 )
 
 missing=()
@@ -45,6 +47,10 @@ if ! command -v cargo >/dev/null 2>&1; then
     fi
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# containerd 1.7 with NRI (Debian trixie's, unpacked under /var/cache/dove, not
+# installed) for the NRI integration tests.
+bash "$(dirname "$0")/containerd.sh" >/dev/null
 
 # Nightly + rust-src + bpf-linker for the eBPF programs (cached; see the script).
 bash "$(dirname "$0")/bpf-toolchain.sh" >/dev/null
