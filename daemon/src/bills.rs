@@ -200,6 +200,7 @@ mod tests {
             total_ns,
             rx_packets: 3,
             tx_packets: 0,
+            kubernetes: None,
         }
     }
 

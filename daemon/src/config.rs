@@ -15,6 +15,28 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub enforcement: EnforcementConfig,
     pub bills: BillsConfig,
+    pub nri: NriConfig,
+}
+
+/// The containerd/CRI-O NRI plugin inside doved (`ingest::nri`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NriConfig {
+    pub enabled: bool,
+    pub socket: PathBuf,
+    pub plugin_name: String,
+    pub plugin_index: String,
+}
+
+impl Default for NriConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: PathBuf::from("/var/run/nri/nri.sock"),
+            plugin_name: "dove".into(),
+            plugin_index: "50".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -206,6 +228,27 @@ impl Config {
                 "must be between 1 and 65535 (the maps hold one slot per container and one for unattributed time)",
             ));
         }
+        if !self.nri.socket.is_absolute() {
+            return Err(bad("nri.socket", "must be an absolute path"));
+        }
+        let index = self.nri.plugin_index.as_bytes();
+        if index.len() != 2 || !index.iter().all(u8::is_ascii_digit) {
+            return Err(bad(
+                "nri.plugin_index",
+                "must be two digits, such as \"50\" (the runtime calls plugins in this order)",
+            ));
+        }
+        let name = &self.nri.plugin_name;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
+        {
+            return Err(bad(
+                "nri.plugin_name",
+                "must be non-empty letters, digits, '.', '_', '+' or '-'",
+            ));
+        }
         if !self.metrics.listen.is_empty()
             && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -288,6 +331,9 @@ mod tests {
             ),
             ("[observer]\npin_dir = \"dove\"\n", "observer.pin_dir"),
             ("[metrics]\nlisten = \"everywhere\"\n", "metrics.listen"),
+            ("[nri]\nplugin_index = \"5\"\n", "nri.plugin_index"),
+            ("[nri]\nplugin_name = \"do ve\"\n", "nri.plugin_name"),
+            ("[nri]\nsocket = \"nri.sock\"\n", "nri.socket"),
             ("[observer]\nenable = true\n", "enable"),
             ("[enforcement]\nmode = \"cpu\"\n", "cpu"),
             (

@@ -370,6 +370,17 @@ async fn serve(
         },
     );
     let serving = tokio::spawn(server.serve(listener));
+    let nri = config.nri.enabled.then(|| {
+        tokio::spawn(ingest::nri::plugin::run(
+            ingest::nri::plugin::Settings {
+                socket: config.nri.socket.clone(),
+                name: config.nri.plugin_name.clone(),
+                index: config.nri.plugin_index.clone(),
+            },
+            Arc::clone(&registry),
+            mounts.clone(),
+        ))
+    });
     tracing::info!(
         socket = %d.socket.display(),
         state_dir = %d.state_dir.display(),
@@ -404,6 +415,9 @@ async fn serve(
         }
     }
     serving.abort();
+    if let Some(nri) = nri {
+        nri.abort();
+    }
     if let Some(thread) = thread {
         // It publishes the last counts before the links go away with this process.
         stop_accounting.store(true, Ordering::Release);

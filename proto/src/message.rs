@@ -289,6 +289,9 @@ pub struct Bill {
     pub total_ns: u64,
     pub rx_packets: u64,
     pub tx_packets: u64,
+    /// Its Kubernetes names, when its runtime gave them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesNames>,
 }
 
 /// Softirq cost counters. `*_ns` and `*_packets` are cumulative and monotonic while the
@@ -316,6 +319,53 @@ pub struct ContainerStats {
     /// Early drop, for a container it is enabled for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_drop: Option<EarlyDropState>,
+    /// Its Kubernetes names, when its runtime gave them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesNames>,
+}
+
+/// A container's names in Kubernetes: from NRI (containerd, CRI-O), or from the CRI
+/// annotations its runtime put in the OCI config (seen by the hook).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesNames {
+    pub pod: String,
+    pub namespace: String,
+    pub container: String,
+}
+
+/// The registration annotations under which doved's NRI plugin records a container's
+/// Kubernetes names.
+pub const NRI_POD_NAME: &str = "io.dove.nri.pod";
+pub const NRI_POD_NAMESPACE: &str = "io.dove.nri.namespace";
+pub const NRI_CONTAINER_NAME: &str = "io.dove.nri.container";
+
+/// The annotations that carry a container's Kubernetes names (pod, namespace, container),
+/// by who set them: doved's NRI plugin, CRI-O, containerd's CRI plugin.
+const KUBERNETES_ANNOTATIONS: [[&str; 3]; 3] = [
+    [NRI_POD_NAME, NRI_POD_NAMESPACE, NRI_CONTAINER_NAME],
+    [
+        "io.kubernetes.pod.name",
+        "io.kubernetes.pod.namespace",
+        "io.kubernetes.container.name",
+    ],
+    [
+        "io.kubernetes.cri.sandbox-name",
+        "io.kubernetes.cri.sandbox-namespace",
+        "io.kubernetes.cri.container-name",
+    ],
+];
+
+/// A container's Kubernetes names from its registration's annotations, if they hold them.
+pub fn kubernetes_names(annotations: &BTreeMap<String, String>) -> Option<KubernetesNames> {
+    KUBERNETES_ANNOTATIONS
+        .iter()
+        .find_map(|[pod, namespace, container]| {
+            Some(KubernetesNames {
+                pod: annotations.get(*pod)?.clone(),
+                namespace: annotations.get(*namespace)?.clone(),
+                container: annotations.get(*container).cloned().unwrap_or_default(),
+            })
+        })
 }
 
 /// Early drop for one container: whether its ingress is being limited, and what was

@@ -384,6 +384,8 @@ fn kubernetes_manifests_are_well_formed() {
         "/run/dove",
         "/var/lib/dove",
         "/etc/dove",
+        // The runtime's NRI socket: containerd nodes register through it.
+        "/var/run/nri",
     ] {
         assert!(mounts.contains(&want), "{want} not mounted: {mounts:?}");
     }
@@ -417,6 +419,7 @@ fn kubernetes_manifests_are_well_formed() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(config.contains("0.0.0.0:9477"));
+    assert!(config.contains("socket = \"/var/run/nri/nri.sock\""));
     let svc = &docs[3];
     assert_eq!(&svc["spec"]["selector"], labels);
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");

@@ -304,5 +304,6 @@ fn bill(departure: &Departure, cost: &Cost) -> Bill {
         total_ns: cost.total_ns,
         rx_packets: cost.rx_packets,
         tx_packets: cost.tx_packets,
+        kubernetes: dove_proto::kubernetes_names(&reg.annotations),
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use dove_proto::{
-    Bill, ContainerStats, CostCounters, EarlyDropState, ObserverHealth, QuotaState, Stats,
+    Bill, ContainerStats, CostCounters, EarlyDropState, ObserverHealth,
+    QuotaState, Stats,
 };
 use tokio::net::TcpListener;
 
@@ -127,6 +128,7 @@ impl Telemetry {
                     .unwrap_or_default(),
                 quota: state.quotas.get(&c.registration.id).cloned(),
                 early_drop: state.early_drop.get(&c.registration.id).cloned(),
+                kubernetes: dove_proto::kubernetes_names(&c.registration.annotations),
                 id: c.registration.id,
                 cgroup_path: c.registration.cgroup_path,
                 cgroup_id: c.registration.cgroup_id,
@@ -199,6 +201,7 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
                 },
                 quota: None,
                 early_drop: None,
+                kubernetes: bill.kubernetes.clone(),
             });
         }
     }
@@ -215,11 +218,21 @@ pub fn render(stats: &Stats, registry: &Registry, removed: &[Bill]) -> String {
         }
     };
     let labels = |c: &ContainerStats| {
-        format!(
+        let mut labels = format!(
             "container_id=\"{}\",cgroup=\"{}\"",
             escape(&c.id),
             escape(&c.cgroup_path)
-        )
+        );
+        if let Some(k) = &c.kubernetes {
+            let _ = write!(
+                labels,
+                ",namespace=\"{}\",pod=\"{}\",container=\"{}\"",
+                escape(&k.namespace),
+                escape(&k.pod),
+                escape(&k.container)
+            );
+        }
+        labels
     };
     let per = |f: &dyn Fn(&ContainerStats) -> String| -> Vec<(String, String)> {
         containers.iter().map(|c| (labels(c), f(c))).collect()

@@ -10,6 +10,7 @@ pub const RUNTIME_SERVICE: &str = "nri.pkg.api.v1alpha1.Runtime";
 
 /// `Event` values; a plugin subscribes with the mask of `1 << (event - 1)`.
 pub mod event {
+    pub const REMOVE_POD_SANDBOX: u32 = 3;
     pub const POST_CREATE_CONTAINER: u32 = 5;
     pub const START_CONTAINER: u32 = 6;
     pub const UPDATE_CONTAINER: u32 = 8;

@@ -22,14 +22,16 @@ pub const MAX_INCOMING_FRAME: usize = 16 << 20;
 /// How much each connection buffers in either direction before its writer waits.
 const CONN_BUFFER: usize = 64 << 10;
 
-/// The two connections over `socket`: ([`PLUGIN_CONN`], [`RUNTIME_CONN`]). Each is a
-/// byte stream, ready for a ttrpc server or client. The multiplexer runs on the current
-/// tokio runtime until the socket closes and both connections are dropped; a frame too
-/// large or a broken socket ends it, and both connections then read end-of-file.
-pub fn split<S>(socket: S) -> (DuplexStream, DuplexStream)
+/// The two connections over `socket`: ([`PLUGIN_CONN`], [`RUNTIME_CONN`]), and a signal
+/// that fires when the runtime's side of the socket is gone. Each connection is a byte
+/// stream, ready for a ttrpc server or client. The multiplexer runs on the current tokio
+/// runtime until the socket closes and both connections are dropped; a frame too large or
+/// a broken socket ends it, and both connections then read end-of-file.
+pub fn split<S>(socket: S) -> (DuplexStream, DuplexStream, tokio::sync::oneshot::Receiver<()>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
     let (plugin, plugin_far) = tokio::io::duplex(CONN_BUFFER);
     let (runtime, runtime_far) = tokio::io::duplex(CONN_BUFFER);
     let (socket_rx, socket_tx) = tokio::io::split(socket);
@@ -39,13 +41,14 @@ where
         if let Err(e) = demultiplex(socket_rx, plugin_tx, runtime_tx).await {
             tracing::debug!("NRI socket, reading: {e}");
         }
+        let _ = closed_tx.send(());
     });
     tokio::spawn(async move {
         if let Err(e) = multiplex(plugin_rx, runtime_rx, socket_tx).await {
             tracing::debug!("NRI socket, writing: {e}");
         }
     });
-    (plugin, runtime)
+    (plugin, runtime, closed)
 }
 
 /// Socket → connections, until the socket ends or breaks; then each connection reads
@@ -158,7 +161,7 @@ mod tests {
     #[tokio::test]
     async fn frames_reach_their_connection_and_others_are_dropped() {
         let (ours, mut raw) = UnixStream::pair().unwrap();
-        let (mut plugin, mut runtime) = split(ours);
+        let (mut plugin, mut runtime, _closed) = split(ours);
         frame(&mut raw, RUNTIME_CONN, b"to the ").await;
         frame(&mut raw, PLUGIN_CONN, b"configure").await;
         frame(&mut raw, 7, b"nobody's").await;
@@ -175,7 +178,7 @@ mod tests {
     #[tokio::test]
     async fn what_a_connection_writes_leaves_in_frames_of_at_most_4_kib() {
         let (ours, mut raw) = UnixStream::pair().unwrap();
-        let (plugin, mut runtime) = split(ours);
+        let (plugin, mut runtime, _closed) = split(ours);
         let message: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         runtime.write_all(&message).await.unwrap();
         drop((plugin, runtime));
@@ -195,7 +198,7 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_frame_ends_both_connections() {
         let (ours, mut raw) = UnixStream::pair().unwrap();
-        let (mut plugin, mut runtime) = split(ours);
+        let (mut plugin, mut runtime, _closed) = split(ours);
         raw.write_all(&PLUGIN_CONN.to_be_bytes()).await.unwrap();
         raw.write_all(&(MAX_INCOMING_FRAME as u32 + 1).to_be_bytes())
             .await

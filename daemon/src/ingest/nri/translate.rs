@@ -11,10 +11,10 @@ use dove_proto::Registration;
 
 use super::api::{Container, PodSandbox};
 
-/// The annotations under which the labels travel in a registration.
-pub const POD_NAME: &str = "io.dove.nri.pod";
-pub const POD_NAMESPACE: &str = "io.dove.nri.namespace";
-pub const CONTAINER_NAME: &str = "io.dove.nri.container";
+pub use dove_proto::{
+    NRI_CONTAINER_NAME as CONTAINER_NAME, NRI_POD_NAME as POD_NAME,
+    NRI_POD_NAMESPACE as POD_NAMESPACE,
+};
 
 /// The registration for `container` of `pod`, its cgroup resolved under `proc_root`.
 pub fn registration_of(
@@ -45,7 +45,7 @@ pub fn registration_of(
         pid,
         annotations,
         runtime: Some("containerd (NRI)".to_owned()),
-        stage: Some("nri".to_owned()),
+        stage: Some(super::plugin::STAGE.to_owned()),
         bundle: None,
     })
 }
