@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use dove_proto::{Client, Container, Registration, Reply, Request};
 
 pub mod bench;
+pub mod containerd;
 
 pub const UNIFIED: &str = "/sys/fs/cgroup/unified";
 
