@@ -240,6 +240,7 @@ impl Containerd {
     /// Start containerd, wait until CRI answers and import the pause and busybox images.
     pub fn start() -> Result<Self> {
         let pkg = containerd_dir()?;
+        reap_stale();
         let dir = tempfile::Builder::new().prefix("dove-ctd-").tempdir()?;
         let d = dir.path();
         for sub in [
@@ -258,6 +259,11 @@ impl Containerd {
         let config = d.join("config.toml");
         let runc_root = d.join("runc");
         std::fs::write(&config, config_toml(d, &runc_root))?;
+        let cgroup_parent = format!("/{}", unique("dove-test-ctd"));
+        std::fs::write(
+            d.join(OWNER),
+            format!("{}\n{cgroup_parent}\n", std::process::id()),
+        )?;
         let mut ctd = Self {
             child: None,
             bin_dir: pkg.join("usr/bin"),
@@ -266,7 +272,7 @@ impl Containerd {
             nri_socket: d.join("run/nri.sock"),
             log: d.join("containerd.log"),
             runc_root,
-            cgroup_parent: format!("/{}", unique("dove-test-ctd")),
+            cgroup_parent,
             started_in: Duration::ZERO,
             images_in: Duration::ZERO,
             rt: tokio::runtime::Builder::new_current_thread()
@@ -711,93 +717,156 @@ impl Containerd {
         Ok(())
     }
 
-    /// The shims this fixture's containerd started (found by the `-address` they were
-    /// given, which is this fixture's socket).
+    /// The shims this fixture's containerd started.
     pub fn shim_pids(&self) -> Vec<i32> {
-        let socket = self.socket.as_os_str().as_encoded_bytes();
-        let mut pids = Vec::new();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return pids;
-        };
-        for p in procs.flatten() {
-            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            let ours = args
-                .windows(2)
-                .any(|w| w[0] == b"-address" && w[1] == socket);
-            let is_shim = args
-                .first()
-                .is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"));
-            if ours && is_shim {
-                pids.push(pid);
-            }
-        }
-        pids
+        shims_of(&self.socket)
     }
 
     /// Kill what the fixture started, unmount what it mounted; see [`Drop`].
     fn teardown(&mut self) {
         // The shims exit by themselves once their pod is removed, but not at once.
-        let mut shims = self.shim_pids();
+        let shims = self.shim_pids();
         if self.child.is_some() {
             let _ = self.remove_all_pods();
         }
         self.stop();
-        // Containers a test (or a crash) left: runc kills them and removes their cgroups.
-        let runc_ns = self.runc_root.join("k8s.io");
-        if let Ok(entries) = std::fs::read_dir(&runc_ns) {
-            for e in entries.flatten() {
-                let _ = Command::new(runc())
-                    .arg("--root")
-                    .arg(&runc_ns)
-                    .args(["delete", "--force"])
-                    .arg(e.file_name())
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
+        clean_up(self.dir.path(), &self.cgroup_parent, shims);
+    }
+}
+
+/// The file naming the test process that owns a fixture directory, and its cgroup
+/// parent: what [`reap_stale`] needs when that process was killed before its drops ran.
+const OWNER: &str = "owner";
+
+/// Clean up after fixtures whose test process died without dropping them (a test binary
+/// killed by a timeout): their containerd, shims, containers, mounts, cgroups and
+/// directory.
+fn reap_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !e.file_name().to_string_lossy().starts_with("dove-ctd-") {
+            continue;
         }
-        // The shims (and the sockets they made in /run/containerd/s).
-        shims.extend(self.shim_pids());
-        for &pid in &shims {
-            if alive(pid as u32) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER)) else {
+            continue;
+        };
+        let mut lines = owner.lines();
+        let (Some(Ok(pid)), Some(parent)) = (lines.next().map(str::parse::<u32>), lines.next())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while shims.iter().any(|&pid| alive(pid as u32)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        eprintln!(
+            "containerd fixture: cleaning up {} (its test process {pid} is gone)",
+            dir.display()
+        );
+        // Its containerd, found by its configuration file.
+        let config = dir.join("config.toml");
+        for pid in processes_with_args(|args| {
+            args.windows(2)
+                .any(|w| w[0] == b"--config" && w[1] == config.as_os_str().as_encoded_bytes())
+        }) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
-        let tasks = self
-            .dir
-            .path()
-            .join("state/io.containerd.runtime.v2.task/k8s.io");
-        if let Ok(entries) = std::fs::read_dir(&tasks) {
-            for e in entries.flatten() {
-                if let Ok(address) = std::fs::read_to_string(e.path().join("address")) {
-                    if let Some(path) = address.trim().strip_prefix("unix://") {
-                        let _ = std::fs::remove_file(path);
-                    }
+        clean_up(&dir, parent, Vec::new());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// With containerd stopped: kill the containers (runc) and shims left in fixture
+/// directory `dir` (also `shims`, found before they began to exit), remove the shims'
+/// sockets and the cgroups under `cgroup_parent`, unmount everything under `dir`.
+fn clean_up(dir: &Path, cgroup_parent: &str, mut shims: Vec<i32>) {
+    // Containers a test (or a crash) left: runc kills them and removes their cgroups.
+    let runc_ns = dir.join("runc/k8s.io");
+    if let Ok(entries) = std::fs::read_dir(&runc_ns) {
+        for e in entries.flatten() {
+            let _ = Command::new(runc())
+                .arg("--root")
+                .arg(&runc_ns)
+                .args(["delete", "--force"])
+                .arg(e.file_name())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    // The shims (and the sockets they made in /run/containerd/s).
+    shims.extend(shims_of(&dir.join("run/containerd.sock")));
+    for &pid in &shims {
+        if alive(pid as u32) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shims.iter().any(|&pid| alive(pid as u32)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let tasks = dir.join("state/io.containerd.runtime.v2.task/k8s.io");
+    if let Ok(entries) = std::fs::read_dir(&tasks) {
+        for e in entries.flatten() {
+            if let Ok(address) = std::fs::read_to_string(e.path().join("address")) {
+                if let Some(path) = address.trim().strip_prefix("unix://") {
+                    let _ = std::fs::remove_file(path);
                 }
             }
         }
-        // The pods' cgroups, in the unified hierarchy and every v1 one (TestCgroup's
-        // drop kills what is left in them and removes them bottom-up).
-        drop(TestCgroup {
-            path: self.cgroup_parent.clone(),
-            dir: unified_mount().join(self.cgroup_parent.trim_start_matches('/')),
-        });
-        unmount_under(self.dir.path());
     }
+    // The pods' cgroups, in the unified hierarchy and every v1 one (TestCgroup's drop
+    // kills what is left in them and removes them bottom-up).
+    if cgroup_parent.len() > 1 && cgroup_parent.starts_with("/dove-test-ctd-") {
+        drop(TestCgroup {
+            path: cgroup_parent.to_owned(),
+            dir: unified_mount().join(cgroup_parent.trim_start_matches('/')),
+        });
+    }
+    unmount_under(dir);
+}
+
+/// The shims started by the containerd serving `socket` (their `-address`).
+fn shims_of(socket: &Path) -> Vec<i32> {
+    let socket = socket.as_os_str().as_encoded_bytes();
+    processes_with_args(|args| {
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == b"-address" && w[1] == socket);
+        ours && args
+            .first()
+            .is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"))
+    })
+}
+
+/// The live processes whose command line (split at NULs) satisfies `matches`.
+fn processes_with_args(matches: impl Fn(&[&[u8]]) -> bool) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if matches(&args) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 impl Drop for Containerd {
