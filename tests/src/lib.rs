@@ -124,6 +124,16 @@ impl TempDaemon {
 
     /// As [`Self::with_observer_settings`], in enforcement mode `enforcement`.
     pub fn with_observer_config(observer_extra: &str, enforcement: &str) -> Result<Self> {
+        Self::observed(observer_extra, enforcement, "")
+    }
+
+    /// A daemon with the observer (as [`Self::with_observer`]) whose configuration also
+    /// holds `sections` (whole TOML sections, such as `[nri]`).
+    pub fn with_observer_and(sections: &str) -> Result<Self> {
+        Self::observed("", "none", sections)
+    }
+
+    fn observed(observer_extra: &str, enforcement: &str, sections: &str) -> Result<Self> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("dove-test")));
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -132,13 +142,20 @@ impl TempDaemon {
         let config = format!(
             // Never `auto`: on a patched kernel a test daemon would take the scheduler's
             // cost maps from a DOVE installed on the host.
-            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"{enforcement}\"\n",
+            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"{enforcement}\"\n{sections}\n",
             pin_dir.display()
         );
         Self::start_with(&config, Some(pin_dir), Some(metrics))
     }
 
     fn start_with(config: &str, pin_dir: Option<PathBuf>, metrics: Option<String>) -> Result<Self> {
+        // A test daemon never registers the containers of a runtime that happens to run on
+        // the host, unless its test asks for NRI.
+        let config = &if config.contains("[nri]") {
+            config.to_owned()
+        } else {
+            format!("{config}\n[nri]\nenabled = false\n")
+        };
         let dir = tempfile::Builder::new().prefix("dove-test-").tempdir()?;
         let socket = dir.path().join("run/dove.sock");
         let state_dir = dir.path().join("state");

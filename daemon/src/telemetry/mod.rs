@@ -8,8 +8,7 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use dove_proto::{
-    Bill, ContainerStats, CostCounters, EarlyDropState, ObserverHealth,
-    QuotaState, Stats,
+    Bill, ContainerStats, CostCounters, EarlyDropState, ObserverHealth, QuotaState, Stats,
 };
 use tokio::net::TcpListener;
 

@@ -27,7 +27,13 @@ const CONN_BUFFER: usize = 64 << 10;
 /// stream, ready for a ttrpc server or client. The multiplexer runs on the current tokio
 /// runtime until the socket closes and both connections are dropped; a frame too large or
 /// a broken socket ends it, and both connections then read end-of-file.
-pub fn split<S>(socket: S) -> (DuplexStream, DuplexStream, tokio::sync::oneshot::Receiver<()>)
+pub fn split<S>(
+    socket: S,
+) -> (
+    DuplexStream,
+    DuplexStream,
+    tokio::sync::oneshot::Receiver<()>,
+)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {

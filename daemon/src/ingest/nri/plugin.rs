@@ -116,12 +116,9 @@ async fn session(
     let (plugin_conn, runtime_conn, closed) = mux::split(stream);
     // The runtime may call Configure before it answers RegisterPlugin: serve first.
     let mut server = Server::new()
-        .add_listener(transport::Listener::new(futures_util::stream::iter([Ok::<
-            _,
-            std::io::Error,
-        >(
-            plugin_conn,
-        )])))
+        .add_listener(transport::Listener::new(futures_util::stream::iter([
+            Ok::<_, std::io::Error>(plugin_conn),
+        ])))
         .register_service(HashMap::from([(
             PLUGIN_SERVICE.to_owned(),
             plugin_service(work),
@@ -273,9 +270,16 @@ async fn worker(mut work: mpsc::UnboundedReceiver<Work>, registry: Arc<Registry>
                 }
                 let event = change.event as u32;
                 match (event, change.container) {
-                    (event::POST_CREATE_CONTAINER | event::START_CONTAINER, Some(c)) => {
+                    // containerd creates the task (runc create: the cgroup and the init
+                    // process) only at StartContainer, before the process runs its
+                    // command; CRI-O already at CreateContainer. Either is early enough.
+                    (event::POST_CREATE_CONTAINER, Some(c)) => {
                         let pod = pods.get(&c.pod_sandbox_id);
-                        register(&registry, &mounts, &c, pod).await;
+                        register(&registry, &mounts, &c, pod, Missing::Expected).await;
+                    }
+                    (event::START_CONTAINER, Some(c)) => {
+                        let pod = pods.get(&c.pod_sandbox_id);
+                        register(&registry, &mounts, &c, pod, Missing::Warn).await;
                     }
                     (event::REMOVE_CONTAINER, Some(c)) => forget(&registry, &c.id).await,
                     (event::REMOVE_POD_SANDBOX, _) => {
@@ -318,7 +322,14 @@ async fn synchronize(
     }
     let mut registered = 0;
     for container in containers.iter().filter(|c| is_live(c)) {
-        if register(registry, mounts, container, pods.get(&container.pod_sandbox_id)).await {
+        let pod = pods.get(&container.pod_sandbox_id);
+        // A CREATED container on containerd has no cgroup until it starts.
+        let missing = if container.state == 1 {
+            Missing::Expected
+        } else {
+            Missing::Warn
+        };
+        if register(registry, mounts, container, pod, missing).await {
             registered += 1;
         }
     }
@@ -331,6 +342,14 @@ async fn synchronize(
     );
 }
 
+/// Whether a container whose cgroup cannot be found is worth a warning.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    /// Not yet: it is registered when it starts.
+    Expected,
+    Warn,
+}
+
 /// Register `container` unless it is already registered with the same cgroup; returns
 /// whether a registration was made.
 async fn register(
@@ -338,10 +357,15 @@ async fn register(
     mounts: &Mounts,
     container: &Container,
     pod: Option<&PodSandbox>,
+    missing: Missing,
 ) -> bool {
     let proc_root = std::path::Path::new("/proc");
     let registration = match translate::registration_of(mounts, proc_root, container, pod) {
         Ok(registration) => registration,
+        Err(e) if missing == Missing::Expected => {
+            tracing::debug!(id = %container.id, "NRI: no cgroup yet, registered when it starts: {e}");
+            return false;
+        }
         Err(e) => {
             tracing::warn!(id = %container.id, "NRI: container not registered: {e}");
             return false;

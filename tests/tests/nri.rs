@@ -1,0 +1,194 @@
+//! doved's NRI plugin against a real containerd (Debian's, NRI enabled, driven through
+//! CRI as the kubelet drives it): containers are registered when created, with their pod
+//! and namespace as metric labels, and forgotten when removed; a doved restart and a
+//! containerd restart lose nothing; containerd never waits for an absent doved.
+
+use std::time::{Duration, Instant};
+
+use dove_tests::containerd::{ContainerSpec, Containerd};
+use dove_tests::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn nri_daemon(ctd: &Containerd) -> TempDaemon {
+    TempDaemon::with_observer_and(&format!(
+        "[nri]\nenabled = true\nsocket = \"{}\"\n",
+        ctd.nri_socket().display()
+    ))
+    .unwrap()
+}
+
+/// Wait until doved says it registered with containerd `times` times in all.
+fn wait_registered(daemon: &TempDaemon, ctd: &Containerd, times: usize) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if daemon
+            .log_text()
+            .matches("registered with the NRI runtime")
+            .count()
+            >= times
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "doved did not register with containerd ({times} times)\ndoved: {}\ncontainerd: {}",
+        daemon.log_text(),
+        ctd.log_text()
+    );
+}
+
+fn registered(daemon: &TempDaemon, id: &str) -> bool {
+    daemon.find(id).is_some()
+}
+
+fn wait_until(what: &str, daemon: &TempDaemon, ctd: &Containerd, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{what}: not within {WAIT:?}\ndoved: {}\ncontainerd: {}",
+        daemon.log_text(),
+        ctd.log_text()
+    );
+}
+
+#[test]
+fn containers_of_a_real_containerd_are_registered_and_forgotten_through_nri() {
+    if !require_root("containers_of_a_real_containerd_are_registered_and_forgotten_through_nri") {
+        return;
+    }
+    let mut ctd = Containerd::start().unwrap();
+    let mut daemon = nri_daemon(&ctd);
+    wait_registered(&daemon, &ctd, 1);
+
+    // Started (containerd makes the cgroup and the process only then): registered, with
+    // its cgroup and its Kubernetes names.
+    let pod = ctd.run_pod_sandbox("web-0", "shop", "uid-web-0").unwrap();
+    let app = ctd
+        .create_container(&pod, &ContainerSpec::busybox("app", &["sleep", "600"]))
+        .unwrap();
+    ctd.start_container(&app).unwrap();
+    wait_until("registered at start", &daemon, &ctd, || {
+        registered(&daemon, &app)
+    });
+    let reg = daemon.find(&app).unwrap().registration;
+    assert_eq!(reg.stage.as_deref(), Some("nri"));
+    assert_eq!(reg.annotations["io.dove.nri.pod"], "web-0");
+    assert_eq!(reg.annotations["io.dove.nri.namespace"], "shop");
+    assert_eq!(reg.annotations["io.dove.nri.container"], "app");
+
+    // The cgroup is the one its process runs in.
+    let state = ctd.container_status(&app).unwrap();
+    let pid = state.pid.expect("a running container has a pid");
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v2 = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    assert_eq!(reg.cgroup_path, v2, "registered cgroup vs the process's");
+
+    // The bill carries the names.
+    let metrics = daemon.scrape().unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("dove_softirq_seconds_total{") && l.contains(&app))
+        .unwrap_or_else(|| panic!("no cost series for {app}:\n{metrics}"));
+    for label in ["namespace=\"shop\"", "pod=\"web-0\"", "container=\"app\""] {
+        assert!(line.contains(label), "{label} missing from {line}");
+    }
+
+    // doved down while a container is removed and another is created: Synchronize
+    // forgets the one and registers the other when doved is back.
+    daemon.kill9();
+    ctd.stop_container(&app, 1).unwrap();
+    ctd.remove_container(&app).unwrap();
+    let late = ctd
+        .create_container(&pod, &ContainerSpec::busybox("late", &["sleep", "600"]))
+        .unwrap();
+    // containerd did not wait for the absent plugin.
+    ctd.start_container(&late).unwrap();
+    daemon.spawn().unwrap();
+    wait_registered(&daemon, &ctd, 2);
+    wait_until("synchronized after a doved restart", &daemon, &ctd, || {
+        registered(&daemon, &late) && !registered(&daemon, &app)
+    });
+
+    // containerd restarted: doved reconnects, and what containerd does next reaches it.
+    let restarted_in = ctd.restart().unwrap();
+    eprintln!("containerd restarted in {restarted_in:?}");
+    wait_registered(&daemon, &ctd, 3);
+    let after = ctd
+        .create_container(&pod, &ContainerSpec::busybox("after", &["sleep", "600"]))
+        .unwrap();
+    ctd.start_container(&after).unwrap();
+    wait_until(
+        "registered after a containerd restart",
+        &daemon,
+        &ctd,
+        || registered(&daemon, &after),
+    );
+    assert!(registered(&daemon, &late), "kept across the reconnect");
+
+    // Removed: forgotten.
+    ctd.stop_container(&after, 1).unwrap();
+    ctd.remove_container(&after).unwrap();
+    ctd.stop_container(&late, 1).unwrap();
+    ctd.remove_container(&late).unwrap();
+    wait_until("forgotten at removal", &daemon, &ctd, || {
+        !registered(&daemon, &after) && !registered(&daemon, &late)
+    });
+    ctd.stop_pod_sandbox(&pod).unwrap();
+    ctd.remove_pod_sandbox(&pod).unwrap();
+}
+
+/// The round trip of CRI CreateContainer with doved's plugin connected against the same
+/// containerd without it: what NRI adds to a container's creation. Printed, not judged.
+#[test]
+fn create_container_latency_with_and_without_the_plugin() {
+    if !require_root("create_container_latency_with_and_without_the_plugin") {
+        return;
+    }
+    let ctd = Containerd::start().unwrap();
+    let pod = ctd.run_pod_sandbox("lat-0", "bench", "uid-lat-0").unwrap();
+    let median = |mut samples: Vec<f64>| {
+        samples.sort_by(f64::total_cmp);
+        samples[samples.len() / 2]
+    };
+    // (CreateContainer, StartContainer) round trips in ms, medians of 8.
+    let round = |tag: &str| {
+        let (mut create, mut start) = (Vec::new(), Vec::new());
+        for i in 0..8 {
+            let spec = ContainerSpec::busybox(&format!("{tag}{i}"), &["sleep", "60"]);
+            let t = Instant::now();
+            let id = ctd.create_container(&pod, &spec).unwrap();
+            create.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            ctd.start_container(&id).unwrap();
+            start.push(t.elapsed().as_secs_f64() * 1e3);
+            ctd.stop_container(&id, 0).unwrap();
+            ctd.remove_container(&id).unwrap();
+        }
+        (median(create), median(start))
+    };
+    let without = round("without");
+    let daemon = nri_daemon(&ctd);
+    wait_registered(&daemon, &ctd, 1);
+    let with = round("with");
+    eprintln!(
+        "median of 8 round trips: CreateContainer {:.1} ms without the plugin, {:.1} ms with it ({:+.1} ms); StartContainer {:.1} ms without, {:.1} ms with ({:+.1} ms)",
+        without.0,
+        with.0,
+        with.0 - without.0,
+        without.1,
+        with.1,
+        with.1 - without.1
+    );
+    ctd.stop_pod_sandbox(&pod).unwrap();
+    ctd.remove_pod_sandbox(&pod).unwrap();
+}
