@@ -26,6 +26,8 @@ packages=(
     qemu-system-x86 ethtool
     # the NRI tests' CRI client (k8s-cri generates its gRPC code with protoc at build time)
     protobuf-compiler
+    # the Kubernetes schema validator's virtualenv (scripts/kubeval.sh)
+    python3-venv
 )
 
 missing=()
@@ -51,6 +53,9 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # containerd 1.7 with NRI (Debian trixie's, unpacked under /var/cache/dove, not
 # installed) for the NRI integration tests.
 bash "$(dirname "$0")/containerd.sh" >/dev/null
+
+# kubernetes-validate (PyPI) for the DaemonSet's schema check.
+bash "$(dirname "$0")/kubeval.sh" >/dev/null
 
 # Nightly + rust-src + bpf-linker for the eBPF programs (cached; see the script).
 bash "$(dirname "$0")/bpf-toolchain.sh" >/dev/null
