@@ -1,4 +1,6 @@
-//! `dovectl`: the operator's view of doved.
+//! `dovectl`: the operator's view of doved, and Docker's registration of DOVE's runtime.
+
+mod docker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +58,72 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         iterations: u64,
     },
+    /// Register dove-runtime with dockerd, or take it out again (edits daemon.json; needs
+    /// no doved).
+    #[command(subcommand)]
+    Docker(DockerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DockerCommand {
+    /// Add the `dove` runtime to daemon.json (every other setting kept), optionally as
+    /// dockerd's default; then reload dockerd (`--reload`, or `systemctl reload docker`).
+    /// Containers use it with `docker run --runtime dove`, or all of them with --default.
+    /// The global --socket, when not the default, is passed on to the hook.
+    InstallRuntime {
+        /// dockerd's configuration file.
+        #[arg(long, value_name = "PATH", default_value = docker::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Also make it `default-runtime`, so every container is registered.
+        #[arg(long)]
+        default: bool,
+        /// dove-runtime's path [default: the one beside dovectl, else /usr/bin/dove-runtime].
+        #[arg(long, value_name = "PATH")]
+        path: Option<PathBuf>,
+        /// The OCI runtime dove-runtime runs [default: the first runc on PATH].
+        #[arg(long, value_name = "PATH")]
+        inner_runtime: Option<PathBuf>,
+        /// dove-hook's path [default: the one beside dovectl, else /usr/bin/dove-hook].
+        #[arg(long, value_name = "PATH")]
+        hook: Option<PathBuf>,
+        /// The runtime's name in daemon.json.
+        #[arg(long, default_value = docker::RUNTIME_NAME)]
+        name: String,
+        /// Reload dockerd when the file changed (see remove-runtime --reload).
+        #[arg(long)]
+        reload: bool,
+        /// With --reload: SIGHUP the dockerd whose pid this file holds.
+        #[arg(long, value_name = "PATH", requires = "reload")]
+        pidfile: Option<PathBuf>,
+    },
+    /// Take DOVE out of daemon.json: each runtime that runs dove-runtime (named `dove`,
+    /// or with --path as its path) becomes an alias of the runtime it wrapped, so
+    /// containers created with it still start, and a `default-runtime` naming one becomes
+    /// "runc" (written out: dockerd's reload ignores a deleted key). Every other setting is
+    /// kept; a file without DOVE is left untouched. The packages run this when removed.
+    RemoveRuntime {
+        /// dockerd's configuration file.
+        #[arg(long, value_name = "PATH", default_value = docker::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The runtime's name in daemon.json.
+        #[arg(long, default_value = docker::RUNTIME_NAME)]
+        name: String,
+        /// Runtimes whose path is this one go too, whatever their name.
+        #[arg(long, value_name = "PATH", default_value = docker::PACKAGED_RUNTIME)]
+        path: PathBuf,
+        /// Delete those runtimes (and one named --name) instead of leaving aliases:
+        /// containers created with them can no longer be started.
+        #[arg(long)]
+        delete: bool,
+        /// Reload dockerd when the file changed (runtimes and default-runtime are
+        /// reloaded live): SIGHUP to the pid in --pidfile, else `systemctl reload
+        /// docker.service` where it runs, else SIGHUP to the pid in /var/run/docker.pid.
+        #[arg(long)]
+        reload: bool,
+        /// With --reload: SIGHUP the dockerd whose pid this file holds.
+        #[arg(long, value_name = "PATH", requires = "reload")]
+        pidfile: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,7 +146,11 @@ fn stats(client: &mut Client) -> Result<Stats> {
 
 fn run(args: &Args) -> Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
-    let mut client = Client::connect(&args.socket, timeout)?;
+    let mut client = match &args.command {
+        // Editing daemon.json needs no doved.
+        Command::Docker(command) => return run_docker(command, &args.socket),
+        _ => Client::connect(&args.socket, timeout)?,
+    };
     match &args.command {
         Command::Stats { json } => {
             let s = stats(&mut client)?;
@@ -128,6 +200,7 @@ fn run(args: &Args) -> Result<()> {
                 print_bills(&bills);
             }
         }
+        Command::Docker(_) => {} // answered above, without doved
         Command::Status { json } => {
             let Reply::Status(status) = client.call(Request::Status)? else {
                 bail!("doved answered `status` with something else");
@@ -140,6 +213,65 @@ fn run(args: &Args) -> Result<()> {
                     print_quotas(&stats(&mut client)?);
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+fn run_docker(command: &DockerCommand, socket: &std::path::Path) -> Result<()> {
+    let (outcome, reload, pidfile) = match command {
+        DockerCommand::InstallRuntime {
+            config,
+            default,
+            path,
+            inner_runtime,
+            hook,
+            name,
+            reload,
+            pidfile,
+        } => {
+            let entry = docker::RuntimeEntry {
+                name: name.clone(),
+                path: path.clone().unwrap_or_else(|| {
+                    docker::beside_self("dove-runtime", docker::PACKAGED_RUNTIME)
+                }),
+                inner: match inner_runtime {
+                    Some(p) => p.clone(),
+                    None => docker::find_runc()?,
+                },
+                hook: hook
+                    .clone()
+                    .unwrap_or_else(|| docker::beside_self("dove-hook", docker::PACKAGED_HOOK)),
+                socket: (socket != std::path::Path::new(DEFAULT_SOCKET)).then(|| socket.to_owned()),
+            };
+            docker::check_entry(&entry)?;
+            (
+                docker::install_runtime(config, &entry, *default)?,
+                reload,
+                pidfile,
+            )
+        }
+        DockerCommand::RemoveRuntime {
+            config,
+            name,
+            path,
+            delete,
+            reload,
+            pidfile,
+        } => (
+            docker::remove_runtime(config, name, path, *delete)?,
+            reload,
+            pidfile,
+        ),
+    };
+    for note in &outcome.notes {
+        println!("{note}");
+    }
+    if outcome.changed {
+        if *reload {
+            println!("{}", docker::reload_dockerd(pidfile.as_deref())?);
+        } else {
+            println!("reload dockerd for this to take effect (`systemctl reload docker`, or SIGHUP to dockerd)");
         }
     }
     Ok(())

@@ -18,6 +18,7 @@ use dove_proto::{Client, Container, Registration, Reply, Request};
 
 pub mod bench;
 pub mod containerd;
+pub mod docker;
 
 pub const UNIFIED: &str = "/sys/fs/cgroup/unified";
 

@@ -179,7 +179,34 @@ fn deb_installs_into_fresh_debian_root_and_purges_cleanly() {
     runc(&["delete", "--force", &id]).unwrap();
     assert!(daemon.find(&id).is_none());
 
-    chroot(&["dpkg", "--purge", "dove"]).unwrap();
+    // The admin registered dove-runtime with Docker as the packaged snippet shows, next
+    // to settings of their own: removing the package takes it out again (prerm), the
+    // rest stays, and default-runtime falls back to runc.
+    std::fs::create_dir_all(root.path().join("etc/docker")).unwrap();
+    let mut docker_config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.path().join("usr/share/doc/dove/docker-daemon.json")).unwrap(),
+    )
+    .unwrap();
+    docker_config["log-driver"] = "journald".into();
+    docker_config["runtimes"]["crun"] = serde_json::json!({"path": "/usr/bin/crun"});
+    std::fs::write(
+        root.path().join("etc/docker/daemon.json"),
+        serde_json::to_vec_pretty(&docker_config).unwrap(),
+    )
+    .unwrap();
+    let removal = chroot(&["dpkg", "--purge", "dove"]).unwrap();
+    let docker_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.path().join("etc/docker/daemon.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        docker_config,
+        serde_json::json!({
+            "runtimes": {"dove": {"path": "/usr/sbin/runc"}, "crun": {"path": "/usr/bin/crun"}},
+            "default-runtime": "runc",
+            "log-driver": "journald",
+        }),
+        "prerm left daemon.json so:\n{removal}"
+    );
     for path in INSTALLED {
         assert!(!root.path().join(path).exists(), "{path} left after purge");
     }
@@ -213,6 +240,11 @@ fn rpm_file_list_scripts_and_dependencies() {
     );
     assert!(
         scripts.contains("preuninstall") && scripts.contains("systemctl stop doved.service"),
+        "{scripts}"
+    );
+    // Erasing takes dove-runtime out of dockerd's configuration (not on upgrade).
+    assert!(
+        scripts.contains("dovectl docker remove-runtime --config /etc/docker/daemon.json --reload"),
         "{scripts}"
     );
     let requires = q(&["-qp", "--requires"]);
