@@ -54,6 +54,10 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # installed) for the NRI integration tests.
 bash "$(dirname "$0")/containerd.sh" >/dev/null
 
+# Docker 20.10 (Debian bookworm's docker.io with its containerd and tini, unpacked under
+# /var/cache/dove, not installed) for the Docker integration tests.
+bash "$(dirname "$0")/docker.sh" >/dev/null
+
 # kubernetes-validate (PyPI) for the DaemonSet's schema check.
 bash "$(dirname "$0")/kubeval.sh" >/dev/null
 

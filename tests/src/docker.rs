@@ -75,7 +75,8 @@ impl Dockerd {
     /// keys the fixture needs; returns once it answers on its socket.
     pub fn start(settings: serde_json::Value) -> Result<Self> {
         let docker_dir = docker_dir()?;
-        let dir = tempfile::Builder::new().prefix("dove-docker-").tempdir()?;
+        reap_stale();
+        let dir = tempfile::Builder::new().prefix(PREFIX).tempdir()?;
         let config = dir.path().join("daemon.json");
         let mut json = serde_json::json!({
             // dockerd 20.10 writes its identity key to /etc/docker unless told otherwise.
@@ -85,13 +86,15 @@ impl Dockerd {
             json.as_object_mut().expect("an object").extend(extra);
         }
         std::fs::write(&config, serde_json::to_vec_pretty(&json)?)?;
+        let cgroup_parent = format!("/{}", unique("dove-docker"));
+        write_owner(dir.path(), &cgroup_parent, &[])?;
         let mut dockerd = Self {
             child: None,
             socket: dir.path().join("docker.sock"),
             pidfile: dir.path().join("docker.pid"),
             log: dir.path().join("dockerd.log"),
             config,
-            cgroup_parent: format!("/{}", unique("dove-docker")),
+            cgroup_parent,
             started_in: Duration::ZERO,
             networks: Vec::new(),
             docker_dir,
@@ -315,6 +318,9 @@ impl Dockerd {
         };
         // A bridge a killed run left behind.
         let _ = crate::run(Command::new("ip").args(["link", "del", &network.interface]));
+        self.networks.push(network.clone());
+        let interfaces: Vec<String> = self.networks.iter().map(|n| n.interface.clone()).collect();
+        write_owner(self.dir.path(), &self.cgroup_parent, &interfaces)?;
         self.docker(&[
             "network",
             "create",
@@ -328,7 +334,6 @@ impl Dockerd {
             &format!("com.docker.network.bridge.name={}", network.interface),
             &network.name,
         ])?;
-        self.networks.push(network.clone());
         Ok(network)
     }
 
@@ -337,29 +342,6 @@ impl Dockerd {
         Path::new("/sys/fs/cgroup/cpu")
             .join(self.cgroup_parent.trim_start_matches('/'))
             .join(id)
-    }
-
-    /// The processes whose command line names this fixture's directory: its containerd
-    /// and the shims (found by their unique paths, so only this fixture's own).
-    fn own_processes(&self) -> Vec<i32> {
-        let needle = self.dir.path().as_os_str().as_encoded_bytes().to_vec();
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if Some(pid as u32) == self.pid() {
-                continue;
-            }
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            if cmdline
-                .windows(needle.len())
-                .any(|w| w == needle.as_slice())
-            {
-                pids.push(pid);
-            }
-        }
-        pids
     }
 
     fn stop(&mut self) {
@@ -410,42 +392,139 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     mounts
 }
 
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        self.stop();
-        // What outlived dockerd: its containerd if it was killed, shims of containers
-        // it could not remove.
-        for pid in self.own_processes() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+/// The processes whose command line names `dir`: a fixture's dockerd, its containerd
+/// and the shims (found by that unique path, so only this fixture's own).
+fn processes_naming(dir: &Path) -> Vec<i32> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            pids.push(pid);
         }
-        // Container processes (their cgroups hold them), then the cgroups, in every
-        // hierarchy (runc makes the same path in each on this hybrid host).
-        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
-            for h in hierarchies.flatten() {
-                let dir = h.path().join(self.cgroup_parent.trim_start_matches('/'));
-                if dir.is_dir() {
-                    let _ = remove_cgroup_tree(&dir);
-                }
+    }
+    pids
+}
+
+/// Everything a fixture in `dir` may have left once its dockerd is stopped (or its test
+/// process died): processes, shims' sockets, containers and their cgroups, mounts, bridges.
+fn clean_up(dir: &Path, cgroup_parent: &str, interfaces: &[String]) {
+    let pids = processes_naming(dir);
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A killed shim leaves its socket in /run/containerd/s; its task directory says where.
+    let tasks = dir.join("exec/containerd/daemon/io.containerd.runtime.v2.task/moby");
+    for task in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+        if let Ok(address) = std::fs::read_to_string(task.path().join("address")) {
+            if let Some(socket) = address.trim().strip_prefix("unix://") {
+                let _ = std::fs::remove_file(socket);
             }
         }
-        for _ in 0..3 {
-            let mounts = mounts_under(self.dir.path());
-            if mounts.is_empty() {
-                break;
-            }
-            for m in mounts {
-                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    // Container processes (their cgroups hold them), then the cgroups, in every
+    // hierarchy (runc makes the same path in each on this hybrid host).
+    if cgroup_parent.starts_with("/dove-docker-") {
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let cgroup = h.path().join(cgroup_parent.trim_start_matches('/'));
+            if cgroup.is_dir() {
+                let _ = remove_cgroup_tree(&cgroup);
             }
         }
-        for network in &self.networks {
+    }
+    for _ in 0..3 {
+        let mounts = mounts_under(dir);
+        if mounts.is_empty() {
+            break;
+        }
+        for m in mounts {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    for interface in interfaces {
+        if Path::new("/sys/class/net").join(interface).exists() {
             let _ = Command::new("ip")
-                .args(["link", "del", &network.interface])
+                .args(["link", "del", interface])
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+/// Fixture directories are `$TMPDIR/dove-docker-*`.
+const PREFIX: &str = "dove-docker-";
+/// The file naming the test process that owns a fixture directory, its cgroup parent
+/// and its bridges: what [`reap_stale`] needs when that process was killed before its
+/// drops ran.
+const OWNER: &str = "owner";
+
+fn write_owner(dir: &Path, cgroup_parent: &str, interfaces: &[String]) -> Result<()> {
+    let mut text = format!("{}\n{cgroup_parent}\n", std::process::id());
+    for i in interfaces {
+        text.push_str(i);
+        text.push('\n');
+    }
+    std::fs::write(dir.join(OWNER), text)?;
+    Ok(())
+}
+
+/// Clean up after fixtures whose test process died without dropping them (a test binary
+/// killed by a timeout): their dockerd and everything [`clean_up`] removes, and the
+/// directory.
+fn reap_stale() {
+    for e in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if !e.file_name().to_string_lossy().starts_with(PREFIX) {
+            continue;
+        }
+        let dir = e.path();
+        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER)) else {
+            continue;
+        };
+        let mut lines = owner.lines();
+        let (Some(Ok(pid)), Some(parent)) = (lines.next().map(str::parse::<u32>), lines.next())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!(
+            "docker fixture: cleaning up {} (its test process {pid} is gone)",
+            dir.display()
+        );
+        let interfaces: Vec<String> = lines.map(str::to_owned).collect();
+        clean_up(&dir, parent, &interfaces);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        self.stop();
+        let interfaces: Vec<String> = self.networks.iter().map(|n| n.interface.clone()).collect();
+        clean_up(self.dir.path(), &self.cgroup_parent, &interfaces);
     }
 }
 

@@ -251,6 +251,91 @@ fn rpm_file_list_scripts_and_dependencies() {
     assert!(requires.contains("glibc"), "{requires}");
 }
 
+/// The removal scripts of both packages, run in a Debian root with this build's dovectl
+/// as /usr/bin/dovectl: on removal (not on upgrade) they take dove-runtime out of
+/// /etc/docker/daemon.json; a file dovectl cannot parse is reported and does not fail
+/// the removal. (The .deb test runs the packaged prerm through dpkg; this one needs no
+/// release build.)
+#[test]
+fn removal_scripts_take_dove_runtime_out_of_docker_config() {
+    if !require_root("removal_scripts_take_dove_runtime_out_of_docker_config") {
+        return;
+    }
+    let tarball = run(Command::new("bash").arg(repo().join("scripts/debian-root.sh"))).unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("dove-prerm-")
+        .tempdir()
+        .unwrap();
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(tarball.trim())
+        .arg("-C")
+        .arg(root.path()))
+    .unwrap();
+    std::fs::copy(bin("dovectl"), root.path().join("usr/bin/dovectl")).unwrap();
+    std::fs::copy(
+        repo().join("packaging/debian/prerm"),
+        root.path().join("tmp/prerm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("packaging/rpm/pre_uninstall.sh"),
+        root.path().join("tmp/preun"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.path().join("etc/docker")).unwrap();
+    let config = root.path().join("etc/docker/daemon.json");
+    let mut registered: serde_json::Value =
+        serde_json::from_str(include_str!("../../config/docker/daemon.json")).unwrap();
+    registered["storage-driver"] = "overlay2".into();
+    let registered = serde_json::to_string_pretty(&registered).unwrap();
+    let removed = serde_json::json!({
+        "runtimes": {"dove": {"path": "/usr/sbin/runc"}},
+        "default-runtime": "runc",
+        "storage-driver": "overlay2",
+    });
+    let script = |name: &str, arg: &str| {
+        Command::new("chroot")
+            .arg(root.path())
+            .args(["sh", &format!("/tmp/{name}"), arg])
+            .output()
+            .unwrap()
+    };
+    for (name, upgrade, remove) in [("prerm", "upgrade", "remove"), ("preun", "1", "0")] {
+        std::fs::write(&config, &registered).unwrap();
+        let out = script(name, upgrade);
+        assert!(out.status.success(), "{name} {upgrade}: {out:?}");
+        assert_eq!(
+            std::fs::read_to_string(&config).unwrap(),
+            registered,
+            "{name} {upgrade} must leave daemon.json alone"
+        );
+        let out = script(name, remove);
+        assert!(out.status.success(), "{name} {remove}: {out:?}");
+        let now: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+        assert_eq!(now, removed, "{name} {remove}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("dockerd is not running"), "{said}");
+        // A broken file: reported, left as it was, and the removal goes on.
+        std::fs::write(&config, "{\"runtimes\": {\"dove\": ").unwrap();
+        let out = script(name, remove);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{name} {remove} on a broken file: {err}"
+        );
+        assert!(
+            err.contains("/etc/docker/daemon.json") && err.contains("by hand"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&config).unwrap(),
+            "{\"runtimes\": {\"dove\": "
+        );
+    }
+}
+
 #[test]
 fn podman_registers_with_the_packaged_hooks_d_file() {
     if !require_root("podman_registers_with_the_packaged_hooks_d_file") {
