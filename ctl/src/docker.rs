@@ -432,8 +432,19 @@ fn runs_dove(key: &str, value: &Json, name: &str, runtime_path: &Path) -> bool {
         || (key == name && path.file_name() == Some(std::ffi::OsStr::new("dove-runtime")))
 }
 
-/// The runtime a dove-runtime entry wraps (its `--dove-runtime=`), else runc.
-fn inner_of(value: &Json) -> String {
+/// What a dove-runtime entry becomes when DOVE is taken out: the runtime it wrapped
+/// (its `--dove-runtime=`, else runc) with the arguments meant for that runtime (all but
+/// the wrapper's `--dove-*` options).
+///
+/// The arguments are never left empty: dockerd runs a runtime that has arguments through
+/// a script, `<data-root>/runtimes/<name>`, and the shims of containers already running
+/// under the entry execute that script for every later command (kill, delete). A
+/// runtime without arguments gets no script, the old one is deleted at the reload, and
+/// such a container can then be stopped only by dockerd's direct SIGKILL after a 10 s
+/// timeout, leaving its shim behind (measured with dockerd 20.10.24). So an entry with
+/// nothing else gets `--log-format=json`, which changes nothing: containerd's runc shim
+/// passes `--log-format json` itself to every runtime it drives.
+fn alias_of(value: &Json) -> Json {
     let args = match value {
         Json::Object(o) => match get(o, "runtimeArgs") {
             Some(Json::Array(a)) => a.as_slice(),
@@ -441,18 +452,34 @@ fn inner_of(value: &Json) -> String {
         },
         _ => &[],
     };
-    args.iter()
+    let inner = args
+        .iter()
         .filter_map(Json::as_str)
         .find_map(|a| a.strip_prefix("--dove-runtime="))
         .unwrap_or("runc")
-        .to_owned()
+        .to_owned();
+    let mut kept: Vec<Json> = args
+        .iter()
+        .filter(|a| !a.as_str().is_some_and(|a| a.starts_with("--dove-")))
+        .cloned()
+        .collect();
+    if kept.is_empty() {
+        kept.push(ALIAS_ARG.into());
+    }
+    Json::Object(vec![
+        ("path".into(), Json::String(inner)),
+        ("runtimeArgs".into(), Json::Array(kept)),
+    ])
 }
 
+/// The argument an alias carries when it has no other (see [`alias_of`]).
+pub const ALIAS_ARG: &str = "--log-format=json";
+
 /// Take DOVE out of the file. Each runtime that runs dove-runtime (see [`runs_dove`])
-/// becomes an alias of the runtime it wrapped (`{"path": "/usr/sbin/runc"}`), so
-/// containers created with it can still be started (dockerd refuses to start a container
-/// whose runtime name is unknown); with `delete` such entries, and one named `name`,
-/// are deleted instead (a `runtimes` emptied so stays, as `{}`). A `default-runtime`
+/// becomes an alias of the runtime it wrapped ([`alias_of`]), so containers created
+/// with it can still be started (dockerd refuses to start a container whose runtime name
+/// is unknown) and those running can still be stopped; with `delete` such entries, and
+/// one named `name`, are deleted instead (a `runtimes` emptied so stays, as `{}`). A `default-runtime`
 /// naming one of them becomes `"runc"`: written out, not deleted, because dockerd 20.10's
 /// reload keeps the old value of a key that is gone (it would go on starting containers
 /// with DOVE), and a default naming a runtime that a reload removed crashes it.
@@ -482,11 +509,11 @@ pub fn remove_runtime(
                 continue;
             }
             if !delete {
-                let inner = inner_of(value);
+                *value = alias_of(value);
                 notes.push(format!(
-                    "runtime \"{key}\" now runs {inner} directly, without DOVE (containers created with it still start)"
+                    "runtime \"{key}\" now runs the runtime DOVE wrapped, without DOVE (containers created with it still start and stop): {}",
+                    serde_json::to_string(value)?
                 ));
-                *value = Json::Object(vec![("path".into(), Json::String(inner))]);
             }
             taken.push(key.clone());
         }
@@ -606,10 +633,10 @@ pub fn find_runc() -> Result<PathBuf> {
 /// Check the paths an entry names before dockerd is told about them.
 pub fn check_entry(entry: &RuntimeEntry) -> Result<()> {
     let executable = |p: &Path, what: &str, fix: &str| -> Result<()> {
-        let meta =
-            std::fs::metadata(p).with_context(|| format!("{what} {}: {fix}", p.display()))?;
+        let meta = std::fs::metadata(p)
+            .map_err(|e| anyhow::anyhow!("{what} {}: {e}; {fix}", p.display()))?;
         if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-            bail!("{what} {} is not an executable file: {fix}", p.display());
+            bail!("{what} {} is not an executable file; {fix}", p.display());
         }
         Ok(())
     };
@@ -771,7 +798,8 @@ mod tests {
         assert!(out.changed, "{out:?}");
         let v = read(&path);
         let mut want: serde_json::Value = serde_json::from_str(OTHERS).unwrap();
-        want["runtimes"]["dove"] = serde_json::json!({"path": "/usr/sbin/runc"});
+        want["runtimes"]["dove"] =
+            serde_json::json!({"path": "/usr/sbin/runc", "runtimeArgs": [ALIAS_ARG]});
         want["default-runtime"] = "runc".into();
         assert_eq!(v, want);
         // Idempotent: nothing left to do, the file is untouched.
@@ -837,9 +865,19 @@ mod tests {
         assert_eq!(
             read(&path),
             serde_json::json!({"default-runtime": "runc", "runtimes": {
-                "dove-runc": {"path": "runc"},
-                "dove": {"path": "/usr/bin/crun"},
+                "dove-runc": {"path": "runc", "runtimeArgs": [ALIAS_ARG]},
+                "dove": {"path": "/usr/bin/crun", "runtimeArgs": [ALIAS_ARG]},
                 "crun": {"path": "/usr/bin/crun"}}})
+        );
+        // Arguments meant for the wrapped runtime stay with it.
+        let path = write(
+            dir.path(),
+            r#"{"runtimes": {"dove": {"path": "/usr/bin/dove-runtime", "runtimeArgs": ["--dove-runtime=/usr/sbin/runc", "--dove-socket=/s", "--systemd-cgroup"]}}}"#,
+        );
+        assert!(remove(&path, false).changed);
+        assert_eq!(
+            read(&path)["runtimes"]["dove"],
+            serde_json::json!({"path": "/usr/sbin/runc", "runtimeArgs": ["--systemd-cgroup"]})
         );
         // Nothing of DOVE: left alone, including a runtime that merely has its name.
         let text =

@@ -58,18 +58,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         iterations: u64,
     },
-    /// Register dove-runtime with dockerd, or take it out again (edits daemon.json; needs
-    /// no doved).
+    /// Register dove-runtime with dockerd, or take it out again (daemon.json; no doved
+    /// needed).
     #[command(subcommand)]
     Docker(DockerCommand),
 }
 
 #[derive(Debug, Subcommand)]
 enum DockerCommand {
-    /// Add the `dove` runtime to daemon.json (every other setting kept), optionally as
-    /// dockerd's default; then reload dockerd (`--reload`, or `systemctl reload docker`).
-    /// Containers use it with `docker run --runtime dove`, or all of them with --default.
-    /// The global --socket, when not the default, is passed on to the hook.
+    /// Register dove-runtime in dockerd's daemon.json (as its default with --default).
+    ///
+    /// Every other setting is kept, in place. Containers use it with `docker run
+    /// --runtime dove`, or all of them with --default; dockerd reads it at the next reload
+    /// (--reload, or `systemctl reload docker`). The global --socket, when not the
+    /// default, is passed on to the hook.
     InstallRuntime {
         /// dockerd's configuration file.
         #[arg(long, value_name = "PATH", default_value = docker::DEFAULT_CONFIG)]
@@ -96,11 +98,14 @@ enum DockerCommand {
         #[arg(long, value_name = "PATH", requires = "reload")]
         pidfile: Option<PathBuf>,
     },
-    /// Take DOVE out of daemon.json: each runtime that runs dove-runtime (named `dove`,
-    /// or with --path as its path) becomes an alias of the runtime it wrapped, so
-    /// containers created with it still start, and a `default-runtime` naming one becomes
-    /// "runc" (written out: dockerd's reload ignores a deleted key). Every other setting is
-    /// kept; a file without DOVE is left untouched. The packages run this when removed.
+    /// Take DOVE out of dockerd's daemon.json (the packages run this when removed).
+    ///
+    /// Each runtime that runs dove-runtime (named `dove`, or with --path as its path)
+    /// becomes an alias of the runtime it wrapped, with that runtime's own arguments
+    /// (`--log-format=json` when there are none, so dockerd keeps the script the shims of
+    /// running containers call), and a `default-runtime` naming one becomes "runc" (written
+    /// out: dockerd's reload ignores a deleted key). Containers created with it still
+    /// start and stop. Every other setting is kept; a file without DOVE is left untouched.
     RemoveRuntime {
         /// dockerd's configuration file.
         #[arg(long, value_name = "PATH", default_value = docker::DEFAULT_CONFIG)]

@@ -23,6 +23,19 @@ fn quota_state(daemon: &TempDaemon, id: &str) -> Option<dove_proto::QuotaState> 
         .and_then(|c| c.quota)
 }
 
+/// Whether a containerd shim for container `id` runs.
+fn shim_running(id: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .any(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("containerd-shim") && cmdline.contains(id)
+        })
+}
+
 /// Poll `what` every 20 ms until it is `Some`, for at most `within`.
 fn eventually<T>(within: Duration, mut what: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + within;
@@ -282,8 +295,8 @@ fn a_quota_set_after_registration_is_enforced() {
 /// The package's removal path with a real dockerd: dove-runtime as `default-runtime`
 /// (every container registered), then `dovectl docker remove-runtime --reload` (what
 /// prerm runs) and the binary removed: `docker run` with no --runtime still works on
-/// runc with nothing of DOVE called, a container created under DOVE starts again, and
-/// every other daemon.json setting is kept.
+/// runc with nothing of DOVE called, a container created under DOVE starts again, one
+/// that was running then stops as usual, and every other daemon.json setting is kept.
 #[test]
 fn package_removal_path_leaves_docker_run_working() {
     if !require_root("package_removal_path_leaves_docker_run_working") {
@@ -297,12 +310,24 @@ fn package_removal_path_leaves_docker_run_working() {
     }))
     .unwrap();
     dockerd.import_busybox(IMAGE).unwrap();
-    // The packaged binary, which the removal takes away.
+    // The packaged binaries, which the removal takes away.
     let packaged = dockerd.dir.path().join("usr-bin/dove-runtime");
+    let packaged_hook = dockerd.dir.path().join("usr-bin/dove-hook");
     std::fs::create_dir_all(packaged.parent().unwrap()).unwrap();
     std::fs::copy(bin("dove-runtime"), &packaged).unwrap();
+    std::fs::copy(bin("dove-hook"), &packaged_hook).unwrap();
     let packaged_arg = packaged.display().to_string();
-    install_runtime(&daemon, &dockerd, &["--default", "--path", &packaged_arg]);
+    install_runtime(
+        &daemon,
+        &dockerd,
+        &[
+            "--default",
+            "--path",
+            &packaged_arg,
+            "--hook",
+            &packaged_hook.display().to_string(),
+        ],
+    );
     let default = |dockerd: &Dockerd| {
         dockerd
             .docker(&["info", "--format", "{{.DefaultRuntime}}"])
@@ -326,6 +351,14 @@ fn package_removal_path_leaves_docker_run_working() {
     daemon.wait_for("stop to unregister", Duration::from_secs(10), |l| {
         l.is_empty()
     });
+
+    // One still running when the package goes.
+    let running = dockerd
+        .docker(&["run", "-d", "--network", "none", IMAGE, "sleep", "1000"])
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(daemon.find(&running).is_some());
 
     // The failure the removal must prevent: the binary gone, daemon.json untouched.
     let hidden = packaged.with_extension("hidden");
@@ -361,7 +394,7 @@ fn package_removal_path_leaves_docker_run_working() {
     assert!(out.contains("sent SIGHUP to dockerd"), "{out}");
     dockerd.wait_reloaded(reloads).unwrap();
     std::fs::remove_file(&packaged).unwrap();
-    let log_mark = daemon.log_text().len();
+    std::fs::remove_file(&packaged_hook).unwrap();
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&dockerd.config).unwrap()).unwrap();
     assert_eq!(config["log-opts"]["max-size"], "10m", "{config}");
@@ -370,10 +403,34 @@ fn package_removal_path_leaves_docker_run_working() {
     assert_eq!(config["default-runtime"], "runc", "{config}");
     assert_eq!(
         config["runtimes"]["dove"],
-        serde_json::json!({"path": "/usr/sbin/runc"})
+        serde_json::json!({"path": "/usr/sbin/runc", "runtimeArgs": ["--log-format=json"]})
     );
     assert!(dockerd.running(), "dockerd died at the reload");
     assert_eq!(default(&dockerd), "runc");
+
+    // The container that ran through dove-runtime stops as it would have: its shim
+    // runs the runtime through dockerd's script for "dove", which now runs runc.
+    let started = Instant::now();
+    dockerd.docker(&["stop", "-t", "1", &running]).unwrap();
+    let stop_took = started.elapsed();
+    eprintln!("docker stop of a container started under DOVE, after the removal: {stop_took:?}");
+    assert!(
+        stop_took < Duration::from_secs(8),
+        "docker stop took {stop_took:?}: the shim could not run the runtime\n{}",
+        dockerd.log_tail(10)
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || (!shim_running(&running))
+            .then_some(()))
+        .is_some(),
+        "the shim of {running} outlived its container"
+    );
+    daemon.wait_for(
+        "the stopped container to go",
+        Duration::from_secs(10),
+        |l| l.is_empty(),
+    );
+    let log_mark = daemon.log_text().len();
 
     // docker run with no --runtime works, on runc, with nothing of DOVE called.
     let started = Instant::now();
@@ -415,7 +472,9 @@ fn package_removal_path_leaves_docker_run_working() {
         !since.contains(" registered id="),
         "doved registered containers after the removal:\n{since}"
     );
-    dockerd.docker(&["rm", "-f", &before, &after]).unwrap();
+    dockerd
+        .docker(&["rm", "-f", &before, &after, &running])
+        .unwrap();
     assert!(daemon.list().is_empty());
 }
 

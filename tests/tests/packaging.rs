@@ -201,7 +201,10 @@ fn deb_installs_into_fresh_debian_root_and_purges_cleanly() {
     assert_eq!(
         docker_config,
         serde_json::json!({
-            "runtimes": {"dove": {"path": "/usr/sbin/runc"}, "crun": {"path": "/usr/bin/crun"}},
+            "runtimes": {
+                "dove": {"path": "/usr/sbin/runc", "runtimeArgs": ["--log-format=json"]},
+                "crun": {"path": "/usr/bin/crun"}
+            },
             "default-runtime": "runc",
             "log-driver": "journald",
         }),
@@ -290,7 +293,7 @@ fn removal_scripts_take_dove_runtime_out_of_docker_config() {
     registered["storage-driver"] = "overlay2".into();
     let registered = serde_json::to_string_pretty(&registered).unwrap();
     let removed = serde_json::json!({
-        "runtimes": {"dove": {"path": "/usr/sbin/runc"}},
+        "runtimes": {"dove": {"path": "/usr/sbin/runc", "runtimeArgs": ["--log-format=json"]}},
         "default-runtime": "runc",
         "storage-driver": "overlay2",
     });
