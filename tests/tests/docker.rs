@@ -249,12 +249,10 @@ fn docker_run_with_dove_registers_attributes_follows_cpus_and_unregisters() {
     assert!(bill.rx_packets >= c.rx_packets, "{bill:?}");
 }
 
-/// `docker update --cpus` on a container started without a quota: doved's cpumax should
-/// take the quota up once docker sets it. It does not yet: the controller looks for the
-/// quota cgroup once, at registration ("no CFS quota on the container's cgroup or above:
-/// cpumax leaves it alone"), so the base stays None.
+/// `docker update --cpus` on a container started without a quota: doved's cpumax takes
+/// the quota up once docker sets it (it looks again every second for containers it found
+/// no quota for at registration).
 #[test]
-#[ignore = "doved's cpumax looks for a quota only at registration (daemon/, not yet fixed)"]
 fn a_quota_set_after_registration_is_enforced() {
     if !require_root("a_quota_set_after_registration_is_enforced") {
         return;

@@ -6,7 +6,7 @@
 //! the observer, so no lock is held across components and neither registration nor the
 //! async runtime waits for a tick.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::mpsc::SyncSender;
@@ -85,7 +85,16 @@ pub struct Accounting {
     /// The cpu.max controller, in enforcement mode `cpumax`, and early drop with it.
     cpumax: Option<(CpuMax, EarlyDrop)>,
     last_control: Instant,
+    /// Containers cpumax found no quota for, by (ID, cgroup ID) → the cgroup path the
+    /// quota is looked up from and the container's cgroup level: a quota set later
+    /// (`docker update --cpus`, a resize) is found within [`QUOTA_RECHECK`] and enforced
+    /// from then on.
+    unquoted: BTreeMap<(String, u64), (String, u32)>,
+    next_quota_check: Instant,
 }
+
+/// How often containers without a quota are looked at again.
+const QUOTA_RECHECK: Duration = Duration::from_secs(1);
 
 impl Accounting {
     /// Bring the observer in line with the registry (bill what left while doved was
@@ -110,6 +119,8 @@ impl Accounting {
             unrecorded: Vec::new(),
             cpumax,
             last_control: Instant::now(),
+            unquoted: BTreeMap::new(),
+            next_quota_check: Instant::now() + QUOTA_RECHECK,
         };
         // Live containers first, so a departure that shares a cgroup with one leaves the
         // cost with it; then the departures, whose slots survived in the pinned maps.
@@ -164,6 +175,10 @@ impl Accounting {
 
     fn publish(&mut self) {
         let snapshot = self.observer.tick();
+        if self.cpumax.is_some() && Instant::now() >= self.next_quota_check {
+            self.next_quota_check = Instant::now() + QUOTA_RECHECK;
+            self.find_new_quotas();
+        }
         if let Some((cpumax, early_drop)) = &mut self.cpumax {
             let now = Instant::now();
             let observer = &self.observer;
@@ -205,6 +220,13 @@ impl Accounting {
         });
         if let Some((cpumax, early_drop)) = &mut self.cpumax {
             if container.registered_by == 0 {
+                if quota.is_none() {
+                    let path = reg.cpu_cgroup_path.as_deref().unwrap_or(&reg.cgroup_path);
+                    self.unquoted.insert(
+                        (reg.id.clone(), reg.cgroup_id),
+                        (path.to_owned(), cgroup_level(&reg.cgroup_path)),
+                    );
+                }
                 cpumax.join(&reg.id, reg.cgroup_id, quota.clone());
                 early_drop.join(&reg.id, reg.cgroup_id, &reg.cgroup_path, &reg.annotations);
             } else {
@@ -222,8 +244,32 @@ impl Accounting {
         }
     }
 
+    /// Enforce on the containers that had no quota and have one now.
+    fn find_new_quotas(&mut self) {
+        let (Some(cpu), Some((cpumax, _))) = (self.enforce_in.as_ref(), self.cpumax.as_mut())
+        else {
+            return;
+        };
+        let mut found = Vec::new();
+        for ((id, cgroup_id), (path, level)) in &self.unquoted {
+            if let Some(quota) = quota_dir(cpu, path) {
+                tracing::info!(id, quota_cgroup = %quota.1.display(), "a CFS quota appeared above the container: cpumax enforces on it from now");
+                cpumax.join(id, *cgroup_id, Some(quota.clone()));
+                found.push(((id.clone(), *cgroup_id), *level, quota.0));
+            }
+        }
+        for (key, level, group) in found {
+            self.unquoted.remove(&key);
+            // Already added at its level: this routes its pending cost to the group.
+            if let Err(e) = self.observer.add(key.1, level, Some(group)) {
+                tracing::error!(id = %key.0, "{e}");
+            }
+        }
+    }
+
     fn removed(&mut self, departure: Departure) {
         let reg = &departure.container.registration;
+        self.unquoted.remove(&(reg.id.clone(), reg.cgroup_id));
         if let Some((cpumax, early_drop)) = &mut self.cpumax {
             early_drop.leave(&mut self.observer, &reg.id, reg.cgroup_id);
             cpumax.leave(&reg.id, reg.cgroup_id);

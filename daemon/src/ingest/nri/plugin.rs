@@ -61,7 +61,7 @@ pub enum SessionError {
 #[derive(Debug)]
 enum Work {
     Synchronize(SynchronizeRequest),
-    Event(StateChangeEvent),
+    Event(Box<StateChangeEvent>),
 }
 
 /// Serve NRI until the task is aborted: wait for the socket, connect, register, and
@@ -228,7 +228,7 @@ fn plugin_service(work: mpsc::UnboundedSender<Work>) -> Service {
     methods.insert(
         "StateChange".into(),
         method(move |bytes| {
-            let _ = work.send(Work::Event(StateChangeEvent::decode(bytes)?));
+            let _ = work.send(Work::Event(Box::new(StateChangeEvent::decode(bytes)?)));
             Ok(Empty {}.encode_to_vec())
         }),
     );
@@ -265,6 +265,7 @@ async fn worker(mut work: mpsc::UnboundedReceiver<Work>, registry: Arc<Registry>
                 synchronize(&registry, &mounts, &pods, all_containers).await;
             }
             Work::Event(change) => {
+                let change = *change;
                 if let Some(pod) = &change.pod {
                     pods.insert(pod.id.clone(), pod.clone());
                 }
