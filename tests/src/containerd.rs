@@ -22,6 +22,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+use crate::{orphaned_fixtures, write_fixture_owner};
 use cri::image_service_client::ImageServiceClient;
 use cri::runtime_service_client::RuntimeServiceClient;
 pub use k8s_cri::v1 as cri;
@@ -260,10 +262,7 @@ impl Containerd {
         let runc_root = d.join("runc");
         std::fs::write(&config, config_toml(d, &runc_root))?;
         let cgroup_parent = format!("/{}", unique("dove-test-ctd"));
-        std::fs::write(
-            d.join(OWNER),
-            format!("{}\n{cgroup_parent}\n", std::process::id()),
-        )?;
+        write_fixture_owner(d, &[&cgroup_parent])?;
         let mut ctd = Self {
             child: None,
             bin_dir: pkg.join("usr/bin"),
@@ -734,37 +733,14 @@ impl Containerd {
     }
 }
 
-/// The file naming the test process that owns a fixture directory, and its cgroup
-/// parent: what [`reap_stale`] needs when that process was killed before its drops ran.
-const OWNER: &str = "owner";
-
 /// Clean up after fixtures whose test process died without dropping them (a test binary
 /// killed by a timeout): their containerd, shims, containers, mounts, cgroups and
 /// directory.
 fn reap_stale() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let dir = e.path();
-        if !e.file_name().to_string_lossy().starts_with("dove-ctd-") {
-            continue;
-        }
-        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER)) else {
+    for (dir, owner) in orphaned_fixtures("dove-ctd-") {
+        let Some(parent) = owner.first() else {
             continue;
         };
-        let mut lines = owner.lines();
-        let (Some(Ok(pid)), Some(parent)) = (lines.next().map(str::parse::<u32>), lines.next())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        eprintln!(
-            "containerd fixture: cleaning up {} (its test process {pid} is gone)",
-            dir.display()
-        );
         // Its containerd, found by its configuration file.
         let config = dir.join("config.toml");
         for pid in processes_with_args(|args| {

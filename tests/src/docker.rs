@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{bin, remove_cgroup_tree, unique};
+use crate::{bin, orphaned_fixtures, remove_cgroup_tree, unique, write_fixture_owner};
 
 /// The directory `scripts/docker.sh` unpacked Docker into (it fetches it the first time).
 pub fn docker_dir() -> Result<PathBuf> {
@@ -471,51 +471,21 @@ fn clean_up(dir: &Path, cgroup_parent: &str, interfaces: &[String]) {
 
 /// Fixture directories are `$TMPDIR/dove-docker-*`.
 const PREFIX: &str = "dove-docker-";
-/// The file naming the test process that owns a fixture directory, its cgroup parent
-/// and its bridges: what [`reap_stale`] needs when that process was killed before its
-/// drops ran.
-const OWNER: &str = "owner";
-
 fn write_owner(dir: &Path, cgroup_parent: &str, interfaces: &[String]) -> Result<()> {
-    let mut text = format!("{}\n{cgroup_parent}\n", std::process::id());
-    for i in interfaces {
-        text.push_str(i);
-        text.push('\n');
-    }
-    std::fs::write(dir.join(OWNER), text)?;
-    Ok(())
+    let mut lines = vec![cgroup_parent];
+    lines.extend(interfaces.iter().map(String::as_str));
+    write_fixture_owner(dir, &lines)
 }
 
 /// Clean up after fixtures whose test process died without dropping them (a test binary
 /// killed by a timeout): their dockerd and everything [`clean_up`] removes, and the
 /// directory.
 fn reap_stale() {
-    for e in std::fs::read_dir(std::env::temp_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if !e.file_name().to_string_lossy().starts_with(PREFIX) {
-            continue;
-        }
-        let dir = e.path();
-        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER)) else {
+    for (dir, owner) in orphaned_fixtures(PREFIX) {
+        let Some((parent, interfaces)) = owner.split_first() else {
             continue;
         };
-        let mut lines = owner.lines();
-        let (Some(Ok(pid)), Some(parent)) = (lines.next().map(str::parse::<u32>), lines.next())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        eprintln!(
-            "docker fixture: cleaning up {} (its test process {pid} is gone)",
-            dir.display()
-        );
-        let interfaces: Vec<String> = lines.map(str::to_owned).collect();
-        clean_up(&dir, parent, &interfaces);
+        clean_up(&dir, parent, interfaces);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1208,3 +1208,54 @@ pub fn udp_drops(ns: &str) -> u64 {
         .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
         .sum()
 }
+
+/// The file in a fixture's temporary directory naming the test process that owns it and
+/// what its cleanup needs (a cgroup parent, interfaces): written when the fixture starts,
+/// so the next fixture can clean up after a test process killed before its drops ran.
+pub const FIXTURE_OWNER: &str = "owner";
+
+/// Record the owner of fixture directory `dir`: this process, then `lines`.
+pub fn write_fixture_owner(dir: &Path, lines: &[&str]) -> Result<()> {
+    let mut text = format!("{}\n", std::process::id());
+    for line in lines {
+        text.push_str(line);
+        text.push('\n');
+    }
+    std::fs::write(dir.join(FIXTURE_OWNER), text)?;
+    Ok(())
+}
+
+/// Fixture directories under the temporary directory whose name starts with `prefix` and
+/// whose owning test process is gone, with the lines recorded after its pid.
+pub fn orphaned_fixtures(prefix: &str) -> Vec<(PathBuf, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .filter_map(|e| {
+            let owner = std::fs::read_to_string(e.path().join(FIXTURE_OWNER)).ok()?;
+            let mut lines = owner.lines();
+            let pid: u32 = lines.next()?.parse().ok()?;
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                return None;
+            }
+            eprintln!(
+                "cleaning up fixture {} (its test process {pid} is gone)",
+                e.path().display()
+            );
+            Some((e.path(), lines.map(str::to_owned).collect()))
+        })
+        .collect()
+}
+
+/// A container's cpumax state in doved's stats.
+pub fn quota_state(daemon: &TempDaemon, id: &str) -> Option<dove_proto::QuotaState> {
+    daemon
+        .stats()
+        .containers
+        .into_iter()
+        .find(|c| c.id == id)
+        .and_then(|c| c.quota)
+}

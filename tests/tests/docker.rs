@@ -14,15 +14,6 @@ use dove_tests::*;
 
 const IMAGE: &str = "dove-busybox:test";
 
-fn quota_state(daemon: &TempDaemon, id: &str) -> Option<dove_proto::QuotaState> {
-    daemon
-        .stats()
-        .containers
-        .into_iter()
-        .find(|c| c.id == id)
-        .and_then(|c| c.quota)
-}
-
 /// Whether a containerd shim for container `id` runs.
 fn shim_running(id: &str) -> bool {
     std::fs::read_dir("/proc")

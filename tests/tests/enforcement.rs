@@ -160,15 +160,6 @@ fn flood(net: &NetPair, ctr: &TestCgroup, port: u16, seconds: f64) -> (KillOnDro
     (KillOnDrop(sender), KillOnDrop(sink))
 }
 
-fn quota_state(daemon: &TempDaemon, id: &str) -> Option<dove_proto::QuotaState> {
-    daemon
-        .stats()
-        .containers
-        .into_iter()
-        .find(|c| c.id == id)
-        .and_then(|c| c.quota)
-}
-
 /// The controller lowers a container's quota while its traffic costs softirq time and
 /// gives it back when the cost stops, holding the container's own CPU plus its softirq
 /// cost near its quota; a quota someone else sets meanwhile becomes the base; the base
