@@ -192,3 +192,54 @@ fn create_container_latency_with_and_without_the_plugin() {
     ctd.stop_pod_sandbox(&pod).unwrap();
     ctd.remove_pod_sandbox(&pod).unwrap();
 }
+
+/// In cpumax mode, a CPU limit the kubelet sets or resizes through CRI
+/// (UpdateContainerResources, as an in-place resize does) becomes the base doved works
+/// from: doved adopts what the orchestrator writes and never writes it back.
+#[test]
+fn a_cri_resize_becomes_the_base_cpumax_works_from() {
+    if !require_root("a_cri_resize_becomes_the_base_cpumax_works_from") {
+        return;
+    }
+    let ctd = Containerd::start().unwrap();
+    let daemon = TempDaemon::with_observer_config(
+        &format!(
+            "[nri]\nenabled = true\nsocket = \"{}\"\n",
+            ctd.nri_socket().display()
+        ),
+        "cpumax",
+    )
+    .unwrap();
+    wait_registered(&daemon, &ctd, 1);
+    let pod = ctd.run_pod_sandbox("api-0", "shop", "uid-api-0").unwrap();
+    let app = ctd
+        .create_container(
+            &pod,
+            &ContainerSpec::busybox("api", &["sleep", "600"]).cpu_limit(50_000, 100_000),
+        )
+        .unwrap();
+    ctd.start_container(&app).unwrap();
+    let base = || quota_state(&daemon, &app).map(|q| q.base_quota_us);
+    wait_until("the CPU limit is the base", &daemon, &ctd, || {
+        base() == Some(50_000)
+    });
+    let mut resized = dove_tests::containerd::cri::LinuxContainerResources {
+        cpu_quota: 80_000,
+        cpu_period: 100_000,
+        ..Default::default()
+    };
+    ctd.update_container_resources(&app, resized.clone())
+        .unwrap();
+    wait_until("the resize is adopted", &daemon, &ctd, || {
+        base() == Some(80_000)
+    });
+    resized.cpu_quota = 30_000;
+    ctd.update_container_resources(&app, resized).unwrap();
+    wait_until("a second resize is adopted", &daemon, &ctd, || {
+        base() == Some(30_000)
+    });
+    ctd.stop_container(&app, 1).unwrap();
+    ctd.remove_container(&app).unwrap();
+    ctd.stop_pod_sandbox(&pod).unwrap();
+    ctd.remove_pod_sandbox(&pod).unwrap();
+}
