@@ -220,12 +220,13 @@ impl Accounting {
         });
         if let Some((cpumax, early_drop)) = &mut self.cpumax {
             if container.registered_by == 0 {
-                if quota.is_none() {
+                let key = (reg.id.clone(), reg.cgroup_id);
+                if quota.is_some() {
+                    self.unquoted.remove(&key);
+                } else {
                     let path = reg.cpu_cgroup_path.as_deref().unwrap_or(&reg.cgroup_path);
-                    self.unquoted.insert(
-                        (reg.id.clone(), reg.cgroup_id),
-                        (path.to_owned(), cgroup_level(&reg.cgroup_path)),
-                    );
+                    self.unquoted
+                        .insert(key, (path.to_owned(), cgroup_level(&reg.cgroup_path)));
                 }
                 cpumax.join(&reg.id, reg.cgroup_id, quota.clone());
                 early_drop.join(&reg.id, reg.cgroup_id, &reg.cgroup_path, &reg.annotations);
@@ -350,6 +351,8 @@ fn bill(departure: &Departure, cost: &Cost) -> Bill {
         total_ns: cost.total_ns,
         rx_packets: cost.rx_packets,
         tx_packets: cost.tx_packets,
-        kubernetes: dove_proto::kubernetes_names(&reg.annotations),
+        kubernetes: (departure.container.registered_by == 0)
+            .then(|| dove_proto::kubernetes_names(&reg.annotations))
+            .flatten(),
     }
 }

@@ -127,7 +127,10 @@ impl Telemetry {
                     .unwrap_or_default(),
                 quota: state.quotas.get(&c.registration.id).cloned(),
                 early_drop: state.early_drop.get(&c.registration.id).cloned(),
-                kubernetes: dove_proto::kubernetes_names(&c.registration.annotations),
+                // A non-root peer (rootless mode) could name any tenant's pod.
+                kubernetes: (c.registered_by == 0)
+                    .then(|| dove_proto::kubernetes_names(&c.registration.annotations))
+                    .flatten(),
                 id: c.registration.id,
                 cgroup_path: c.registration.cgroup_path,
                 cgroup_id: c.registration.cgroup_id,

@@ -33,7 +33,12 @@ pub const EVENTS: [u32; 4] = [
     event::REMOVE_POD_SANDBOX,
 ];
 const FIRST_RETRY: Duration = Duration::from_millis(500);
-const LAST_RETRY: Duration = Duration::from_secs(30);
+/// Containers started while doved is not connected are registered only at the next
+/// Synchronize: keep that gap short.
+const LAST_RETRY: Duration = Duration::from_secs(5);
+/// A runtime that accepted the registration but never synchronizes (a Synchronize it
+/// considered failed) never sends events either: reconnect after this long.
+const SYNCHRONIZE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the runtime may take to answer `RegisterPlugin`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A session that lasted this long was healthy: the next reconnect starts from
@@ -60,6 +65,8 @@ pub enum SessionError {
 /// A call of the runtime's, for the worker.
 #[derive(Debug)]
 enum Work {
+    /// A new connection: a synchronisation split over calls on an old one is void.
+    Session,
     Synchronize(SynchronizeRequest),
     Event(Box<StateChangeEvent>),
 }
@@ -113,7 +120,9 @@ async fn session(
     settings: &Settings,
     work: mpsc::UnboundedSender<Work>,
 ) -> Result<(), SessionError> {
-    let (plugin_conn, runtime_conn, closed) = mux::split(stream);
+    let (plugin_conn, runtime_conn, mut closed) = mux::split(stream);
+    let _ = work.send(Work::Session);
+    let (synchronized_tx, synchronized) = tokio::sync::oneshot::channel();
     // The runtime may call Configure before it answers RegisterPlugin: serve first.
     let mut server = Server::new()
         .add_listener(transport::Listener::new(futures_util::stream::iter([
@@ -121,7 +130,7 @@ async fn session(
         ])))
         .register_service(HashMap::from([(
             PLUGIN_SERVICE.to_owned(),
-            plugin_service(work),
+            plugin_service(work, synchronized_tx),
         )]));
     server.start().await.map_err(SessionError::Server)?;
     let client = Client::new(transport::Socket::new(runtime_conn));
@@ -152,13 +161,26 @@ async fn session(
         settings.index,
         settings.name
     );
+    tokio::select! {
+        _ = &mut closed => return Ok(()),
+        seen = tokio::time::timeout(SYNCHRONIZE_TIMEOUT, synchronized) => {
+            if !matches!(seen, Ok(Ok(()))) {
+                return Err(SessionError::Register(format!(
+                    "the runtime did not synchronize within {SYNCHRONIZE_TIMEOUT:?} of the registration, so it would send no events"
+                )));
+            }
+        }
+    }
     // Both ends of the multiplexer end with the socket.
     let _ = closed.await;
     drop(server);
     Ok(())
 }
 
-/// A method: decode the request, answer with the bytes `answer` makes of it.
+/// A method: decode the request, answer with the bytes `answer` makes of it. An error
+/// is logged and answered OK with an empty message: the runtime fails a container's
+/// start on an event a plugin refuses, and drops a plugin whose Synchronize failed from
+/// its event list without closing the connection.
 struct Method<F>(F);
 
 #[async_trait::async_trait]
@@ -178,11 +200,9 @@ where
                 response.payload = payload;
             }
             Err(e) => {
-                tracing::warn!(method = %req.method, "NRI: an undecodable request: {e}");
-                response.set_status(ttrpc::get_status(
-                    ttrpc::Code::INVALID_ARGUMENT,
-                    format!("dove: undecodable {}: {e}", req.method),
-                ));
+                tracing::warn!(method = %req.method, "NRI: an undecodable request, ignored: {e}");
+                response.set_status(ttrpc::get_status(ttrpc::Code::OK, ""));
+                response.payload = Empty {}.encode_to_vec();
             }
         }
         Ok(response)
@@ -198,7 +218,11 @@ where
 
 /// The `Plugin` service. Calls DOVE does not subscribe to are answered with no
 /// adjustments and no updates (an empty message), in case a runtime calls them anyway.
-fn plugin_service(work: mpsc::UnboundedSender<Work>) -> Service {
+fn plugin_service(
+    work: mpsc::UnboundedSender<Work>,
+    synchronized: tokio::sync::oneshot::Sender<()>,
+) -> Service {
+    let synchronized = std::sync::Mutex::new(Some(synchronized));
     let mut methods: HashMap<String, Box<dyn MethodHandler + Send + Sync>> = HashMap::new();
     methods.insert(
         "Configure".into(),
@@ -221,6 +245,13 @@ fn plugin_service(work: mpsc::UnboundedSender<Work>) -> Service {
         method(move |bytes| {
             let request = SynchronizeRequest::decode(bytes)?;
             let more = request.more;
+            if let Some(tx) = synchronized
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                let _ = tx.send(());
+            }
             let _ = sync_work.send(Work::Synchronize(request));
             Ok(SynchronizeResponse { more }.encode_to_vec())
         }),
@@ -253,6 +284,7 @@ async fn worker(mut work: mpsc::UnboundedReceiver<Work>, registry: Arc<Registry>
     let mut synchronizing: Option<(Vec<PodSandbox>, Vec<Container>)> = None;
     while let Some(item) = work.recv().await {
         match item {
+            Work::Session => synchronizing = None,
             Work::Synchronize(request) => {
                 let (all_pods, all_containers) = synchronizing.get_or_insert_with(Default::default);
                 all_pods.extend(request.pods);
@@ -373,8 +405,11 @@ async fn register(
         }
     };
     if let Some(known) = registry.find(&container.id) {
+        // The same cgroup, registered by the hook (CRI-O runs both; its registration has
+        // the bundle and the OCI annotations) or by NRI with the same names: kept.
+        let ours = known.registration.stage.as_deref() == Some(STAGE);
         if known.registration.cgroup_id == registration.cgroup_id
-            && known.registration.annotations == registration.annotations
+            && (!ours || known.registration.annotations == registration.annotations)
         {
             return false;
         }

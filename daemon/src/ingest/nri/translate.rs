@@ -29,8 +29,39 @@ pub fn registration_of(
         .as_ref()
         .map(|l| l.cgroups_path.clone())
         .filter(|p| !p.is_empty());
-    let resolved = mounts.resolve_container(proc_root, pid, || configured, &container.id)?;
-    let mut annotations = BTreeMap::new();
+    let by_config = configured.as_ref().and_then(|path| {
+        mounts
+            .resolve_container(proc_root, None, || Some(path.clone()), &container.id)
+            .ok()
+    });
+    let resolved = match (pid, by_config) {
+        // The pid is the runtime's word, and a sandboxed runtime's pid (a VMM's) or a pid
+        // reused since lies elsewhere: trusted only inside the container's own cgroup.
+        (Some(_), Some(by_config)) => {
+            match mounts.resolve_container(proc_root, pid, || None, &container.id) {
+                Ok(by_pid) if within(&by_pid, &by_config) => by_pid,
+                Ok(by_pid) => {
+                    tracing::warn!(
+                        id = %container.id,
+                        pid = ?pid,
+                        pid_cgroup = %by_pid.cgroup_path,
+                        configured = %by_config.cgroup_path,
+                        "NRI: the container's pid is not in its configured cgroup: the configured one is registered"
+                    );
+                    by_config
+                }
+                Err(_) => by_config,
+            }
+        }
+        _ => mounts.resolve_container(proc_root, pid, || configured, &container.id)?,
+    };
+    // The runtime's annotations for DOVE (`io.dove.early-drop`), as the hook passes them.
+    let mut annotations: BTreeMap<String, String> = container
+        .annotations
+        .iter()
+        .filter(|(key, _)| key.starts_with("io.dove.") && !key.starts_with("io.dove.nri."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     if let Some(pod) = pod {
         annotations.insert(POD_NAME.to_owned(), pod.name.clone());
         annotations.insert(POD_NAMESPACE.to_owned(), pod.namespace.clone());
@@ -48,6 +79,21 @@ pub fn registration_of(
         stage: Some(super::plugin::STAGE.to_owned()),
         bundle: None,
     })
+}
+
+/// Whether `by_pid` is `by_config`'s cgroup or below it, in the hierarchy the configured
+/// path names (the `cpu` one on a hybrid host, where a runtime may leave the process
+/// elsewhere in cgroup v2).
+fn within(by_pid: &dove_cgroup::Resolved, by_config: &dove_cgroup::Resolved) -> bool {
+    let (inner, outer) = match (&by_pid.cpu_cgroup_path, &by_config.cpu_cgroup_path) {
+        (Some(inner), Some(outer)) => (inner.as_str(), outer.as_str()),
+        _ => (by_pid.cgroup_path.as_str(), by_config.cgroup_path.as_str()),
+    };
+    inner == outer
+        || outer == "/"
+        || inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 #[cfg(test)]
