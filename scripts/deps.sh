@@ -50,9 +50,10 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
-# containerd 1.7 with NRI (Debian trixie's, unpacked under /var/cache/dove, not
-# installed) for the NRI integration tests.
-bash "$(dirname "$0")/containerd.sh" >/dev/null
+# containerd with NRI for the NRI integration tests, both series (unpacked under
+# /var/cache/dove, not installed): 1.7 from Debian trixie, 2.x from Debian sid.
+bash "$(dirname "$0")/containerd.sh" 1 >/dev/null
+bash "$(dirname "$0")/containerd.sh" 2 >/dev/null
 
 # Docker 20.10 (Debian bookworm's docker.io with its containerd and tini, unpacked under
 # /var/cache/dove, not installed) for the Docker integration tests.

@@ -1,6 +1,9 @@
-//! A real containerd (Debian trixie's 1.7, unpacked by `scripts/containerd.sh`) with NRI
-//! enabled, driven through CRI as the kubelet would: the fixture for the NRI plugin's
-//! integration tests.
+//! A real containerd with NRI enabled, driven through CRI as the kubelet would: the
+//! fixture for the NRI plugin's integration tests. Two series, unpacked by
+//! `scripts/containerd.sh` ([`Major`]): Debian trixie's 1.7 ([`Containerd::start`]; NRI
+//! 0.6, configuration `version = 2`, NRI enabled by the configuration) and Debian sid's
+//! 2.x (`Containerd::start_version(Major::Two)`; NRI 0.8, configuration `version = 3` with
+//! CRI split into its runtime, images and gRPC plugins, NRI on by default).
 //!
 //! Everything it runs is private to one fixture: root, state, the gRPC, ttrpc and NRI
 //! sockets, runc's state root, the CNI and registry directories (empty: pods use the host
@@ -98,9 +101,49 @@ impl ContainerState {
     }
 }
 
+/// A containerd series: where its package comes from and which configuration format it
+/// reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Major {
+    /// 1.7, from Debian trixie: `version = 2`, NRI disabled unless configured.
+    One,
+    /// 2.x, from Debian sid: `version = 3`, NRI enabled by default.
+    Two,
+}
+
+impl Major {
+    /// The version's first number, also `scripts/containerd.sh`'s argument.
+    pub fn number(self) -> u32 {
+        match self {
+            Major::One => 1,
+            Major::Two => 2,
+        }
+    }
+
+    /// The Debian suite `scripts/containerd.sh` fetches the series from.
+    pub fn suite(self) -> &'static str {
+        match self {
+            Major::One => "trixie",
+            Major::Two => "sid",
+        }
+    }
+
+    /// The variable naming an unpacked package of the series, overriding the script.
+    pub fn dir_variable(self) -> &'static str {
+        match self {
+            Major::One => "DOVE_CONTAINERD_DIR",
+            Major::Two => "DOVE_CONTAINERD2_DIR",
+        }
+    }
+}
+
 /// A containerd with NRI and CRI on private sockets; see the module documentation.
 pub struct Containerd {
     child: Option<Child>,
+    /// The series it belongs to.
+    pub major: Major,
+    /// What `containerd --version` says its version is (e.g. `2.1.9+unknown`).
+    pub version: String,
     /// Everything the fixture writes (root, state, sockets, log, images).
     pub dir: tempfile::TempDir,
     /// The unpacked package's `usr/bin` (containerd, ctr, containerd-shim-runc-v2).
@@ -124,15 +167,18 @@ pub struct Containerd {
     pods: Mutex<HashMap<String, cri::PodSandboxConfig>>,
 }
 
-/// The directory of an unpacked containerd package: `DOVE_CONTAINERD_DIR` if set, else
-/// what `scripts/containerd.sh` prints (the newest version under
-/// /var/cache/dove/containerd, fetched from Debian trixie first if there is none).
-pub fn containerd_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("DOVE_CONTAINERD_DIR") {
+/// The directory of an unpacked containerd package of series `major`: its
+/// [`Major::dir_variable`] (`DOVE_CONTAINERD_DIR`, `DOVE_CONTAINERD2_DIR`) if set, else
+/// what `scripts/containerd.sh <major>` prints (the newest version of the series under
+/// /var/cache/dove/containerd, fetched from the series' Debian suite first if there is
+/// none).
+pub fn containerd_dir(major: Major) -> Result<PathBuf> {
+    let variable = major.dir_variable();
+    if let Some(dir) = std::env::var_os(variable) {
         let dir = PathBuf::from(dir);
         anyhow::ensure!(
             dir.join("usr/bin/containerd").exists(),
-            "DOVE_CONTAINERD_DIR={} holds no usr/bin/containerd",
+            "{variable}={} holds no usr/bin/containerd",
             dir.display()
         );
         return Ok(dir);
@@ -140,6 +186,7 @@ pub fn containerd_dir() -> Result<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/containerd.sh");
     let out = Command::new("bash")
         .arg(&script)
+        .arg(major.number().to_string())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -147,14 +194,27 @@ pub fn containerd_dir() -> Result<PathBuf> {
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if !out.status.success() || !dir.join("usr/bin/containerd").exists() {
         bail!(
-            "no containerd: {} failed ({}). It fetches Debian trixie's containerd into \
+            "no containerd {}.x: {} {} failed ({}). It fetches Debian {}'s containerd into \
              /var/cache/dove/containerd (as root, from deb.debian.org); run it (or \
-             scripts/deps.sh), or set DOVE_CONTAINERD_DIR to an unpacked containerd package",
+             scripts/deps.sh), or set {variable} to an unpacked containerd package",
+            major.number(),
             script.display(),
-            out.status
+            major.number(),
+            out.status,
+            major.suite()
         );
     }
     Ok(dir)
+}
+
+/// The version `containerd --version` prints (its third word: `containerd
+/// github.com/containerd/containerd/v2 2.1.9+unknown`).
+fn containerd_version(containerd: &Path) -> Result<String> {
+    let out = run(Command::new(containerd).arg("--version"))?;
+    out.split_whitespace()
+        .nth(2)
+        .map(str::to_owned)
+        .with_context(|| format!("{} --version printed {out:?}", containerd.display()))
 }
 
 /// The runc the shims run: `DOVE_CONTAINERD_RUNC` (e.g. a wrapper that logs), else
@@ -165,8 +225,17 @@ pub fn runc() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/sbin/runc"))
 }
 
-/// containerd's configuration: everything under `d`, NRI on, CRI without CNI or registry.
-fn config_toml(d: &Path, runc_root: &Path) -> String {
+/// containerd's configuration in the format of series `major`: everything under `d`,
+/// NRI on, CRI without CNI or registry.
+fn config_toml(major: Major, d: &Path, runc_root: &Path) -> String {
+    match major {
+        Major::One => config_toml_1(d, runc_root),
+        Major::Two => config_toml_2(d, runc_root),
+    }
+}
+
+/// containerd 1.7's configuration (`version = 2`).
+fn config_toml_1(d: &Path, runc_root: &Path) -> String {
     let d = d.display();
     let runc_root = runc_root.display();
     let runc = runc().display().to_string();
@@ -238,10 +307,110 @@ disabled_plugins = [
     )
 }
 
+/// containerd 2.x's configuration (`version = 3`): CRI is three plugins (the runtime, the
+/// images, the gRPC service), the sandbox image is pinned in the images plugin, NRI is
+/// enabled by default (only its paths are set). Everything 1.7 has none of is private
+/// too: the temp directory, CDI (off), the image verifiers, the transfer service's
+/// registry hosts.
+fn config_toml_2(d: &Path, runc_root: &Path) -> String {
+    let d = d.display();
+    let runc_root = runc_root.display();
+    let runc = runc().display().to_string();
+    format!(
+        r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+temp = "{d}/tmp"
+# Snapshotters this host cannot have (erofs needs mkfs.erofs), tracing.
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.differ.v1.erofs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{d}/run/containerd.sock"
+[ttrpc]
+  address = "{d}/run/containerd.sock.ttrpc"
+[debug]
+  address = ""
+  level = "info"
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+[plugins."io.containerd.image-verifier.v1.bindir"]
+  bin_dir = "{d}/image-verifier"
+[plugins."io.containerd.transfer.v1.local"]
+  config_path = "{d}/certs.d"
+
+# On by default (`disable = false`, `disable_connections = false`).
+[plugins."io.containerd.nri.v1.nri"]
+  socket_path = "{d}/run/nri.sock"
+  plugin_path = "{d}/nri/plugins"
+  plugin_config_path = "{d}/nri/conf"
+  plugin_registration_timeout = "5s"
+  plugin_request_timeout = "2s"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{PAUSE_IMAGE}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{d}/certs.d"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  enable_selinux = false
+  disable_apparmor = true
+  # CRI gives a sandbox oom_score_adj -998; lowering it needs CAP_SYS_RESOURCE, which
+  # some hosts (and CI sandboxes) withhold even from root: runc's init then fails with
+  # "can't get final child's PID from pipe". Never below containerd's own score.
+  restrict_oom_score_adj = true
+  enable_cdi = false
+  cdi_spec_dirs = ["{d}/cdi"]
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "{runc}"
+        Root = "{runc_root}"
+        SystemdCgroup = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{d}/cni/bin"]
+    conf_dir = "{d}/cni/net.d"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"#
+    )
+}
+
 impl Containerd {
-    /// Start containerd, wait until CRI answers and import the pause and busybox images.
+    /// Start containerd 1.7 ([`Major::One`]); see [`Containerd::start_version`].
     pub fn start() -> Result<Self> {
-        let pkg = containerd_dir()?;
+        Self::start_version(Major::One)
+    }
+
+    /// Start a containerd of series `major`, wait until CRI answers and import the pause
+    /// and busybox images.
+    pub fn start_version(major: Major) -> Result<Self> {
+        let pkg = containerd_dir(major)?;
+        let version = containerd_version(&pkg.join("usr/bin/containerd"))?;
+        anyhow::ensure!(
+            version.starts_with(&format!("{}.", major.number())),
+            "{} holds containerd {version}, not of the {}.x series",
+            pkg.display(),
+            major.number()
+        );
         reap_stale();
         let dir = tempfile::Builder::new().prefix("dove-ctd-").tempdir()?;
         let d = dir.path();
@@ -253,6 +422,8 @@ impl Containerd {
             "cni/bin",
             "cni/net.d",
             "certs.d",
+            "cdi",
+            "image-verifier",
             "tmp",
             "pods",
         ] {
@@ -260,11 +431,13 @@ impl Containerd {
         }
         let config = d.join("config.toml");
         let runc_root = d.join("runc");
-        std::fs::write(&config, config_toml(d, &runc_root))?;
+        std::fs::write(&config, config_toml(major, d, &runc_root))?;
         let cgroup_parent = format!("/{}", unique("dove-test-ctd"));
         write_fixture_owner(d, &[&cgroup_parent])?;
         let mut ctd = Self {
             child: None,
+            major,
+            version,
             bin_dir: pkg.join("usr/bin"),
             config,
             socket: d.join("run/containerd.sock"),
@@ -790,15 +963,8 @@ fn clean_up(dir: &Path, cgroup_parent: &str, mut shims: Vec<i32>) {
     while shims.iter().any(|&pid| alive(pid as u32)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let tasks = dir.join("state/io.containerd.runtime.v2.task/k8s.io");
-    if let Ok(entries) = std::fs::read_dir(&tasks) {
-        for e in entries.flatten() {
-            if let Ok(address) = std::fs::read_to_string(e.path().join("address")) {
-                if let Some(path) = address.trim().strip_prefix("unix://") {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-        }
+    for socket in shim_sockets(dir) {
+        let _ = std::fs::remove_file(socket);
     }
     // The pods' cgroups, in the unified hierarchy and every v1 one (TestCgroup's drop
     // kills what is left in them and removes them bottom-up).
@@ -809,6 +975,35 @@ fn clean_up(dir: &Path, cgroup_parent: &str, mut shims: Vec<i32>) {
         });
     }
     unmount_under(dir);
+}
+
+/// The sockets (in /run/containerd/s) of the shims serving the tasks of fixture directory
+/// `dir`, as their bundles name them: `bootstrap.json`'s `address` (containerd 2.x) or
+/// the `address` file (1.7).
+pub fn shim_sockets(dir: &Path) -> Vec<PathBuf> {
+    let tasks = dir.join("state/io.containerd.runtime.v2.task/k8s.io");
+    let Ok(bundles) = std::fs::read_dir(&tasks) else {
+        return Vec::new();
+    };
+    let mut sockets: Vec<PathBuf> = bundles
+        .flatten()
+        .filter_map(|bundle| {
+            let bootstrap = std::fs::read(bundle.path().join("bootstrap.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v.get("address")?.as_str().map(str::to_owned));
+            let address = bootstrap
+                .or_else(|| std::fs::read_to_string(bundle.path().join("address")).ok())?;
+            let address = address.trim();
+            Some(PathBuf::from(
+                address.strip_prefix("unix://").unwrap_or(address),
+            ))
+        })
+        .collect();
+    // A pod's containers share their sandbox's shim.
+    sockets.sort();
+    sockets.dedup();
+    sockets
 }
 
 /// The shims started by the containerd serving `socket` (their `-address`).

@@ -1,13 +1,14 @@
-//! The containerd fixture itself: a real containerd (Debian trixie's 1.7) with NRI on,
-//! driven through CRI. The NRI plugin's suites build on it; this checks that what they
-//! rely on holds on this host (a host-network pod and a busybox container run, land in the
-//! fixture's cgroup, take a CPU limit update, and go away) and reports how long it takes.
+//! The containerd fixture itself: a real containerd with NRI on, driven through CRI, of
+//! both series (Debian trixie's 1.7, Debian sid's 2.x). The NRI plugin's suites build on
+//! it; this checks that what they rely on holds on this host (a host-network pod and a
+//! busybox container run, land in the fixture's cgroup, take a CPU limit update, and go
+//! away) and reports how long it takes.
 //!
 //! Run: `sudo -E cargo test -p dove-tests --test containerd_fixture -- --nocapture`.
 
 use std::time::{Duration, Instant};
 
-use dove_tests::containerd::{alive, cri, ContainerSpec, Containerd};
+use dove_tests::containerd::{alive, cri, shim_sockets, ContainerSpec, Containerd, Major};
 use dove_tests::{require_root, serial, unique};
 
 /// The quota (µs per `PERIOD`) the container's CPU limit is read back as.
@@ -40,9 +41,27 @@ fn containerd_runs_a_pod_and_a_container_through_cri() {
     if !require_root("containerd_runs_a_pod_and_a_container_through_cri") {
         return;
     }
+    runs_a_pod_and_a_container(Major::One);
+}
+
+#[test]
+fn containerd_2_runs_a_pod_and_a_container_through_cri() {
+    if !require_root("containerd_2_runs_a_pod_and_a_container_through_cri") {
+        return;
+    }
+    runs_a_pod_and_a_container(Major::Two);
+}
+
+fn runs_a_pod_and_a_container(major: Major) {
     let _serial = serial();
     let begin = Instant::now();
-    let ctd = Containerd::start().expect("containerd starts and serves CRI");
+    let ctd = Containerd::start_version(major).expect("containerd starts and serves CRI");
+    assert!(
+        ctd.version.starts_with(&format!("{}.", major.number())),
+        "{major:?}: containerd {}",
+        ctd.version
+    );
+    let version = ctd.version.clone();
     let started = begin.elapsed();
     let (ready_in, images_in) = (ctd.started_in, ctd.images_in);
 
@@ -196,7 +215,7 @@ fn containerd_runs_a_pod_and_a_container_through_cri() {
     }
 
     eprintln!(
-        "containerd fixture: start {started:?} (CRI ready {ready_in:?}, images {images_in:?}); \
+        "containerd {version} fixture: start {started:?} (CRI ready {ready_in:?}, images {images_in:?}); \
          pod {pod_in:?}; container create {created_in:?}, start {started_in:?}; \
          update {updated_in:?}; \
          containerd restart {restart_in:?}; stop+remove {removed_in:?}; drop {dropped_in:?}; \
@@ -212,11 +231,23 @@ fn containerd_fixture_cleans_up_what_a_test_left() {
     if !require_root("containerd_fixture_cleans_up_what_a_test_left") {
         return;
     }
+    cleans_up_what_a_test_left(Major::One);
+}
+
+#[test]
+fn containerd_2_fixture_cleans_up_what_a_test_left() {
+    if !require_root("containerd_2_fixture_cleans_up_what_a_test_left") {
+        return;
+    }
+    cleans_up_what_a_test_left(Major::Two);
+}
+
+fn cleans_up_what_a_test_left(major: Major) {
     let _serial = serial();
     // `stop_containerd`: containerd is gone before the drop (as after a crash), so the
     // fixture cannot ask CRI and must clean up behind it.
     for stop_containerd in [false, true] {
-        let mut ctd = Containerd::start().expect("containerd starts");
+        let mut ctd = Containerd::start_version(major).expect("containerd starts");
         let pod = ctd
             .run_pod_sandbox("left", "dove-test", &unique("uid"))
             .unwrap();
@@ -227,18 +258,11 @@ fn containerd_fixture_cleans_up_what_a_test_left() {
         let pid = ctd.container_status(&id).unwrap().pid.unwrap();
         let shims = ctd.shim_pids();
         assert!(!shims.is_empty());
-        let shim_socket = std::fs::read_dir(
-            ctd.dir
-                .path()
-                .join("state/io.containerd.runtime.v2.task/k8s.io"),
-        )
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("address")).ok())
-        .map(|a| a.trim().trim_start_matches("unix://").to_owned())
-        .next()
-        .expect("the shim's address");
-        assert!(std::path::Path::new(&shim_socket).exists());
+        let shim_socket = shim_sockets(ctd.dir.path())
+            .into_iter()
+            .next()
+            .expect("the shim's address");
+        assert!(shim_socket.exists(), "{}", shim_socket.display());
         let (dir, parent) = (ctd.dir.path().to_owned(), ctd.cgroup_parent.clone());
         if stop_containerd {
             ctd.stop();
@@ -247,7 +271,7 @@ fn containerd_fixture_cleans_up_what_a_test_left() {
         let t = Instant::now();
         drop(ctd);
         eprintln!(
-            "drop with a running pod (containerd {}): {:?}",
+            "containerd {major:?}: drop with a running pod (containerd {}): {:?}",
             if stop_containerd {
                 "stopped"
             } else {
@@ -258,10 +282,7 @@ fn containerd_fixture_cleans_up_what_a_test_left() {
         for p in shims.iter().map(|p| *p as u32).chain([pid]) {
             assert!(!alive(p), "pid {p} killed");
         }
-        assert!(
-            !std::path::Path::new(&shim_socket).exists(),
-            "{shim_socket} removed"
-        );
+        assert!(!shim_socket.exists(), "{} removed", shim_socket.display());
         assert!(!dir.exists(), "{} removed", dir.display());
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mountinfo.contains(&*dir.to_string_lossy()), "{mountinfo}");

@@ -1,11 +1,12 @@
 //! doved's NRI plugin against a real containerd (Debian's, NRI enabled, driven through
 //! CRI as the kubelet drives it): containers are registered when created, with their pod
 //! and namespace as metric labels, and forgotten when removed; a doved restart and a
-//! containerd restart lose nothing; containerd never waits for an absent doved.
+//! containerd restart lose nothing; containerd never waits for an absent doved. The main
+//! test runs against both series: 1.7 (NRI 0.6) and 2.x (NRI 0.8, on by default).
 
 use std::time::{Duration, Instant};
 
-use dove_tests::containerd::{ContainerSpec, Containerd};
+use dove_tests::containerd::{ContainerSpec, Containerd, Major};
 use dove_tests::*;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -39,6 +40,18 @@ fn wait_registered(daemon: &TempDaemon, ctd: &Containerd, times: usize) {
     );
 }
 
+/// What containerd logged against doved's plugin (`50-dove`): a warning or an error naming
+/// it (an event it refused or could not deliver, a closed connection), or a failed
+/// synchronisation (logged without the plugin's name).
+fn plugin_complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            let serious = l.contains("level=warning") || l.contains("level=error");
+            (serious && l.contains("50-dove")) || l.contains("failed to synchronize plugin")
+        })
+        .collect()
+}
+
 fn registered(daemon: &TempDaemon, id: &str) -> bool {
     daemon.find(id).is_some()
 }
@@ -63,7 +76,27 @@ fn containers_of_a_real_containerd_are_registered_and_forgotten_through_nri() {
     if !require_root("containers_of_a_real_containerd_are_registered_and_forgotten_through_nri") {
         return;
     }
-    let mut ctd = Containerd::start().unwrap();
+    registered_and_forgotten(Major::One);
+}
+
+#[test]
+fn containers_of_a_real_containerd_2_are_registered_and_forgotten_through_nri() {
+    if !require_root("containers_of_a_real_containerd_2_are_registered_and_forgotten_through_nri") {
+        return;
+    }
+    registered_and_forgotten(Major::Two);
+}
+
+/// Registered at start with the Kubernetes names, forgotten at removal, across a doved
+/// restart (Synchronize) and a containerd restart (reconnection), on a containerd of
+/// series `major`.
+fn registered_and_forgotten(major: Major) {
+    let begin = Instant::now();
+    let mut ctd = Containerd::start_version(major).unwrap();
+    eprintln!(
+        "containerd {} started in {:?} (images {:?})",
+        ctd.version, ctd.started_in, ctd.images_in
+    );
     let mut daemon = nri_daemon(&ctd);
     wait_registered(&daemon, &ctd, 1);
 
@@ -145,6 +178,15 @@ fn containers_of_a_real_containerd_are_registered_and_forgotten_through_nri() {
     });
     ctd.stop_pod_sandbox(&pod).unwrap();
     ctd.remove_pod_sandbox(&pod).unwrap();
+    eprintln!("containerd {}: {:?} in all", ctd.version, begin.elapsed());
+    let log = ctd.log_text();
+    let complaints = plugin_complaints(&log);
+    assert!(
+        complaints.is_empty(),
+        "containerd {} complained about the plugin:\n{}",
+        ctd.version,
+        complaints.join("\n")
+    );
 }
 
 /// The round trip of CRI CreateContainer with doved's plugin connected against the same
