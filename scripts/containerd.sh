@@ -26,6 +26,11 @@ case "$major" in
 esac
 
 cache=/var/cache/dove
+# Tests running at once (and test.sh's fetch ahead) may all find the cache cold: one
+# fetches, the others wait for it (apt's package lists take one user at a time).
+mkdir -p "$cache"
+exec 9>"$cache/.containerd-$major.lock"
+flock 9
 lists=$cache/apt-$suite
 dest=$cache/containerd
 

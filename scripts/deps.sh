@@ -50,17 +50,5 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
-# containerd with NRI for the NRI integration tests, both series (unpacked under
-# /var/cache/dove, not installed): 1.7 from Debian trixie, 2.x from Debian sid.
-bash "$(dirname "$0")/containerd.sh" 1 >/dev/null
-bash "$(dirname "$0")/containerd.sh" 2 >/dev/null
-
-# Docker 20.10 (Debian bookworm's docker.io with its containerd and tini, unpacked under
-# /var/cache/dove, not installed) for the Docker integration tests.
-bash "$(dirname "$0")/docker.sh" >/dev/null
-
-# kubernetes-validate (PyPI) for the DaemonSet's schema check.
-bash "$(dirname "$0")/kubeval.sh" >/dev/null
-
 # Nightly + rust-src + bpf-linker for the eBPF programs (cached; see the script).
 bash "$(dirname "$0")/bpf-toolchain.sh" >/dev/null

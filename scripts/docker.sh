@@ -18,6 +18,11 @@
 set -euo pipefail
 
 cache=/var/cache/dove
+# Tests running at once (and test.sh's fetch ahead) may all find the cache cold: one
+# fetches, the others wait for it (apt's package lists take one user at a time).
+mkdir -p "$cache"
+exec 9>"$cache/.docker.lock"
+flock 9
 lists=$cache/apt-bookworm
 dest=$cache/docker
 packages=(docker.io containerd tini)

@@ -36,3 +36,4 @@ else
     for _ in $(seq 100); do dovectl status >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 dovectl status
+echo "install.sh: done in ${SECONDS} s"

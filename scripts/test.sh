@@ -5,31 +5,70 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
+# Each stage's wall time, printed as a table at the end (also when a stage fails), so a
+# slow CI run says where its minutes went.
+stages=()
+stage_started=$SECONDS
+stage_name="dependencies"
+stage() {
+    stages+=("$(printf '%6d s  %s' $((SECONDS - stage_started)) "$stage_name")")
+    stage_name="$1"
+    stage_started=$SECONDS
+    [ -z "$1" ] || echo "== $1"
+}
+stage_table() {
+    stage ""
+    echo "== stage times"
+    printf '%s\n' "${stages[@]}"
+    printf '%6d s  in all\n' "$SECONDS"
+}
+fixtures_pid=
+unmount_bpffs=no
+fixtures_log=
+on_exit() {
+    # The fetch runs in a session of its own: stop it with everything it started.
+    [ -z "$fixtures_pid" ] || kill -TERM -- "-$fixtures_pid" 2>/dev/null || true
+    [ -z "$fixtures_log" ] || rm -f "$fixtures_log"
+    stage_table
+    [ "$unmount_bpffs" = no ] || umount /sys/fs/bpf 2>/dev/null || true
+}
+trap on_exit EXIT
+
 bash scripts/deps.sh
 
 # doved mounts bpffs when the host has not; leave the host as we found it.
-if ! mountpoint -q /sys/fs/bpf; then
-    trap 'umount /sys/fs/bpf 2>/dev/null || true' EXIT
-fi
+mountpoint -q /sys/fs/bpf || unmount_bpffs=yes
 
-echo "== format and lints"
+# The test fixtures download and unpack while the code compiles.
+fixtures_log=$(mktemp /tmp/dove-fixtures.XXXXXX)
+setsid bash scripts/fixtures.sh > "$fixtures_log" 2>&1 < /dev/null &
+fixtures_pid=$!
+
+stage "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "== build (debug for the tests; release and the .deb/.rpm for the packaging tests)"
+stage "build (debug for the tests; release and the .deb/.rpm for the packaging tests)"
 cargo build --workspace --bins
 bash packaging/build.sh
 
-echo "== tests (unit + integration, as root)"
+stage "fixtures fetched in the background (containerd, Docker, Debian root and kernels, QEMU)"
+if ! wait $fixtures_pid; then
+    echo "test.sh: WARNING: a fixture could not be fetched; the tests that need it run its script again and fail naming it" >&2
+fi
+fixtures_pid=
+cat "$fixtures_log"
+
+stage "tests (unit + integration, as root)"
 cargo test --workspace -- --test-threads=4
 
-echo "== fuzz: frame decoder and hook state parser, 15 s each (scripts/fuzz.sh 600 for long runs)"
+stage "fuzz: frame decoder and hook state parser, 15 s each (scripts/fuzz.sh 600 for long runs)"
 bash scripts/fuzz.sh 15
 
-echo "== VM: patched kernel (cached build), KUnit, noisy-neighbour scenario under QEMU"
+stage "VM: patched kernel (cached build), KUnit, noisy-neighbour scenario under QEMU"
 bash tests/vm/run.sh
 
-echo "== benchmarks (print numbers; no pass/fail thresholds)"
+stage "benchmarks (print numbers; no pass/fail thresholds)"
 cargo bench -p dove-tests --bench hook_latency
 cargo bench -p dove-tests --bench observer_overhead
 cargo bench -p dove-tests --bench early_drop_placement

@@ -23,6 +23,10 @@ pub const RUNTIME_NAME: &str = "dove";
 pub const PACKAGED_RUNTIME: &str = "/usr/bin/dove-runtime";
 /// dove-runtime's default hook path (it passes no `--dove-hook` for this one).
 pub const PACKAGED_HOOK: &str = "/usr/bin/dove-hook";
+/// Where `install-runtime --default` writes down the `default-runtime` it replaced (per
+/// daemon.json), so that `remove-runtime` gives that one back: under DOVE's state
+/// directory, because dockerd refuses to start on a key of daemon.json it does not know.
+pub const DEFAULT_MEMO: &str = "/var/lib/dove/docker-default-runtime.json";
 
 /// A JSON value whose objects keep their keys in the file's order (serde_json's own
 /// `Value` sorts them unless a crate-wide feature is on).
@@ -354,8 +358,14 @@ pub struct Outcome {
 }
 
 /// Register `entry` under `runtimes`, and make it `default-runtime` when `make_default`.
-/// A `default-runtime` already naming it is kept either way.
-pub fn install_runtime(config: &Path, entry: &RuntimeEntry, make_default: bool) -> Result<Outcome> {
+/// A `default-runtime` already naming it is kept either way; one naming another runtime
+/// is written down in `memo` (see [`DEFAULT_MEMO`]) before the file changes.
+pub fn install_runtime(
+    config: &Path,
+    entry: &RuntimeEntry,
+    make_default: bool,
+    memo: &Path,
+) -> Result<Outcome> {
     let mut file = DaemonJson::load(config)?;
     let mut notes = Vec::new();
     let wanted = entry.json();
@@ -389,22 +399,35 @@ pub fn install_runtime(config: &Path, entry: &RuntimeEntry, make_default: bool) 
     }
     if make_default {
         let path = file.path.clone();
-        match get(&file.top, "default-runtime") {
-            Some(Json::String(d)) if *d == entry.name => {
+        match get(&file.top, "default-runtime").cloned() {
+            Some(Json::String(d)) if d == entry.name => {
                 notes.push(format!("default-runtime is already \"{}\"", entry.name))
             }
             current => {
-                if let Some(previous) = current {
-                    match previous.as_str() {
-                        Some(p) => notes.push(format!(
-                            "default-runtime was \"{p}\"; `dovectl docker remove-runtime` sets it back to Docker's own default (runc), not to \"{p}\""
-                        )),
-                        None => {
-                            return Err(invalid(
-                                &path,
-                                &format!("\"default-runtime\" is {}, not a string", previous.kind()),
-                            ))
-                        }
+                match current {
+                    None => {}
+                    // A default that is itself a dove-runtime (an older install under
+                    // another name) is not one to go back to: what was written down
+                    // before it stays.
+                    Some(Json::String(p)) if runtime_entry(&file, &p).is_some_and(wraps_dove) => {
+                        notes.push(format!(
+                            "default-runtime was \"{p}\", which runs dove-runtime too"
+                        ))
+                    }
+                    Some(Json::String(p)) => {
+                        let mut memos = Memo::load(memo)?;
+                        memos.remember(&path, &p);
+                        memos.save()?;
+                        notes.push(format!(
+                            "default-runtime was \"{p}\" (written down in {}): `dovectl docker remove-runtime` gives it back",
+                            memo.display()
+                        ));
+                    }
+                    Some(other) => {
+                        return Err(invalid(
+                            &path,
+                            &format!("\"default-runtime\" is {}, not a string", other.kind()),
+                        ))
                     }
                 }
                 set(&mut file.top, "default-runtime", entry.name.as_str().into());
@@ -417,6 +440,30 @@ pub fn install_runtime(config: &Path, entry: &RuntimeEntry, make_default: bool) 
         file.save()?;
     }
     Ok(Outcome { changed, notes })
+}
+
+/// The `runtimes` entry named `name`, if the file has one.
+fn runtime_entry<'a>(file: &'a DaemonJson, name: &str) -> Option<&'a Json> {
+    match get(&file.top, "runtimes") {
+        Some(Json::Object(r)) => get(r, name),
+        _ => None,
+    }
+}
+
+/// Whether an entry runs some dove-runtime, wherever it is installed: its `path` is a
+/// file called dove-runtime, or it passes dove-runtime's own `--dove-*` options.
+fn wraps_dove(value: &Json) -> bool {
+    let Json::Object(o) = value else {
+        return false;
+    };
+    let named = get(o, "path")
+        .and_then(Json::as_str)
+        .map(Path::new)
+        .and_then(Path::file_name)
+        == Some(std::ffi::OsStr::new("dove-runtime"));
+    let dove_args = matches!(get(o, "runtimeArgs"), Some(Json::Array(a))
+        if a.iter().filter_map(Json::as_str).any(|a| a.starts_with("--dove-")));
+    named || dove_args
 }
 
 /// Whether a runtime entry runs dove-runtime: its `path` is `runtime_path`, or it is
@@ -480,7 +527,8 @@ pub const ALIAS_ARG: &str = "--log-format=json";
 /// with it can still be started (dockerd refuses to start a container whose runtime name
 /// is unknown) and those running can still be stopped; with `delete` such entries, and
 /// one named `name`, are deleted instead (a `runtimes` emptied so stays, as `{}`). A `default-runtime`
-/// naming one of them becomes `"runc"`: written out, not deleted, because dockerd 20.10's
+/// naming one of them becomes the one `install-runtime` replaced (from `memo`) when the
+/// file still has it, else `"runc"`: written out, not deleted, because dockerd 20.10's
 /// reload keeps the old value of a key that is gone (it would go on starting containers
 /// with DOVE), and a default naming a runtime that a reload removed crashes it.
 /// A missing file, or one without DOVE, is left untouched.
@@ -489,6 +537,7 @@ pub fn remove_runtime(
     name: &str,
     runtime_path: &Path,
     delete: bool,
+    memo: &Path,
 ) -> Result<Outcome> {
     let mut file = DaemonJson::load(config)?;
     if file.meta.is_none() {
@@ -540,13 +589,56 @@ pub fn remove_runtime(
         }
         _ => false,
     };
+    // A memo that cannot be read costs only the old default, never the removal.
+    let mut memos = Memo::load(memo).unwrap_or_else(|e| {
+        notes.push(format!(
+            "{}: unreadable ({e:#}), so the default-runtime before DOVE is not known; remove the file",
+            memo.display()
+        ));
+        Memo::empty(memo)
+    });
+    let before_dove = memos.take(&file.path);
     if default_ours {
-        set(&mut file.top, "default-runtime", "runc".into());
-        notes.push("default-runtime set to \"runc\", dockerd's own default".into());
+        let gone_because = |file: &DaemonJson, d: &str| -> Option<&'static str> {
+            if taken.iter().any(|t| t == d) {
+                Some("was DOVE's own runtime")
+            } else if is_builtin_runtime(d) {
+                None
+            } else {
+                match runtime_entry(file, d) {
+                    None => Some("is no longer in the file"),
+                    Some(entry) if wraps_dove(entry) => Some("runs dove-runtime too"),
+                    Some(_) => None,
+                }
+            }
+        };
+        let (back, note) = match &before_dove {
+            Some(d) => match gone_because(&file, d) {
+                None => (
+                    d.clone(),
+                    format!("default-runtime set back to \"{d}\", the default before DOVE"),
+                ),
+                Some(why) => (
+                    "runc".to_owned(),
+                    format!(
+                        "default-runtime set to \"runc\", dockerd's own default: \"{d}\", the default before DOVE, {why}"
+                    ),
+                ),
+            },
+            None => (
+                "runc".to_owned(),
+                "default-runtime set to \"runc\", dockerd's own default".to_owned(),
+            ),
+        };
+        set(&mut file.top, "default-runtime", Json::String(back));
+        notes.push(note);
     }
     let changed = !taken.is_empty() || default_ours;
     if changed {
         file.save()?;
+        if let Err(e) = memos.save() {
+            notes.push(format!("{e:#}"));
+        }
     } else {
         notes.push(format!(
             "{} does not run DOVE: nothing to remove",
@@ -554,6 +646,91 @@ pub fn remove_runtime(
         ));
     }
     Ok(Outcome { changed, notes })
+}
+
+/// Runtimes dockerd knows without a `runtimes` entry.
+fn is_builtin_runtime(name: &str) -> bool {
+    name == "runc" || name.starts_with("io.containerd.")
+}
+
+/// The `default-runtime`s `install-runtime --default` replaced, by daemon.json path: a
+/// JSON object in [`DEFAULT_MEMO`].
+struct Memo {
+    path: PathBuf,
+    entries: std::collections::BTreeMap<String, String>,
+    changed: bool,
+}
+
+impl Memo {
+    fn empty(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            entries: Default::default(),
+            changed: false,
+        }
+    }
+
+    fn load(path: &Path) -> Result<Self> {
+        let mut memo = Self::empty(path);
+        let unreadable = || {
+            format!(
+                "{} is not a JSON object of strings: move it away and run this command again",
+                path.display()
+            )
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => memo.entries = serde_json::from_str(&text).with_context(unreadable)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        Ok(memo)
+    }
+
+    fn key(config: &Path) -> String {
+        config.display().to_string()
+    }
+
+    /// The default DOVE replaces now: whatever an earlier install wrote down is stale
+    /// (a removal that never ran, an admin's edit since).
+    fn remember(&mut self, config: &Path, default: &str) {
+        let key = Self::key(config);
+        if self.entries.get(&key).map(String::as_str) != Some(default) {
+            self.entries.insert(key, default.to_owned());
+            self.changed = true;
+        }
+    }
+
+    fn take(&mut self, config: &Path) -> Option<String> {
+        let taken = self.entries.remove(&Self::key(config))?;
+        self.changed = true;
+        Some(taken)
+    }
+
+    /// Write the memo (in one rename), or remove it when it holds nothing.
+    fn save(&self) -> Result<()> {
+        if !self.changed {
+            return Ok(());
+        }
+        let context = || format!("writing {}", self.path.display());
+        if self.entries.is_empty() {
+            return match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(context),
+                _ => Ok(()),
+            };
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).with_context(context)?;
+        let mut temp = tempfile::NamedTempFile::new_in(dir).with_context(context)?;
+        serde_json::to_writer_pretty(&mut temp, &self.entries)?;
+        temp.as_file().sync_all().with_context(context)?;
+        temp.persist(&self.path)
+            .map_err(|e| e.error)
+            .with_context(context)?;
+        // The rename itself, durably, as for daemon.json.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(context)
+    }
 }
 
 /// Ask a running dockerd to re-read its configuration (it reloads `runtimes` and
@@ -677,6 +854,11 @@ mod tests {
         path
     }
 
+    /// The memo of the defaults replaced, beside the test's daemon.json.
+    fn memo_of(config: &Path) -> PathBuf {
+        config.with_extension("memo")
+    }
+
     fn read(path: &Path) -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
@@ -699,7 +881,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), OTHERS);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let out = install_runtime(&path, &entry(), true).unwrap();
+        let out = install_runtime(&path, &entry(), true, &memo_of(&path)).unwrap();
         assert!(out.changed, "{out:?}");
         let v = read(&path);
         let before: serde_json::Value = serde_json::from_str(OTHERS).unwrap();
@@ -728,7 +910,7 @@ mod tests {
         );
         // Again: nothing to do, the file is not rewritten.
         let inode = std::fs::metadata(&path).unwrap().ino();
-        let again = install_runtime(&path, &entry(), true).unwrap();
+        let again = install_runtime(&path, &entry(), true, &memo_of(&path)).unwrap();
         assert!(!again.changed, "{again:?}");
         assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
         // No temp files left beside it.
@@ -739,12 +921,12 @@ mod tests {
     fn install_without_default_keeps_the_default_and_updates_changed_args() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "{\"default-runtime\": \"runc\"}");
-        install_runtime(&path, &entry(), false).unwrap();
+        install_runtime(&path, &entry(), false, &memo_of(&path)).unwrap();
         assert_eq!(read(&path)["default-runtime"], "runc");
         let mut other = entry();
         other.hook = "/opt/dove/dove-hook".into();
         other.socket = Some("/run/other.sock".into());
-        let out = install_runtime(&path, &other, false).unwrap();
+        let out = install_runtime(&path, &other, false, &memo_of(&path)).unwrap();
         assert!(
             out.changed && out.notes[0].starts_with("updated"),
             "{out:?}"
@@ -758,7 +940,7 @@ mod tests {
             ])
         );
         // Replacing another default says so.
-        let out = install_runtime(&path, &other, true).unwrap();
+        let out = install_runtime(&path, &other, true, &memo_of(&path)).unwrap();
         assert!(
             out.notes.iter().any(|n| n.contains("was \"runc\"")),
             "{out:?}"
@@ -769,31 +951,51 @@ mod tests {
     fn install_creates_a_missing_file_but_not_its_directory() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("daemon.json");
-        assert!(install_runtime(&path, &entry(), false).unwrap().changed);
+        assert!(
+            install_runtime(&path, &entry(), false, &memo_of(&path))
+                .unwrap()
+                .changed
+        );
         assert_eq!(read(&path)["runtimes"]["dove"]["path"], PACKAGED_RUNTIME);
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
             0o644
         );
-        let err = install_runtime(&dir.path().join("no/daemon.json"), &entry(), false)
-            .unwrap_err()
-            .to_string();
+        let err = install_runtime(
+            &dir.path().join("no/daemon.json"),
+            &entry(),
+            false,
+            &memo_of(&dir.path().join("no/daemon.json")),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("does not exist"), "{err}");
         // An empty file is no settings, as dockerd reads it.
         let empty = write(dir.path(), " \n");
-        assert!(install_runtime(&empty, &entry(), true).unwrap().changed);
+        assert!(
+            install_runtime(&empty, &entry(), true, &memo_of(&empty))
+                .unwrap()
+                .changed
+        );
         assert_eq!(read(&empty)["default-runtime"], "dove");
     }
 
     fn remove(path: &Path, delete: bool) -> Outcome {
-        remove_runtime(path, "dove", Path::new(PACKAGED_RUNTIME), delete).unwrap()
+        remove_runtime(
+            path,
+            "dove",
+            Path::new(PACKAGED_RUNTIME),
+            delete,
+            &memo_of(path),
+        )
+        .unwrap()
     }
 
     #[test]
     fn remove_turns_dove_into_an_alias_of_runc_and_keeps_everything_else() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), OTHERS);
-        install_runtime(&path, &entry(), true).unwrap();
+        install_runtime(&path, &entry(), true, &memo_of(&path)).unwrap();
         let out = remove(&path, false);
         assert!(out.changed, "{out:?}");
         let v = read(&path);
@@ -811,13 +1013,13 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
         // Installing again replaces the alias.
-        install_runtime(&path, &entry(), false).unwrap();
+        install_runtime(&path, &entry(), false, &memo_of(&path)).unwrap();
         assert_eq!(read(&path)["runtimes"]["dove"]["path"], PACKAGED_RUNTIME);
         assert_eq!(read(&path)["default-runtime"], "runc");
         // A missing file is nothing to do, and is not created.
         let none = dir.path().join("none.json");
         assert!(
-            !remove_runtime(&none, "dove", Path::new("/x"), false)
+            !remove_runtime(&none, "dove", Path::new("/x"), false, &memo_of(&none))
                 .unwrap()
                 .changed
         );
@@ -825,10 +1027,107 @@ mod tests {
     }
 
     #[test]
+    fn remove_gives_back_the_default_install_replaced_while_it_still_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_nvidia = OTHERS.replacen('{', "{\n  \"default-runtime\": \"nvidia\",", 1);
+        let path = write(dir.path(), &with_nvidia);
+        let memo = memo_of(&path);
+        let out = install_runtime(&path, &entry(), true, &memo).unwrap();
+        assert!(
+            out.notes.iter().any(|n| n.contains("gives it back")),
+            "{out:?}"
+        );
+        assert_eq!(read(&path)["default-runtime"], "dove");
+        // Installing again under another name (the default is then a dove-runtime) keeps
+        // what was written down.
+        let mut again = entry();
+        again.name = "dove-next".into();
+        let out = install_runtime(&path, &again, true, &memo).unwrap();
+        assert!(
+            out.notes
+                .iter()
+                .any(|n| n.contains("runs dove-runtime too")),
+            "{out:?}"
+        );
+        let out = remove(&path, true);
+        assert_eq!(read(&path)["default-runtime"], "nvidia", "{out:?}");
+        assert!(
+            out.notes
+                .iter()
+                .any(|n| n.contains("set back to \"nvidia\"")),
+            "{out:?}"
+        );
+        assert!(!memo.exists(), "the memo goes once used");
+
+        // The runtime it replaced was taken out of the file since: runc, and said so.
+        install_runtime(&path, &entry(), true, &memo).unwrap();
+        let mut v = read(&path);
+        v["runtimes"].as_object_mut().unwrap().remove("nvidia");
+        std::fs::write(&path, v.to_string()).unwrap();
+        let out = remove(&path, false);
+        assert_eq!(read(&path)["default-runtime"], "runc");
+        assert!(
+            out.notes
+                .iter()
+                .any(|n| n.contains("\"nvidia\", the default before DOVE, is no longer")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn the_memo_follows_the_latest_install_and_never_blocks_a_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            r#"{"runtimes": {"crun": {"path": "/usr/bin/crun"}, "kata": {"path": "/usr/bin/kata"}},
+                "default-runtime": "crun"}"#,
+        );
+        let memo = memo_of(&path);
+        // A stale entry (a removal that never ran): the next install writes what it
+        // replaces now.
+        std::fs::write(
+            &memo,
+            serde_json::json!({path.canonicalize().unwrap().to_str().unwrap(): "kata"}).to_string(),
+        )
+        .unwrap();
+        install_runtime(&path, &entry(), true, &memo).unwrap();
+        remove(&path, false);
+        assert_eq!(read(&path)["default-runtime"], "crun");
+
+        // A memo that cannot be read: the removal goes on, to runc, and says why.
+        install_runtime(&path, &entry(), true, &memo).unwrap();
+        std::fs::write(&memo, "not json").unwrap();
+        let out = remove(&path, false);
+        assert_eq!(read(&path)["default-runtime"], "runc", "{out:?}");
+        assert!(
+            out.notes.iter().any(|n| n.contains("unreadable")),
+            "{out:?}"
+        );
+        // ... and an install that would write to it says what to do.
+        let mut v = read(&path);
+        v["default-runtime"] = "crun".into();
+        std::fs::write(&path, v.to_string()).unwrap();
+        let err = install_runtime(&path, &entry(), true, &memo).unwrap_err();
+        assert!(format!("{err:#}").contains("move it away"), "{err:#}");
+        assert_eq!(read(&path)["default-runtime"], "crun", "nothing changed");
+
+        // A previous default that runs some dove-runtime is not written down, nor given
+        // back.
+        std::fs::remove_file(&memo).unwrap();
+        v["runtimes"]["old-dove"] = serde_json::json!({"path": "/opt/dove/dove-runtime"});
+        v["default-runtime"] = "old-dove".into();
+        std::fs::write(&path, v.to_string()).unwrap();
+        install_runtime(&path, &entry(), true, &memo).unwrap();
+        assert!(!memo.exists());
+        remove(&path, false);
+        assert_eq!(read(&path)["default-runtime"], "runc");
+    }
+
+    #[test]
     fn remove_with_delete_takes_the_entries_out() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), OTHERS);
-        install_runtime(&path, &entry(), true).unwrap();
+        install_runtime(&path, &entry(), true, &memo_of(&path)).unwrap();
         assert!(remove(&path, true).changed);
         let mut want: serde_json::Value = serde_json::from_str(OTHERS).unwrap();
         want["default-runtime"] = "runc".into();
@@ -905,7 +1204,7 @@ mod tests {
             ),
         ] {
             let path = write(dir.path(), text);
-            let install = install_runtime(&path, &entry(), true)
+            let install = install_runtime(&path, &entry(), true, &memo_of(&path))
                 .unwrap_err()
                 .to_string();
             assert!(install.contains(says), "{text}: {install}");
@@ -914,9 +1213,15 @@ mod tests {
             // The broken file is left as it was.
             assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
             if !text.contains("default-runtime") {
-                let removal = remove_runtime(&path, "dove", Path::new(PACKAGED_RUNTIME), false)
-                    .unwrap_err()
-                    .to_string();
+                let removal = remove_runtime(
+                    &path,
+                    "dove",
+                    Path::new(PACKAGED_RUNTIME),
+                    false,
+                    &memo_of(&path),
+                )
+                .unwrap_err()
+                .to_string();
                 assert!(removal.contains(says), "{text}: {removal}");
             }
         }
@@ -928,7 +1233,7 @@ mod tests {
         let real = write(dir.path(), "{\"debug\": true}");
         let link = dir.path().join("link.json");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        install_runtime(&link, &entry(), false).unwrap();
+        install_runtime(&link, &entry(), false, &memo_of(&link)).unwrap();
         assert!(std::fs::symlink_metadata(&link)
             .unwrap()
             .file_type()

@@ -91,6 +91,10 @@ enum DockerCommand {
         /// The runtime's name in daemon.json.
         #[arg(long, default_value = docker::RUNTIME_NAME)]
         name: String,
+        /// Where the default-runtime that --default replaces is written down, for
+        /// remove-runtime to give back.
+        #[arg(long, value_name = "PATH", default_value = docker::DEFAULT_MEMO)]
+        memo: PathBuf,
         /// Reload dockerd when the file changed (see remove-runtime --reload).
         #[arg(long)]
         reload: bool,
@@ -103,9 +107,10 @@ enum DockerCommand {
     /// Each runtime that runs dove-runtime (named `dove`, or with --path as its path)
     /// becomes an alias of the runtime it wrapped, with that runtime's own arguments
     /// (`--log-format=json` when there are none, so dockerd keeps the script the shims of
-    /// running containers call), and a `default-runtime` naming one becomes "runc" (written
-    /// out: dockerd's reload ignores a deleted key). Containers created with it still
-    /// start and stop. Every other setting is kept; a file without DOVE is left untouched.
+    /// running containers call), and a `default-runtime` naming one becomes the default
+    /// install-runtime --default replaced, when daemon.json still has it, else "runc"
+    /// (written out: dockerd's reload ignores a deleted key). Containers created with it
+    /// still start and stop. Every other setting is kept; a file without DOVE is left untouched.
     RemoveRuntime {
         /// dockerd's configuration file.
         #[arg(long, value_name = "PATH", default_value = docker::DEFAULT_CONFIG)]
@@ -120,6 +125,9 @@ enum DockerCommand {
         /// containers created with them can no longer be started.
         #[arg(long)]
         delete: bool,
+        /// Where install-runtime --default wrote down the default-runtime it replaced.
+        #[arg(long, value_name = "PATH", default_value = docker::DEFAULT_MEMO)]
+        memo: PathBuf,
         /// Reload dockerd when the file changed (runtimes and default-runtime are
         /// reloaded live): SIGHUP to the pid in --pidfile, else `systemctl reload
         /// docker.service` where it runs, else SIGHUP to the pid in /var/run/docker.pid.
@@ -232,6 +240,7 @@ fn run_docker(command: &DockerCommand, socket: &std::path::Path) -> Result<()> {
             inner_runtime,
             hook,
             name,
+            memo,
             reload,
             pidfile,
         } => {
@@ -251,7 +260,7 @@ fn run_docker(command: &DockerCommand, socket: &std::path::Path) -> Result<()> {
             };
             docker::check_entry(&entry)?;
             (
-                docker::install_runtime(config, &entry, *default)?,
+                docker::install_runtime(config, &entry, *default, memo)?,
                 reload,
                 pidfile,
             )
@@ -261,10 +270,11 @@ fn run_docker(command: &DockerCommand, socket: &std::path::Path) -> Result<()> {
             name,
             path,
             delete,
+            memo,
             reload,
             pidfile,
         } => (
-            docker::remove_runtime(config, name, path, *delete)?,
+            docker::remove_runtime(config, name, path, *delete, memo)?,
             reload,
             pidfile,
         ),

@@ -196,7 +196,7 @@ pub fn containerd_dir(major: Major) -> Result<PathBuf> {
         bail!(
             "no containerd {}.x: {} {} failed ({}). It fetches Debian {}'s containerd into \
              /var/cache/dove/containerd (as root, from deb.debian.org); run it (or \
-             scripts/deps.sh), or set {variable} to an unpacked containerd package",
+             scripts/fixtures.sh), or set {variable} to an unpacked containerd package",
             major.number(),
             script.display(),
             major.number(),

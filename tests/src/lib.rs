@@ -179,10 +179,15 @@ impl TempDaemon {
 
     /// Register `cgroup` under container ID `id` through the socket protocol.
     pub fn register(&self, cgroup: &TestCgroup, id: &str) {
+        self.register_as(cgroup.registration(id));
+    }
+
+    /// Send `registration` through the socket protocol; it must be accepted.
+    pub fn register_as(&self, registration: Registration) {
         match self
             .client()
             .call(Request::Register {
-                container: cgroup.registration(id),
+                container: registration,
             })
             .expect("register")
         {

@@ -283,9 +283,11 @@ fn a_quota_set_after_registration_is_enforced() {
 
 /// The package's removal path with a real dockerd: dove-runtime as `default-runtime`
 /// (every container registered), then `dovectl docker remove-runtime --reload` (what
-/// prerm runs) and the binary removed: `docker run` with no --runtime still works on
-/// runc with nothing of DOVE called, a container created under DOVE starts again, one
-/// that was running then stops as usual, and every other daemon.json setting is kept.
+/// prerm runs) and the binary removed: the operator's default before DOVE is back,
+/// `docker run` with no --runtime still works on it with nothing of DOVE called, a
+/// container created under DOVE starts again, one that was running then stops as usual,
+/// and every other daemon.json setting is kept. Then once more with nothing written
+/// down: runc becomes the default.
 #[test]
 fn package_removal_path_leaves_docker_run_working() {
     if !require_root("package_removal_path_leaves_docker_run_working") {
@@ -293,11 +295,16 @@ fn package_removal_path_leaves_docker_run_working() {
     }
     let _serial = serial();
     let daemon = TempDaemon::start().unwrap();
+    // The operator's own default before DOVE: the removal gives it back.
     let mut dockerd = Dockerd::start(serde_json::json!({
         "log-opts": {"max-size": "10m"},
         "labels": ["dove.test=yes"],
+        "runtimes": {"plain": {"path": "/usr/sbin/runc"}},
+        "default-runtime": "plain",
     }))
     .unwrap();
+    let memo = dockerd.dir.path().join("default-runtime-memo.json");
+    let memo_arg = memo.display().to_string();
     dockerd.import_busybox(IMAGE).unwrap();
     // The packaged binaries, which the removal takes away.
     let packaged = dockerd.dir.path().join("usr-bin/dove-runtime");
@@ -315,8 +322,11 @@ fn package_removal_path_leaves_docker_run_working() {
             &packaged_arg,
             "--hook",
             &packaged_hook.display().to_string(),
+            "--memo",
+            &memo_arg,
         ],
     );
+    assert!(memo.exists(), "the replaced default is written down");
     let default = |dockerd: &Dockerd| {
         dockerd
             .docker(&["info", "--format", "{{.DefaultRuntime}}"])
@@ -373,6 +383,8 @@ fn package_removal_path_leaves_docker_run_working() {
             &dockerd.config.display().to_string(),
             "--path",
             &packaged_arg,
+            "--memo",
+            &memo_arg,
             "--reload",
             "--pidfile",
             &dockerd.pidfile.display().to_string(),
@@ -389,13 +401,14 @@ fn package_removal_path_leaves_docker_run_working() {
     assert_eq!(config["log-opts"]["max-size"], "10m", "{config}");
     assert_eq!(config["labels"][0], "dove.test=yes", "{config}");
     assert!(config["deprecated-key-path"].is_string(), "{config}");
-    assert_eq!(config["default-runtime"], "runc", "{config}");
+    assert_eq!(config["default-runtime"], "plain", "{config}");
     assert_eq!(
         config["runtimes"]["dove"],
         serde_json::json!({"path": "/usr/sbin/runc", "runtimeArgs": ["--log-format=json"]})
     );
     assert!(dockerd.running(), "dockerd died at the reload");
-    assert_eq!(default(&dockerd), "runc");
+    assert_eq!(default(&dockerd), "plain");
+    assert!(!memo.exists(), "the memo goes once used");
 
     // The container that ran through dove-runtime stops as it would have: its shim
     // runs the runtime through dockerd's script for "dove", which now runs runc.
@@ -421,7 +434,8 @@ fn package_removal_path_leaves_docker_run_working() {
     );
     let log_mark = daemon.log_text().len();
 
-    // docker run with no --runtime works, on runc, with nothing of DOVE called.
+    // docker run with no --runtime works, on the default before DOVE (runc under another
+    // name), with nothing of DOVE called.
     let started = Instant::now();
     let out = dockerd
         .docker(&[
@@ -443,7 +457,7 @@ fn package_removal_path_leaves_docker_run_working() {
         .to_owned();
     assert_eq!(
         dockerd.inspect(&after, "{{.HostConfig.Runtime}}").unwrap(),
-        "runc"
+        "plain"
     );
     // The container created under DOVE starts again (its runtime name still resolves).
     dockerd.docker(&["start", &before]).unwrap();
@@ -465,6 +479,35 @@ fn package_removal_path_leaves_docker_run_working() {
         .docker(&["rm", "-f", &before, &after, &running])
         .unwrap();
     assert!(daemon.list().is_empty());
+
+    // Installed again, and the memo lost: the removal writes out runc, which dockerd
+    // takes at the reload.
+    install_runtime(&daemon, &dockerd, &["--default", "--memo", &memo_arg]);
+    assert_eq!(default(&dockerd), "dove");
+    std::fs::remove_file(&memo).unwrap();
+    let reloads = dockerd.reloads();
+    let out = dovectl(
+        &daemon.socket,
+        &[
+            "docker",
+            "remove-runtime",
+            "--config",
+            &dockerd.config.display().to_string(),
+            "--memo",
+            &memo_arg,
+            "--reload",
+            "--pidfile",
+            &dockerd.pidfile.display().to_string(),
+        ],
+    )
+    .unwrap();
+    assert!(out.contains("set to \"runc\""), "{out}");
+    dockerd.wait_reloaded(reloads).unwrap();
+    assert_eq!(default(&dockerd), "runc");
+    let out = dockerd
+        .docker(&["run", "--rm", "--network", "none", IMAGE, "echo", "on runc"])
+        .unwrap();
+    assert_eq!(out.trim(), "on runc");
 }
 
 /// How long `docker run` takes through DOVE and straight on runc, interleaved in one

@@ -112,6 +112,12 @@ fn registered_and_forgotten(major: Major) {
     });
     let reg = daemon.find(&app).unwrap().registration;
     assert_eq!(reg.stage.as_deref(), Some("nri"));
+    // Named as containerd named itself in Configure.
+    // (Configure's version is the one `containerd --version` prints.)
+    assert_eq!(
+        reg.runtime.as_deref(),
+        Some(format!("containerd {} (NRI)", ctd.version).as_str())
+    );
     assert_eq!(reg.annotations["io.dove.nri.pod"], "web-0");
     assert_eq!(reg.annotations["io.dove.nri.namespace"], "shop");
     assert_eq!(reg.annotations["io.dove.nri.container"], "app");
@@ -152,10 +158,28 @@ fn registered_and_forgotten(major: Major) {
         registered(&daemon, &late) && !registered(&daemon, &app)
     });
 
+    // An NRI registration containerd does not know, whose cgroup still exists (so the
+    // cgroup watch keeps it): the Synchronize of the next connection forgets it.
+    let ghost_cgroup = TestCgroup::new("dove-nri-ghost").unwrap();
+    let mut ghost = ghost_cgroup.registration("ghost-of-a-container");
+    ghost.stage = Some("nri".into());
+    daemon.register_as(ghost);
+    assert!(registered(&daemon, "ghost-of-a-container"));
+
     // containerd restarted: doved reconnects, and what containerd does next reaches it.
     let restarted_in = ctd.restart().unwrap();
     eprintln!("containerd restarted in {restarted_in:?}");
     wait_registered(&daemon, &ctd, 3);
+    wait_until(
+        "the unknown NRI registration forgotten",
+        &daemon,
+        &ctd,
+        || !registered(&daemon, "ghost-of-a-container"),
+    );
+    assert!(
+        ghost_cgroup.dir.exists(),
+        "forgotten by Synchronize, not the cgroup watch"
+    );
     let after = ctd
         .create_container(&pod, &ContainerSpec::busybox("after", &["sleep", "600"]))
         .unwrap();

@@ -67,6 +67,8 @@ pub enum SessionError {
 enum Work {
     /// A new connection: a synchronisation split over calls on an old one is void.
     Session,
+    /// The runtime's name for itself, from `Configure`, for the registrations.
+    Configure(String),
     Synchronize(SynchronizeRequest),
     Event(Box<StateChangeEvent>),
 }
@@ -224,15 +226,20 @@ fn plugin_service(
 ) -> Service {
     let synchronized = std::sync::Mutex::new(Some(synchronized));
     let mut methods: HashMap<String, Box<dyn MethodHandler + Send + Sync>> = HashMap::new();
+    let configure_work = work.clone();
     methods.insert(
         "Configure".into(),
-        method(|bytes| {
+        method(move |bytes| {
             let request = ConfigureRequest::decode(bytes)?;
             tracing::info!(
                 runtime = %request.runtime_name,
                 version = %request.runtime_version,
                 "NRI runtime configured the plugin"
             );
+            let _ = configure_work.send(Work::Configure(translate::runtime_label(
+                &request.runtime_name,
+                &request.runtime_version,
+            )));
             Ok(ConfigureResponse {
                 events: event::mask(&EVENTS),
             }
@@ -280,11 +287,13 @@ fn plugin_service(
 /// Applies the runtime's calls to the registry, in the order they came.
 async fn worker(mut work: mpsc::UnboundedReceiver<Work>, registry: Arc<Registry>, mounts: Mounts) {
     let mut pods: HashMap<String, PodSandbox> = HashMap::new();
+    let mut runtime = translate::runtime_label("", "");
     // A synchronisation the runtime split over several calls (`more`).
     let mut synchronizing: Option<(Vec<PodSandbox>, Vec<Container>)> = None;
     while let Some(item) = work.recv().await {
         match item {
             Work::Session => synchronizing = None,
+            Work::Configure(name) => runtime = name,
             Work::Synchronize(request) => {
                 let (all_pods, all_containers) = synchronizing.get_or_insert_with(Default::default);
                 all_pods.extend(request.pods);
@@ -294,7 +303,7 @@ async fn worker(mut work: mpsc::UnboundedReceiver<Work>, registry: Arc<Registry>
                 }
                 let (all_pods, all_containers) = synchronizing.take().unwrap_or_default();
                 pods = all_pods.into_iter().map(|p| (p.id.clone(), p)).collect();
-                synchronize(&registry, &mounts, &pods, all_containers).await;
+                synchronize(&registry, &mounts, &pods, all_containers, &runtime).await;
             }
             Work::Event(change) => {
                 let change = *change;
@@ -308,11 +317,11 @@ async fn worker(mut work: mpsc::UnboundedReceiver<Work>, registry: Arc<Registry>
                     // command; CRI-O already at CreateContainer. Either is early enough.
                     (event::POST_CREATE_CONTAINER, Some(c)) => {
                         let pod = pods.get(&c.pod_sandbox_id);
-                        register(&registry, &mounts, &c, pod, Missing::Expected).await;
+                        register(&registry, &mounts, &c, pod, &runtime, Missing::Expected).await;
                     }
                     (event::START_CONTAINER, Some(c)) => {
                         let pod = pods.get(&c.pod_sandbox_id);
-                        register(&registry, &mounts, &c, pod, Missing::Warn).await;
+                        register(&registry, &mounts, &c, pod, &runtime, Missing::Warn).await;
                     }
                     (event::REMOVE_CONTAINER, Some(c)) => forget(&registry, &c.id).await,
                     (event::REMOVE_POD_SANDBOX, _) => {
@@ -340,6 +349,7 @@ async fn synchronize(
     mounts: &Mounts,
     pods: &HashMap<String, PodSandbox>,
     containers: Vec<Container>,
+    runtime: &str,
 ) {
     let live: HashSet<String> = containers
         .iter()
@@ -362,7 +372,7 @@ async fn synchronize(
         } else {
             Missing::Warn
         };
-        if register(registry, mounts, container, pod, missing).await {
+        if register(registry, mounts, container, pod, runtime, missing).await {
             registered += 1;
         }
     }
@@ -390,10 +400,12 @@ async fn register(
     mounts: &Mounts,
     container: &Container,
     pod: Option<&PodSandbox>,
+    runtime: &str,
     missing: Missing,
 ) -> bool {
     let proc_root = std::path::Path::new("/proc");
-    let registration = match translate::registration_of(mounts, proc_root, container, pod) {
+    let registration = match translate::registration_of(mounts, proc_root, container, pod, runtime)
+    {
         Ok(registration) => registration,
         Err(e) if missing == Missing::Expected => {
             tracing::debug!(id = %container.id, "NRI: no cgroup yet, registered when it starts: {e}");
@@ -406,10 +418,13 @@ async fn register(
     };
     if let Some(known) = registry.find(&container.id) {
         // The same cgroup, registered by the hook (CRI-O runs both; its registration has
-        // the bundle and the OCI annotations) or by NRI with the same names: kept.
+        // the bundle and the OCI annotations) or by NRI with the same names and runtime:
+        // kept.
         let ours = known.registration.stage.as_deref() == Some(STAGE);
         if known.registration.cgroup_id == registration.cgroup_id
-            && (!ours || known.registration.annotations == registration.annotations)
+            && (!ours
+                || (known.registration.annotations == registration.annotations
+                    && known.registration.runtime == registration.runtime))
         {
             return false;
         }

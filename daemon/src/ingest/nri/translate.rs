@@ -16,12 +16,14 @@ pub use dove_proto::{
     NRI_POD_NAMESPACE as POD_NAMESPACE,
 };
 
-/// The registration for `container` of `pod`, its cgroup resolved under `proc_root`.
+/// The registration for `container` of `pod`, its cgroup resolved under `proc_root`;
+/// `runtime` is what the runtime called itself in `Configure` (see [`runtime_label`]).
 pub fn registration_of(
     mounts: &Mounts,
     proc_root: &Path,
     container: &Container,
     pod: Option<&PodSandbox>,
+    runtime: &str,
 ) -> Result<Registration, ResolveError> {
     let pid = (container.pid != 0).then_some(container.pid);
     let configured = container
@@ -75,11 +77,35 @@ pub fn registration_of(
         cpu_cgroup_id: resolved.cpu_cgroup_id,
         pid,
         annotations,
-        runtime: Some("containerd (NRI)".to_owned()),
+        runtime: Some(runtime.to_owned()),
         stage: Some(super::plugin::STAGE.to_owned()),
         bundle: None,
     })
 }
+
+/// The `runtime` a registration names: the name and version the runtime gave in
+/// `Configure` (`containerd 2.1.9`, `cri-o 1.30.4`), marked as coming through NRI. What
+/// the runtime sent is shown to operators: control characters are dropped and the
+/// length bounded.
+pub fn runtime_label(name: &str, version: &str) -> String {
+    let said: String = [name.trim(), version.trim()]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(RUNTIME_LABEL_MAX)
+        .collect();
+    if said.is_empty() {
+        "unknown runtime (NRI)".to_owned()
+    } else {
+        format!("{said} (NRI)")
+    }
+}
+
+/// The most characters of a runtime's name and version a registration keeps.
+const RUNTIME_LABEL_MAX: usize = 64;
 
 /// Whether `by_pid` is `by_config`'s cgroup or below it, in the hierarchy the configured
 /// path names (the `cpu` one on a hybrid host, where a runtime may leave the process
@@ -124,7 +150,14 @@ mod tests {
             namespace: "shop".into(),
             ..Default::default()
         };
-        let reg = registration_of(&mounts, Path::new("/proc"), &container, Some(&pod)).unwrap();
+        let reg = registration_of(
+            &mounts,
+            Path::new("/proc"),
+            &container,
+            Some(&pod),
+            "containerd v2.1.9 (NRI)",
+        )
+        .unwrap();
         let own = mounts.resolve_pid(std::process::id()).unwrap();
         assert_eq!(
             (reg.cgroup_path, reg.cgroup_id),
@@ -134,6 +167,22 @@ mod tests {
         assert_eq!(reg.annotations[POD_NAMESPACE], "shop");
         assert_eq!(reg.annotations[POD_NAME], "web-0");
         assert_eq!(reg.annotations[CONTAINER_NAME], "app");
+        assert_eq!(reg.runtime.as_deref(), Some("containerd v2.1.9 (NRI)"));
+    }
+
+    #[test]
+    fn the_runtime_is_named_as_it_configured_the_plugin() {
+        assert_eq!(
+            runtime_label("containerd", "v1.7.24"),
+            "containerd v1.7.24 (NRI)"
+        );
+        assert_eq!(runtime_label("cri-o", " "), "cri-o (NRI)");
+        assert_eq!(runtime_label("", ""), "unknown runtime (NRI)");
+        assert_eq!(runtime_label("run\ntime", "1"), "runtime 1 (NRI)");
+        assert_eq!(
+            runtime_label(&"x".repeat(500), "1").len(),
+            64 + " (NRI)".len()
+        );
     }
 
     #[test]
@@ -149,7 +198,8 @@ mod tests {
             }),
             ..Default::default()
         };
-        let e = registration_of(&mounts, Path::new("/proc"), &container, None).unwrap_err();
+        let e = registration_of(&mounts, Path::new("/proc"), &container, None, "test (NRI)")
+            .unwrap_err();
         assert!(e.to_string().contains("no-such-cgroup"), "{e}");
     }
 }
