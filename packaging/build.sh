@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build the .deb and .rpm from this checkout into packaging/out/.
-# Installs cargo-deb and cargo-generate-rpm from crates.io when missing.
+# Installs cargo-deb from crates.io when missing; the rpm is rpmbuild's (Debian's rpm
+# package, which scripts/deps.sh installs), from packaging/rpm/dove.spec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
-command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm
+command -v rpmbuild >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rpm >/dev/null
 
 static=$(bash scripts/build-release.sh | tail -n1)
 # cargo-deb accepts built products only under target/release; the static executables
@@ -15,5 +16,25 @@ mkdir -p packaging/out/static
 install -m 0755 "$static/dove-hook" "$static/dove-runtime" packaging/out/static/
 mkdir -p packaging/out
 cargo deb -p dove-daemon --no-build --output packaging/out/
-cargo generate-rpm -p daemon --output packaging/out/
+# rpmbuild packages what is built above (the spec has no %build); the scriptlets are
+# the same files the .deb's maintainer scripts mirror.
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+topdir=$(mktemp -d /tmp/dove-rpmbuild.XXXXXX)
+trap 'rm -rf "$topdir"' EXIT
+mkdir "$topdir/tmp"
+{
+    cat packaging/rpm/dove.spec
+    echo '%post'
+    cat packaging/rpm/post_install.sh
+    echo '%preun'
+    cat packaging/rpm/pre_uninstall.sh
+} > "$topdir/dove.spec"
+rpmbuild -bb --nodeps --quiet \
+    --define "_topdir $topdir" \
+    --define "_tmppath $topdir/tmp" \
+    --define "dove_src $PWD" \
+    --define "dove_version $version" \
+    --define "_rpmdir $PWD/packaging/out" \
+    --define '_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm' \
+    "$topdir/dove.spec"
 ls -l packaging/out/

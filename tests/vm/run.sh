@@ -19,9 +19,11 @@ debian=$(bash tests/vm/debian-kernel.sh 6.1) || debian=
 debian612=$(bash tests/vm/debian-kernel.sh 6.12) || debian612=
 # bookworm's QEMU cannot run Debian's 6.12 (tests/vm/qemu.sh says why): backports' can.
 qemu612=$(bash tests/vm/qemu.sh) || qemu612=
-cargo build --release -q -p dove-daemon -p dove-hook -p dove-ctl
+# Built for the whole workspace, as install.sh and test.sh build it: packages picked
+# with -p unify other dependency features and would compile tokio and the rest again.
+cargo build --release -q --workspace --bins
 # The streams' senders and B's receiver (a debug build: the host suites already made it).
-cargo build -q -p dove-tests --bin dove-traffic
+cargo build -q --workspace --bins
 traffic="$repo/target/debug/dove-traffic"
 work=$(mktemp -d /tmp/dove-vm.XXXXXX)
 # Interrupted: stop the emulators (timeout passes the signal on to QEMU) and show what
