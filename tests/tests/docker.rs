@@ -64,6 +64,20 @@ fn install_runtime(daemon: &TempDaemon, dockerd: &Dockerd, extra: &[&str]) -> St
     out
 }
 
+/// `dovectl docker remove-runtime` from `dockerd`'s configuration, with dockerd
+/// reloaded, as prerm runs it.
+fn remove_runtime(daemon: &TempDaemon, dockerd: &Dockerd, extra: &[&str]) -> String {
+    let before = dockerd.reloads();
+    let config = dockerd.config.display().to_string();
+    let pidfile = dockerd.pidfile.display().to_string();
+    let mut args = vec!["docker", "remove-runtime", "--config", &config];
+    args.extend(extra);
+    args.extend(["--reload", "--pidfile", &pidfile]);
+    let out = dovectl(&daemon.socket, &args).unwrap();
+    dockerd.wait_reloaded(before).unwrap();
+    out
+}
+
 /// Send `bytes` over TCP to `addr`, retrying the connection while the container's
 /// listener is not up yet.
 fn tcp_send(addr: &str, bytes: usize) {
@@ -373,27 +387,13 @@ fn package_removal_path_leaves_docker_run_working() {
     std::fs::rename(&hidden, &packaged).unwrap();
 
     // prerm: take DOVE out and reload dockerd; then the package's files go.
-    let reloads = dockerd.reloads();
-    let out = dovectl(
-        &daemon.socket,
-        &[
-            "docker",
-            "remove-runtime",
-            "--config",
-            &dockerd.config.display().to_string(),
-            "--path",
-            &packaged_arg,
-            "--memo",
-            &memo_arg,
-            "--reload",
-            "--pidfile",
-            &dockerd.pidfile.display().to_string(),
-        ],
-    )
-    .unwrap();
+    let out = remove_runtime(
+        &daemon,
+        &dockerd,
+        &["--path", &packaged_arg, "--memo", &memo_arg],
+    );
     eprintln!("remove-runtime said:\n{out}");
     assert!(out.contains("sent SIGHUP to dockerd"), "{out}");
-    dockerd.wait_reloaded(reloads).unwrap();
     std::fs::remove_file(&packaged).unwrap();
     std::fs::remove_file(&packaged_hook).unwrap();
     let config: serde_json::Value =
@@ -485,24 +485,8 @@ fn package_removal_path_leaves_docker_run_working() {
     install_runtime(&daemon, &dockerd, &["--default", "--memo", &memo_arg]);
     assert_eq!(default(&dockerd), "dove");
     std::fs::remove_file(&memo).unwrap();
-    let reloads = dockerd.reloads();
-    let out = dovectl(
-        &daemon.socket,
-        &[
-            "docker",
-            "remove-runtime",
-            "--config",
-            &dockerd.config.display().to_string(),
-            "--memo",
-            &memo_arg,
-            "--reload",
-            "--pidfile",
-            &dockerd.pidfile.display().to_string(),
-        ],
-    )
-    .unwrap();
+    let out = remove_runtime(&daemon, &dockerd, &["--memo", &memo_arg]);
     assert!(out.contains("set to \"runc\""), "{out}");
-    dockerd.wait_reloaded(reloads).unwrap();
     assert_eq!(default(&dockerd), "runc");
     let out = dockerd
         .docker(&["run", "--rm", "--network", "none", IMAGE, "echo", "on runc"])
