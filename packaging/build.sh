@@ -1,24 +1,22 @@
 #!/usr/bin/env bash
-# Build the .deb and .rpm from this checkout into packaging/out/.
-# Installs cargo-deb from crates.io when missing; the rpm is rpmbuild's (Debian's rpm
-# package, which scripts/deps.sh installs), from packaging/rpm/dove.spec.
+# Build the .deb and .rpm from this checkout into packaging/out/: the .deb with dpkg-deb
+# (packaging/debian/build-deb.sh), the .rpm with rpmbuild (Debian's rpm package, which
+# scripts/deps.sh installs) from packaging/rpm/dove.spec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
+command -v dpkg-shlibdeps >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev >/dev/null
 command -v rpmbuild >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rpm >/dev/null
 
 static=$(bash scripts/build-release.sh | tail -n1)
-# cargo-deb accepts built products only under target/release; the static executables
-# are staged beside the packages instead.
+# Both packages take the static executables from here.
 mkdir -p packaging/out/static
 install -m 0755 "$static/dove-hook" "$static/dove-runtime" packaging/out/static/
-mkdir -p packaging/out
-cargo deb -p dove-daemon --no-build --output packaging/out/
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+bash packaging/debian/build-deb.sh "$version" "$PWD/packaging/out"
 # rpmbuild packages what is built above (the spec has no %build); the scriptlets are
 # the same files the .deb's maintainer scripts mirror.
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 topdir=$(mktemp -d /tmp/dove-rpmbuild.XXXXXX)
 trap 'rm -rf "$topdir"' EXIT
 mkdir "$topdir/tmp"

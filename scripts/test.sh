@@ -47,6 +47,13 @@ mountpoint -q /sys/fs/bpf || unmount_bpffs=yes
 fixtures_log=$(mktemp /tmp/dove-fixtures.XXXXXX)
 setsid bash scripts/fixtures.sh > "$fixtures_log" 2>&1 < /dev/null &
 fixtures_pid=$!
+# With a cold cache the VM suite's kernel builds from here on, at the lowest priority: it
+# takes the CPU the stages below leave idle (cargo's serial crates and links, the tests
+# waiting on containers, daemons and traffic) and barely slows them. Cached, it returns
+# at once; tests/vm/run.sh waits for a build under way.
+kernel_log=$(mktemp /tmp/dove-kernel.XXXXXX)
+nice -n 19 setsid bash tests/vm/build-kernel.sh > "$kernel_log" 2>&1 < /dev/null &
+kernel_pid=$!
 
 stage "format and lints"
 cargo fmt --all -- --check
@@ -64,12 +71,6 @@ fixtures_pid=
 cat "$fixtures_log"
 
 stage "tests (unit + integration, as root)"
-# With a cold cache the VM suite's kernel builds meanwhile, at the lowest priority: the
-# tests wait on containers, daemons and traffic more than they compute. (Cached, it
-# returns at once; tests/vm/run.sh waits for a build under way.)
-kernel_log=$(mktemp /tmp/dove-kernel.XXXXXX)
-nice -n 19 setsid bash tests/vm/build-kernel.sh > "$kernel_log" 2>&1 < /dev/null &
-kernel_pid=$!
 cargo test --workspace -- --test-threads=4
 
 stage "fuzz: frame decoder and hook state parser, 15 s each (scripts/fuzz.sh 600 for long runs)"

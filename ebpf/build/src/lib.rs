@@ -2,9 +2,30 @@
 //! `bpfel-unknown-none` crate outside the workspace) and copies each object to
 //! `OUT_DIR/<name>.bpf.o`, for `aya::include_bytes_aligned!`. Needs nightly Rust with
 //! rust-src and bpf-linker (`scripts/bpf-toolchain.sh` installs both).
+//!
+//! Every build script that calls it, in every profile (check, dev, test, release, bench),
+//! shares one nested target directory, `<the workspace's target dir>/ebpf`: the programs
+//! do not depend on the outer profile, so they and their `core` (build-std) are compiled
+//! once per checkout instead of once per build script run. The nested cargo's own lock
+//! serialises build scripts that run at the same time; the second finds the first's
+//! objects fresh.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// `DOVE_EBPF_TARGET_DIR` when set; else `ebpf/` in the target directory OUT_DIR lies in
+/// (the ancestor holding the `CACHEDIR.TAG` cargo writes there, so `CARGO_TARGET_DIR` and
+/// `--target` layouts are followed); else, outside any cargo layout, OUT_DIR itself.
+fn shared_target_dir(out: &Path) -> PathBuf {
+    println!("cargo:rerun-if-env-changed=DOVE_EBPF_TARGET_DIR");
+    if let Some(dir) = std::env::var_os("DOVE_EBPF_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    out.ancestors()
+        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .map(|target| target.join("ebpf"))
+        .unwrap_or_else(|| out.join("ebpf-target"))
+}
 
 /// Build `bins` of `ebpf/programs` (`programs` is its directory) into OUT_DIR. Panics
 /// with the fix in the message: a build script has no better way to fail.
@@ -19,7 +40,7 @@ pub fn build(programs: &Path, bins: &[&str]) {
     ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
-    let target_dir = out.join("ebpf-target");
+    let target_dir = shared_target_dir(&out);
     let mut cmd = Command::new("rustup");
     cmd.current_dir(programs)
         .args(["run", "nightly", "cargo", "build", "--release"]);

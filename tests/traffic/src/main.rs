@@ -150,7 +150,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> &str {
         args.get(i).map(String::as_str).unwrap_or_else(|| {
-            eprintln!("usage: see the module doc of tests/src/bin/dove-traffic.rs");
+            eprintln!("usage: see the module doc of tests/traffic/src/main.rs");
             std::process::exit(2)
         })
     };
