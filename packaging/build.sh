@@ -10,8 +10,10 @@ command -v dpkg-shlibdeps >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get i
 command -v rpmbuild >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rpm >/dev/null
 
 static=$(bash scripts/build-release.sh | tail -n1)
-# Both packages take the static executables from here.
+# Both packages take the static executables from here. Packages of an older version
+# would be found by the packaging tests beside the new ones.
 mkdir -p packaging/out/static
+rm -f packaging/out/*.deb packaging/out/*.rpm
 install -m 0755 "$static/dove-hook" "$static/dove-runtime" packaging/out/static/
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 bash packaging/debian/build-deb.sh "$version" "$PWD/packaging/out"

@@ -47,12 +47,12 @@ mountpoint -q /sys/fs/bpf || unmount_bpffs=yes
 fixtures_log=$(mktemp /tmp/dove-fixtures.XXXXXX)
 setsid bash scripts/fixtures.sh > "$fixtures_log" 2>&1 < /dev/null &
 fixtures_pid=$!
-# With a cold cache the VM suite's kernel builds from here on, at the lowest priority: it
-# takes the CPU the stages below leave idle (cargo's serial crates and links, the tests
-# waiting on containers, daemons and traffic) and barely slows them. Cached, it returns
-# at once; tests/vm/run.sh waits for a build under way.
+# With a cold cache the VM suite's kernel builds from here on, at the lowest CPU and I/O
+# priority: it takes what the stages below leave idle (cargo's serial crates and links,
+# the tests waiting on containers, daemons and traffic) and barely slows them. Cached,
+# it returns at once; tests/vm/run.sh waits for a build under way.
 kernel_log=$(mktemp /tmp/dove-kernel.XXXXXX)
-nice -n 19 setsid bash tests/vm/build-kernel.sh > "$kernel_log" 2>&1 < /dev/null &
+nice -n 19 ionice -c 3 setsid bash tests/vm/build-kernel.sh > "$kernel_log" 2>&1 < /dev/null &
 kernel_pid=$!
 
 stage "format and lints"

@@ -13,18 +13,23 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `DOVE_EBPF_TARGET_DIR` when set; else `ebpf/` in the target directory OUT_DIR lies in
-/// (the ancestor holding the `CACHEDIR.TAG` cargo writes there, so `CARGO_TARGET_DIR` and
-/// `--target` layouts are followed); else, outside any cargo layout, OUT_DIR itself.
+/// `ebpf/` in the target directory OUT_DIR lies in: the nearest ancestor holding the
+/// `CACHEDIR.TAG` cargo writes there (so `CARGO_TARGET_DIR` is followed), and for a
+/// `--target` build, whose `target/<triple>/` holds a tag of its own, the directory above
+/// it. Outside a cargo layout (no tag within a few levels), OUT_DIR itself.
 fn shared_target_dir(out: &Path) -> PathBuf {
-    println!("cargo:rerun-if-env-changed=DOVE_EBPF_TARGET_DIR");
-    if let Some(dir) = std::env::var_os("DOVE_EBPF_TARGET_DIR") {
-        return PathBuf::from(dir);
+    let tagged = |dir: &Path| dir.join("CACHEDIR.TAG").is_file();
+    // OUT_DIR is target/[<triple>/]<profile>/build/<package>-<hash>/out.
+    let Some(mut target) = out.ancestors().skip(1).take(5).find(|dir| tagged(dir)) else {
+        return out.join("ebpf-target");
+    };
+    let triple = std::env::var_os("TARGET");
+    if let Some(parent) = target.parent() {
+        if triple.is_some() && target.file_name() == triple.as_deref() && tagged(parent) {
+            target = parent;
+        }
     }
-    out.ancestors()
-        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-        .map(|target| target.join("ebpf"))
-        .unwrap_or_else(|| out.join("ebpf-target"))
+    target.join("ebpf")
 }
 
 /// Build `bins` of `ebpf/programs` (`programs` is its directory) into OUT_DIR. Panics
@@ -34,6 +39,8 @@ pub fn build(programs: &Path, bins: &[&str]) {
     for path in [
         programs.join("src"),
         programs.join("Cargo.toml"),
+        programs.join("Cargo.lock"),
+        programs.join("rust-toolchain.toml"),
         programs.join(".cargo/config.toml"),
         programs.join("../common/src"),
         programs.join("../common/Cargo.toml"),
@@ -41,13 +48,24 @@ pub fn build(programs: &Path, bins: &[&str]) {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     let target_dir = shared_target_dir(&out);
+    if target_dir != out.join("ebpf-target") {
+        // A nested build of its own, left by an older version of this helper.
+        let _ = std::fs::remove_dir_all(out.join("ebpf-target"));
+    }
+    // The nested cargo copies the objects here while it holds the shared directory's
+    // lock: a copy made after it returns could meet another build (release beside debug)
+    // relinking the same file.
+    let artifacts = out.join("ebpf-artifacts");
     let mut cmd = Command::new("rustup");
     cmd.current_dir(programs)
         .args(["run", "nightly", "cargo", "build", "--release"]);
     for bin in bins {
         cmd.args(["--bin", bin]);
     }
-    cmd.arg("--target-dir").arg(&target_dir);
+    cmd.arg("--target-dir")
+        .arg(&target_dir)
+        .args(["-Z", "unstable-options", "--artifact-dir"])
+        .arg(&artifacts);
     // The outer (stable) build's settings must not leak into the nested nightly build.
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy().into_owned();
@@ -66,8 +84,8 @@ pub fn build(programs: &Path, bins: &[&str]) {
         panic!("building the eBPF programs in ebpf/programs failed ({status}); scripts/bpf-toolchain.sh installs nightly, rust-src and bpf-linker");
     }
     for bin in bins {
-        let object = target_dir.join("bpfel-unknown-none/release").join(bin);
-        std::fs::copy(&object, out.join(format!("{bin}.bpf.o")))
-            .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
+        let object = artifacts.join(bin);
+        std::fs::rename(&object, out.join(format!("{bin}.bpf.o")))
+            .unwrap_or_else(|e| panic!("moving {}: {e}", object.display()));
     }
 }

@@ -1,0 +1,80 @@
+//! dove-traffic's modes end to end on loopback. Also what makes `cargo test` build the
+//! executable the other suites and the VM test bed run (`CARGO_BIN_EXE_*` exists only for
+//! a package's own integration tests).
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, UdpSocket};
+use std::process::{Command, Stdio};
+
+const TRAFFIC: &str = env!("CARGO_BIN_EXE_dove-traffic");
+
+/// A loopback address with a port nothing listens on now.
+fn free_port(udp: bool) -> String {
+    let addr = if udp {
+        UdpSocket::bind("127.0.0.1:0").unwrap().local_addr()
+    } else {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr()
+    };
+    addr.unwrap().to_string()
+}
+
+/// Start a sink mode, wait for its `ready` line, and return it with its stdout.
+fn sink(args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(TRAFFIC)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "{args:?}");
+    (child, out)
+}
+
+fn last_number(child: std::process::Child, mut out: BufReader<std::process::ChildStdout>) -> u64 {
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let status = child.wait_with_output().unwrap().status;
+    assert!(status.success(), "sink exited with {status}");
+    line.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("sink printed {line:?}"))
+}
+
+#[test]
+fn a_tcp_stream_arrives_whole() {
+    let addr = free_port(false);
+    let (child, out) = sink(&["tcp-sink", &addr, "20"]);
+    let sent = Command::new(TRAFFIC)
+        .args(["tcp-send", &addr, "3000000"])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    assert_eq!(last_number(child, out), 3_000_000);
+}
+
+#[test]
+fn udp_datagrams_are_counted_by_the_sink() {
+    let addr = free_port(true);
+    let (child, out) = sink(&["udp-sink", &addr, "20"]);
+    let sent = Command::new(TRAFFIC)
+        .args(["udp-send", &addr, "500", "100"])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // Paced and on loopback, with the sink's default buffer: at most a few may drop.
+    let received = last_number(child, out);
+    assert!(
+        (450..=500).contains(&received),
+        "received {received} of 500"
+    );
+}
+
+#[test]
+fn a_missing_argument_exits_2_pointing_at_the_usage() {
+    let out = Command::new(TRAFFIC).arg("udp-send").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tests/traffic/src/main.rs"), "{stderr}");
+}
