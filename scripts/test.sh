@@ -38,21 +38,34 @@ on_exit() {
 }
 trap on_exit EXIT
 
+# background NICE LOG COMMAND...: COMMAND in a session of its own (on_exit stops it with
+# everything it started), at CPU priority NICE and idle I/O priority. With autogroup
+# scheduling (kernel.sched_autogroup_enabled, Debian's default) a new session is a
+# scheduling group of its own, competing with this one as an equal whatever its
+# processes' nice values: the group's own nice is what lowers it.
+background() {
+    local nice=$1 log=$2
+    shift 2
+    setsid bash -c 'echo "$0" > /proc/self/autogroup 2>/dev/null; exec nice -n "$0" ionice -c 3 "$@"' \
+        "$nice" "$@" > "$log" 2>&1 < /dev/null &
+}
+
 bash scripts/deps.sh
 
 # doved mounts bpffs when the host has not; leave the host as we found it.
 mountpoint -q /sys/fs/bpf || unmount_bpffs=yes
 
-# The test fixtures download and unpack while the code compiles.
+# The test fixtures download and unpack while the code compiles: mostly waiting on the
+# network; their unpacking gets a tenth of the CPU against the compiler.
 fixtures_log=$(mktemp /tmp/dove-fixtures.XXXXXX)
-setsid bash scripts/fixtures.sh > "$fixtures_log" 2>&1 < /dev/null &
+background 10 "$fixtures_log" bash scripts/fixtures.sh
 fixtures_pid=$!
-# With a cold cache the VM suite's kernel builds from here on, at the lowest CPU and I/O
-# priority: it takes what the stages below leave idle (cargo's serial crates and links,
-# the tests waiting on containers, daemons and traffic) and barely slows them. Cached,
-# it returns at once; tests/vm/run.sh waits for a build under way.
+# With a cold cache the VM suite's kernel builds from here on, at the lowest priority: it
+# takes what the stages below leave idle (cargo's serial crates and links, the tests
+# waiting on containers, daemons and traffic). Cached, it returns at once;
+# tests/vm/run.sh waits for a build under way.
 kernel_log=$(mktemp /tmp/dove-kernel.XXXXXX)
-nice -n 19 ionice -c 3 setsid bash tests/vm/build-kernel.sh > "$kernel_log" 2>&1 < /dev/null &
+background 19 "$kernel_log" bash tests/vm/build-kernel.sh
 kernel_pid=$!
 
 stage "format and lints"
