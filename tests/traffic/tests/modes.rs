@@ -58,17 +58,15 @@ fn a_tcp_stream_arrives_whole() {
 fn udp_datagrams_are_counted_by_the_sink() {
     let addr = free_port(true);
     let (child, out) = sink(&["udp-sink", &addr, "20"]);
+    // 100 datagrams of 100 bytes fit in the default receive buffer (rmem_default, 208 KiB)
+    // even when the sink gets no CPU until the sender is done: on loopback none may drop.
+    // (500 did drop, 122 of them, with the suites running beside it on two cores.)
     let sent = Command::new(TRAFFIC)
-        .args(["udp-send", &addr, "500", "100"])
+        .args(["udp-send", &addr, "100", "100"])
         .status()
         .unwrap();
     assert!(sent.success());
-    // Paced and on loopback, with the sink's default buffer: at most a few may drop.
-    let received = last_number(child, out);
-    assert!(
-        (450..=500).contains(&received),
-        "received {received} of 500"
-    );
+    assert_eq!(last_number(child, out), 100);
 }
 
 #[test]
