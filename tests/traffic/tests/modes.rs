@@ -42,15 +42,17 @@ fn last_number(child: std::process::Child, mut out: BufReader<std::process::Chil
         .unwrap_or_else(|_| panic!("sink printed {line:?}"))
 }
 
+/// Run a sender mode to its end.
+fn send(args: &[&str]) {
+    let status = Command::new(TRAFFIC).args(args).status().unwrap();
+    assert!(status.success(), "{args:?} exited with {status}");
+}
+
 #[test]
 fn a_tcp_stream_arrives_whole() {
     let addr = free_port(false);
     let (child, out) = sink(&["tcp-sink", &addr, "20"]);
-    let sent = Command::new(TRAFFIC)
-        .args(["tcp-send", &addr, "3000000"])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    send(&["tcp-send", &addr, "3000000"]);
     assert_eq!(last_number(child, out), 3_000_000);
 }
 
@@ -61,11 +63,7 @@ fn udp_datagrams_are_counted_by_the_sink() {
     // 100 datagrams of 100 bytes fit in the default receive buffer (rmem_default, 208 KiB)
     // even when the sink gets no CPU until the sender is done: on loopback none may drop.
     // (500 did drop, 122 of them, with the suites running beside it on two cores.)
-    let sent = Command::new(TRAFFIC)
-        .args(["udp-send", &addr, "100", "100"])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    send(&["udp-send", &addr, "100", "100"]);
     assert_eq!(last_number(child, out), 100);
 }
 
