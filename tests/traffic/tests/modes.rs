@@ -18,18 +18,40 @@ fn free_port(udp: bool) -> String {
     addr.unwrap().to_string()
 }
 
-/// Start a sink mode, wait for its `ready` line, and return it with its stdout.
-fn sink(args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new(TRAFFIC)
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "{args:?}");
-    (child, out)
+/// Start sink `mode` on a free loopback port, wait for its `ready` line, and return its
+/// address, the child and its stdout. The port is free when chosen but can be taken
+/// before the sink binds it (a CI run lost one that way), so a sink that could not bind
+/// is retried on another port.
+fn sink(
+    mode: &str,
+    secs: &str,
+) -> (
+    String,
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+) {
+    for _ in 0..5 {
+        let addr = free_port(mode.starts_with("udp"));
+        let mut child = Command::new(TRAFFIC)
+            .args([mode, &addr, secs])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        if line.trim() == "ready" {
+            return (addr, child, out);
+        }
+        let failed = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            stderr.contains("AddrInUse"),
+            "{mode} on {addr} did not start: {stderr}"
+        );
+    }
+    panic!("{mode}: five free ports were all taken before the sink could bind them");
 }
 
 fn last_number(child: std::process::Child, mut out: BufReader<std::process::ChildStdout>) -> u64 {
@@ -50,16 +72,14 @@ fn send(args: &[&str]) {
 
 #[test]
 fn a_tcp_stream_arrives_whole() {
-    let addr = free_port(false);
-    let (child, out) = sink(&["tcp-sink", &addr, "20"]);
+    let (addr, child, out) = sink("tcp-sink", "20");
     send(&["tcp-send", &addr, "3000000"]);
     assert_eq!(last_number(child, out), 3_000_000);
 }
 
 #[test]
 fn udp_datagrams_are_counted_by_the_sink() {
-    let addr = free_port(true);
-    let (child, out) = sink(&["udp-sink", &addr, "20"]);
+    let (addr, child, out) = sink("udp-sink", "20");
     // 100 datagrams of 100 bytes fit in the default receive buffer (rmem_default, 208 KiB)
     // even when the sink gets no CPU until the sender is done: on loopback none may drop.
     // (500 did drop, 122 of them, with the suites running beside it on two cores.)
