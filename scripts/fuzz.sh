@@ -11,7 +11,9 @@ cache="${DOVE_CACHE:-/var/cache/dove}"
 tool="$cache/cargo-fuzz"
 if [ ! -x "$tool/bin/cargo-fuzz" ]; then
     echo "fuzz.sh: installing cargo-fuzz into $tool"
-    cargo install cargo-fuzz --locked --root "$tool" 2>&1 | tail -n 2
+    # --debug: cargo-fuzz only drives cargo and libFuzzer, and an unoptimised build of it
+    # is ready in about half the CPU time (26 s against 48 s; a cold CI run pays for it).
+    cargo install cargo-fuzz --locked --debug --root "$tool" 2>&1 | tail -n 2
 fi
 export PATH="$tool/bin:$PATH"
 # The sanitised build is kept outside the clone: a fresh clone rebuilds nothing.
