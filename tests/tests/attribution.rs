@@ -390,14 +390,10 @@ fn third_party_packets_in_the_same_batches_are_unattributed() {
             billed <= 1.2 * tenant_cost,
             "junk to {what}: the tenant was billed {billed:.2} us per datagram; ftrace saw its datagrams take {tenant_cost:.2} us"
         );
-        // Against its cost alone with the same spacing: a tenant whose datagrams arrive
-        // one at a time pays a wakeup of its reader for each, which it does not in bursts,
-        // and that is its own cost, not the third party's.
-        assert!(
-            billed <= 2.5 * tenant_alone,
-            "junk to {what}: the tenant was billed {billed:.2} us per datagram, {:.2}x its {tenant_alone:.2} us alone in bursts",
-            billed / tenant_alone
-        );
+        // Against its cost alone with the same spacing, not in bursts: a tenant whose
+        // datagrams arrive one at a time pays a wakeup of its reader for each, which it
+        // does not in bursts, and that is its own cost, not the third party's (how much
+        // more depends on the machine: 3.8x on one of ours).
         assert!(
             billed <= 1.5 * tenant_paced,
             "junk to {what}: the tenant was billed {billed:.2} us per datagram, {:.2}x its {tenant_paced:.2} us alone with the same spacing",
