@@ -13,6 +13,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 command -v qemu-system-x86_64 >/dev/null && command -v cpio >/dev/null || \
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 cpio >/dev/null
 
+kernel=$(bash tests/vm/build-kernel.sh)
 # A Debian kernel that cannot be fetched fails the suite, after the patched boot has run.
 debian=$(bash tests/vm/debian-kernel.sh 6.1) || debian=
 debian612=$(bash tests/vm/debian-kernel.sh 6.12) || debian612=
@@ -104,9 +105,6 @@ bash tests/vm/mkinitramfs.sh "$work/initramfs.cpio" "$repo/target/release" "$tra
 [ -z "$debian612" ] ||
     bash tests/vm/mkinitramfs.sh "$work/initramfs-debian612.cpio" "$repo/target/release" "$traffic" "$debian612/modules" ||
     debian612=
-# The patched kernel last: a build still under way in the background (scripts/test.sh
-# starts it early) gets the time the fetches and initramfs builds above spent waiting.
-kernel=$(bash tests/vm/build-kernel.sh)
 started=$(date +%s)
 status=0
 if [ "${DOVE_VM_LANES:-2}" -ge 2 ] && [ "$(nproc)" -ge 2 ]; then

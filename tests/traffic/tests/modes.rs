@@ -46,6 +46,7 @@ fn sink(
         }
         let failed = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&failed.stderr);
+        // The sink's `.expect("bind")` prints the io::Error's Debug form, kind included.
         assert!(
             stderr.contains("AddrInUse"),
             "{mode} on {addr} did not start: {stderr}"
@@ -57,8 +58,13 @@ fn sink(
 fn last_number(child: std::process::Child, mut out: BufReader<std::process::ChildStdout>) -> u64 {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    let status = child.wait_with_output().unwrap().status;
-    assert!(status.success(), "sink exited with {status}");
+    let done = child.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "sink exited with {}: {}",
+        done.status,
+        String::from_utf8_lossy(&done.stderr)
+    );
     line.trim()
         .parse()
         .unwrap_or_else(|_| panic!("sink printed {line:?}"))
