@@ -691,6 +691,10 @@ pub struct PacketSpans {
     pub by_len: std::collections::BTreeMap<u32, (u64, u64)>,
     /// Window time before the first packet.
     pub prelude_ns: u64,
+    /// The same, by the length of the packet the window began with: the owner of a
+    /// window's first packet pays for waking the window (DOVE's rule too), which matters
+    /// when the softirq keeps up and every packet has a window of its own.
+    pub prelude_by_len: std::collections::BTreeMap<u32, u64>,
     /// Windows with no packet.
     pub empty_ns: u64,
     pub windows: u64,
@@ -706,8 +710,34 @@ impl PacketSpans {
         self.by_len.get(&len).copied().unwrap_or_default()
     }
 
+    /// Packets and time of one length, with the preludes of the windows they began.
+    pub fn of_len_with_prelude(&self, len: u32) -> (u64, u64) {
+        let (n, ns) = self.of_len(len);
+        (
+            n,
+            ns + self.prelude_by_len.get(&len).copied().unwrap_or_default(),
+        )
+    }
+
     pub fn total_ns(&self) -> u64 {
         self.by_len.values().map(|(_, ns)| ns).sum::<u64>() + self.prelude_ns + self.empty_ns
+    }
+}
+
+impl std::ops::AddAssign for PacketSpans {
+    fn add_assign(&mut self, o: PacketSpans) {
+        for (len, (n, ns)) in o.by_len {
+            let e = self.by_len.entry(len).or_default();
+            e.0 += n;
+            e.1 += ns;
+        }
+        for (len, ns) in o.prelude_by_len {
+            *self.prelude_by_len.entry(len).or_default() += ns;
+        }
+        self.prelude_ns += o.prelude_ns;
+        self.empty_ns += o.empty_ns;
+        self.windows += o.windows;
+        self.handovers += o.handovers;
     }
 }
 
@@ -763,7 +793,11 @@ impl PacketTrace {
                         e.1 += line.ns_since(mark);
                         spans.handovers += u64::from(prev != len);
                     }
-                    Some((mark, None)) => spans.prelude_ns += line.ns_since(mark),
+                    Some((mark, None)) => {
+                        let ns = line.ns_since(mark);
+                        spans.prelude_ns += ns;
+                        *spans.prelude_by_len.entry(len).or_default() += ns;
+                    }
                     None => continue,
                 }
                 open = Some((ts, Some(len)));

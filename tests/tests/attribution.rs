@@ -54,15 +54,7 @@ struct Run {
 
 impl std::ops::AddAssign for Run {
     fn add_assign(&mut self, o: Run) {
-        for (len, (n, ns)) in o.spans.by_len {
-            let e = self.spans.by_len.entry(len).or_default();
-            e.0 += n;
-            e.1 += ns;
-        }
-        self.spans.prelude_ns += o.spans.prelude_ns;
-        self.spans.empty_ns += o.spans.empty_ns;
-        self.spans.windows += o.spans.windows;
-        self.spans.handovers += o.spans.handovers;
+        self.spans += o.spans;
         self.billed[0] += o.billed[0];
         self.billed[1] += o.billed[1];
         self.unattributed += o.unattributed;

@@ -130,13 +130,21 @@ fn two_owners_split_three_to_one() {
     let b = cost(&after, "big").total_ns - cost(&before, "big").total_ns;
     let s = cost(&after, "small").total_ns - cost(&before, "small").total_ns;
     let ratio = b as f64 / s as f64;
-    // The kernel's own view: each datagram's span by its length (64 + 28, 72 + 28). A
-    // datagram after three others costs a little more than they do (its sink was asleep
-    // and is woken), so the true split is not exactly the delivered 3:1.
-    let ((nb, tb), (ns, ts)) = (spans.of_len(92), spans.of_len(100));
+    // The kernel's own view: each datagram's span by its length (64 + 28, 72 + 28), with
+    // the start of each window it opened. A datagram after three others costs a little
+    // more than they do (its sink was asleep and is woken), so the true split is not
+    // exactly the delivered 3:1. When the softirq keeps up, every datagram has a window of
+    // its own and the window's start is a fifth of the cost (13 of 68 ms on one machine):
+    // without it the kernel's split read 1.5 where DOVE's, rightly, read 1.8.
+    let ((nb, tb), (ns, ts)) = (
+        spans.of_len_with_prelude(92),
+        spans.of_len_with_prelude(100),
+    );
     let traced = tb as f64 / ts as f64;
     eprintln!(
-        "delivered 30000:10000; ftrace saw {nb}:{ns} taking {:.2} ms : {:.2} ms = {traced:.2}; DOVE attributed {:.2} ms : {:.2} ms = {ratio:.2}",
+        "delivered 30000:10000; ftrace saw {nb}:{ns} in {} windows ({} owner changes inside one) taking {:.2} ms : {:.2} ms = {traced:.2}; DOVE attributed {:.2} ms : {:.2} ms = {ratio:.2}",
+        spans.windows,
+        spans.handovers,
         ms(tb),
         ms(ts),
         ms(b),
@@ -148,10 +156,11 @@ fn two_owners_split_three_to_one() {
         "ftrace saw every datagram begin"
     );
     // The judge is the kernel's own split, which on one CI machine was 2.07 (the woken
-    // sink's datagrams cost more there): it must be clearly uneven for the test to tell
-    // a right split from an even one, and DOVE's must match it.
+    // sink's datagrams cost more there) and 1.8 on another: it must be clearly uneven for
+    // the test to tell a right split from an even one (1.0, more than 10% off from 1.3),
+    // and DOVE's must match it.
     assert!(
-        traced >= 1.6,
+        traced >= 1.3,
         "the kernel's split {traced:.2} is too even to judge DOVE's by"
     );
     assert!(
