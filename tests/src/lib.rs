@@ -278,6 +278,36 @@ impl TempDaemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// SIGSTOP the daemon and return once every one of its threads is stopped. `kill`
+    /// returns before the signal is delivered, and a thread already past `accept` would
+    /// otherwise still answer the next request, so a test of a stalled daemon would see a
+    /// live one.
+    pub fn freeze(&self) {
+        let pid = self.pid();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .expect("SIGSTOP doved");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "doved ({pid}) was not stopped 10 s after SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Undo [`TempDaemon::freeze`].
+    pub fn thaw(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        )
+        .expect("SIGCONT doved");
+    }
+
     /// SIGTERM the daemon and wait for it to exit (at most 10 s, then `kill -9`); returns
     /// how long the shutdown took.
     pub fn terminate(&mut self) -> Duration {
@@ -1297,4 +1327,21 @@ pub fn quota_state(daemon: &TempDaemon, id: &str) -> Option<dove_proto::QuotaSta
         .into_iter()
         .find(|c| c.id == id)
         .and_then(|c| c.quota)
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in its `stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            // The state follows the parenthesised command name, which may itself hold ')'.
+            .and_then(|stat| {
+                stat.rsplit_once(") ")
+                    .map(|(_, rest)| rest.starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
 }

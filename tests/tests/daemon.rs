@@ -263,9 +263,9 @@ fn daemon_down_or_stuck_fails_open_within_the_timeout() {
 
     // A daemon that accepts but never answers (stopped): bounded by the timeout.
     let mut daemon = TempDaemon::start().unwrap();
-    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGSTOP).unwrap();
+    daemon.freeze();
     let run = run_hook(&daemon.socket, &["createRuntime"], &state);
-    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGCONT).unwrap();
+    daemon.thaw();
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
         run.elapsed < Duration::from_secs(2),
@@ -890,7 +890,7 @@ fn a_full_accept_queue_never_holds_the_hook_past_its_deadline() {
     let mut daemon = TempDaemon::start().unwrap();
     let parked = Parked::new();
     let bundle = tempfile::tempdir().unwrap();
-    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGSTOP).unwrap();
+    daemon.freeze();
     // Fill the stopped daemon's accept queue with idle connections.
     let addr = UnixAddr::new(&daemon.socket).unwrap();
     let mut idle = Vec::new();
@@ -914,7 +914,7 @@ fn a_full_accept_queue_never_holds_the_hook_past_its_deadline() {
         &["--timeout-ms", "500", "createRuntime"],
         &state_json("queued", Some(parked.pid()), bundle.path()),
     );
-    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGCONT).unwrap();
+    daemon.thaw();
     eprintln!(
         "{} idle connections queued; hook exited {} after {:?}",
         idle.len(),

@@ -667,10 +667,8 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
     // A stalled doved (stopped: its program stays attached) stops dropping once its
     // lease on the bucket lapses, as one killed on a kernel without tcx would (a clsact
     // filter outlives its process). The kernel's counter of failed sends stops.
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
     let kernel_drops = || udp_counter("SndbufErrors") - link.host_tx_dropped();
-    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGSTOP).unwrap();
+    daemon.freeze();
     let dropping = kernel_drops();
     std::thread::sleep(Duration::from_millis(300));
     let dropping = kernel_drops() - dropping;
@@ -678,7 +676,7 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
     let lapsed = kernel_drops();
     std::thread::sleep(Duration::from_millis(500));
     let lapsed = kernel_drops() - lapsed;
-    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGCONT).unwrap();
+    daemon.thaw();
     eprintln!(
         "doved stopped: {dropping} drops in 300 ms, {lapsed} in 500 ms once its lease lapsed"
     );
