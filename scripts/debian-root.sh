@@ -9,6 +9,15 @@ if [ -s "$tarball" ]; then
     echo "$tarball"
     exit 0
 fi
+# Two tests (or test.sh's fetch ahead and a test) may find the cache cold at once: one
+# builds, the other waits and takes its tarball.
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
+if [ -s "$tarball" ]; then
+    echo "$tarball"
+    exit 0
+fi
 command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
 
 mirror=""
@@ -22,7 +31,6 @@ if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
 fi
 mirror="${mirror:-http://deb.debian.org/debian}"
 
-mkdir -p "$cache"
 work=$(mktemp -d "$cache/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo "debian-root.sh: debootstrap bookworm from $mirror (cached afterwards)" >&2
@@ -30,6 +38,6 @@ debootstrap --variant=minbase bookworm "$work/root" "$mirror" >"$work/log" 2>&1 
     tail -n 20 "$work/log" >&2
     exit 1
 }
-tar -C "$work/root" -cf "$tarball.tmp" .
-mv "$tarball.tmp" "$tarball"
+tar -C "$work/root" -cf "$work/root.tar" .
+mv "$work/root.tar" "$tarball"
 echo "$tarball"

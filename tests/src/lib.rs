@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -135,18 +134,28 @@ impl TempDaemon {
     }
 
     fn observed(observer_extra: &str, enforcement: &str, sections: &str) -> Result<Self> {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("dove-test")));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let metrics = format!("127.0.0.1:{port}");
-        let config = format!(
-            // Never `auto`: on a patched kernel a test daemon would take the scheduler's
-            // cost maps from a DOVE installed on the host.
-            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"{enforcement}\"\n{sections}\n",
-            pin_dir.display()
-        );
-        Self::start_with(&config, Some(pin_dir), Some(metrics))
+        // The metrics port is found free here and bound by doved later; another process
+        // can take it in between, so a start that lost it is tried again on a new one.
+        let mut attempts = 0;
+        loop {
+            let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("dove-test")));
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let metrics = format!("127.0.0.1:{port}");
+            let config = format!(
+                // Never `auto`: on a patched kernel a test daemon would take the scheduler's
+                // cost maps from a DOVE installed on the host.
+                "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"{enforcement}\"\n{sections}\n",
+                pin_dir.display()
+            );
+            match Self::start_with(&config, Some(pin_dir), Some(metrics)) {
+                Err(e) if attempts < 4 && format!("{e:#}").contains("Address already in use") => {
+                    attempts += 1;
+                }
+                started => return started,
+            }
+        }
     }
 
     fn start_with(config: &str, pin_dir: Option<PathBuf>, metrics: Option<String>) -> Result<Self> {
@@ -252,6 +261,10 @@ impl TempDaemon {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .env("RUST_LOG", "info")
+            // Under a systemd-run test runner doved would log to the journal, and the
+            // tests read its log from stderr.
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("INVOCATION_ID")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -260,7 +273,13 @@ impl TempDaemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if UnixStream::connect(&self.socket).is_ok() {
+            // Serving, not merely bound: doved binds before it loads its registry and
+            // replays the spool, and a hook that came in between would spend its
+            // deadline waiting.
+            if Client::connect(&self.socket, Duration::from_secs(1))
+                .and_then(|mut c| c.call(Request::Stats))
+                .is_ok()
+            {
                 return Ok(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
@@ -707,71 +726,158 @@ pub struct CpuSoftirq {
     pub windows: u64,
 }
 
-/// NET_RX windows on one CPU and the start of every received packet
-/// (`net:netif_receive_skb`, with its length): an independent measure of what each
-/// packet's processing cost inside batched windows. A packet's span runs from its start
-/// to the next packet's start or the window's end (the backlog path hands the stack one
-/// packet at a time); time before a window's first packet is kept apart.
+/// NET softirq windows and the start of every received packet (`net:netif_receive_skb`):
+/// an independent measure of what each packet's processing cost inside batched windows.
+/// A packet's span runs from its start to the next packet's start or the window's end
+/// (the backlog path hands the stack one packet at a time); time before a window's first
+/// packet is kept apart. Packets are told apart by their length ([`PacketTrace::stop`])
+/// or by the device they arrived on ([`PacketTrace::stop_by_device`]).
 pub struct PacketTrace(TraceInstance);
 
-/// What [`PacketTrace`] saw.
-#[derive(Debug, Clone, Default)]
-pub struct PacketSpans {
-    /// Packet length at `netif_receive_skb` (IP header onwards) → (packets, ns).
-    pub by_len: std::collections::BTreeMap<u32, (u64, u64)>,
+/// What [`PacketTrace`] saw, by packet key (length, or device name).
+#[derive(Debug, Clone)]
+pub struct PacketSpans<K = u32> {
+    /// Packet key → (packets, ns).
+    pub by_key: std::collections::BTreeMap<K, (u64, u64)>,
     /// Window time before the first packet.
     pub prelude_ns: u64,
-    /// The same, by the length of the packet the window began with: the owner of a
+    /// The same, by the key of the packet the window began with: the owner of a
     /// window's first packet pays for waking the window (DOVE's rule too), which matters
     /// when the softirq keeps up and every packet has a window of its own.
-    pub prelude_by_len: std::collections::BTreeMap<u32, u64>,
+    pub prelude_by_key: std::collections::BTreeMap<K, u64>,
     /// Windows with no packet.
     pub empty_ns: u64,
     pub windows: u64,
-    /// Packets that began right after a packet of another length in the same window:
+    /// Packets that began right after a packet of another key in the same window:
     /// the places where a window changes owner, which are what a per-packet attribution
     /// rule must get right and a per-window one cannot.
     pub handovers: u64,
 }
 
-impl PacketSpans {
-    /// Packets and time of one length.
-    pub fn of_len(&self, len: u32) -> (u64, u64) {
-        self.by_len.get(&len).copied().unwrap_or_default()
+impl<K> Default for PacketSpans<K> {
+    fn default() -> Self {
+        Self {
+            by_key: Default::default(),
+            prelude_ns: 0,
+            prelude_by_key: Default::default(),
+            empty_ns: 0,
+            windows: 0,
+            handovers: 0,
+        }
+    }
+}
+
+impl<K: Ord> PacketSpans<K> {
+    /// Packets and time of one key.
+    pub fn of<Q: Ord + ?Sized>(&self, key: &Q) -> (u64, u64)
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.by_key.get(key).copied().unwrap_or_default()
     }
 
-    /// Packets and time of one length, with the preludes of the windows they began.
-    pub fn of_len_with_prelude(&self, len: u32) -> (u64, u64) {
-        let (n, ns) = self.of_len(len);
+    /// Packets and time of one key, with the preludes of the windows they began.
+    pub fn of_with_prelude<Q: Ord + ?Sized>(&self, key: &Q) -> (u64, u64)
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        let (n, ns) = self.of(key);
         (
             n,
-            ns + self.prelude_by_len.get(&len).copied().unwrap_or_default(),
+            ns + self.prelude_by_key.get(key).copied().unwrap_or_default(),
         )
     }
 
     pub fn total_ns(&self) -> u64 {
-        self.by_len.values().map(|(_, ns)| ns).sum::<u64>() + self.prelude_ns + self.empty_ns
+        self.by_key.values().map(|(_, ns)| ns).sum::<u64>() + self.prelude_ns + self.empty_ns
+    }
+
+    /// Build from a trace's text, keying each packet by `key` of its
+    /// `netif_receive_skb` fields; windows are followed on each CPU apart.
+    fn parse(text: &str, key: impl Fn(&str) -> Option<K>) -> Self
+    where
+        K: Clone + PartialEq,
+    {
+        let mut spans = Self::default();
+        // Per CPU while a window is open: (mark, key of the packet in flight).
+        let mut open: std::collections::HashMap<u32, (f64, Option<K>)> = Default::default();
+        for line in TraceInstance::lines(text) {
+            let (ts, event) = (line.ts, line.event);
+            if event.starts_with("softirq_entry") {
+                open.insert(line.cpu, (ts, None));
+                spans.windows += 1;
+            } else if event.starts_with("softirq_exit") {
+                match open.remove(&line.cpu) {
+                    Some((mark, Some(k))) => {
+                        let e = spans.by_key.entry(k).or_default();
+                        e.0 += 1;
+                        e.1 += line.ns_since(mark);
+                    }
+                    Some((mark, None)) => spans.empty_ns += line.ns_since(mark),
+                    None => {}
+                }
+            } else if event.starts_with("netif_receive_skb") {
+                let Some(k) = key(event) else {
+                    continue;
+                };
+                match open.remove(&line.cpu) {
+                    Some((mark, Some(prev))) => {
+                        spans.handovers += u64::from(prev != k);
+                        let e = spans.by_key.entry(prev).or_default();
+                        e.0 += 1;
+                        e.1 += line.ns_since(mark);
+                    }
+                    Some((mark, None)) => {
+                        let ns = line.ns_since(mark);
+                        spans.prelude_ns += ns;
+                        *spans.prelude_by_key.entry(k.clone()).or_default() += ns;
+                    }
+                    // Outside a window this trace follows (another vector's, or one
+                    // that began before the trace).
+                    None => continue,
+                }
+                open.insert(line.cpu, (ts, Some(k)));
+            }
+        }
+        spans
     }
 }
 
-impl std::ops::AddAssign for PacketSpans {
-    fn add_assign(&mut self, o: PacketSpans) {
-        for (len, (n, ns)) in o.by_len {
-            let e = self.by_len.entry(len).or_default();
+impl<K: Ord> std::ops::AddAssign for PacketSpans<K> {
+    fn add_assign(&mut self, o: PacketSpans<K>) {
+        // Destructured so that a new field does not compile until it is summed here.
+        let PacketSpans {
+            by_key,
+            prelude_ns,
+            prelude_by_key,
+            empty_ns,
+            windows,
+            handovers,
+        } = o;
+        for (k, (n, ns)) in by_key {
+            let e = self.by_key.entry(k).or_default();
             e.0 += n;
             e.1 += ns;
         }
-        for (len, ns) in o.prelude_by_len {
-            *self.prelude_by_len.entry(len).or_default() += ns;
+        for (k, ns) in prelude_by_key {
+            *self.prelude_by_key.entry(k).or_default() += ns;
         }
-        self.prelude_ns += o.prelude_ns;
-        self.empty_ns += o.empty_ns;
-        self.windows += o.windows;
-        self.handovers += o.handovers;
+        self.prelude_ns += prelude_ns;
+        self.empty_ns += empty_ns;
+        self.windows += windows;
+        self.handovers += handovers;
     }
 }
 
+/// One field of a trace event's text (`name=value`).
+fn trace_field<'a>(event: &'a str, name: &str) -> Option<&'a str> {
+    event
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+}
+
 impl PacketTrace {
+    /// NET_RX windows on `cpu` alone.
     pub fn start(cpu: usize) -> Result<Self> {
         let rx = Some("vec == 3");
         TraceInstance::start(
@@ -788,52 +894,34 @@ impl PacketTrace {
         .map(Self)
     }
 
+    /// NET_RX and NET_TX windows on every CPU: all the time [`SoftirqTrace`] counts.
+    pub fn start_every_cpu() -> Result<Self> {
+        let net = Some("vec == 2 || vec == 3");
+        TraceInstance::start(
+            &[("buffer_size_kb", "65536")],
+            &[
+                ("irq/softirq_entry", net),
+                ("irq/softirq_exit", net),
+                ("net/netif_receive_skb", None),
+            ],
+        )
+        .map(Self)
+    }
+
+    /// Stop; packets by their length (IP header onwards).
     pub fn stop(&self) -> Result<PacketSpans> {
         let text = self.0.stop()?;
-        let mut spans = PacketSpans::default();
-        // (mark, length of the packet in flight) while a window is open.
-        let mut open: Option<(f64, Option<u32>)> = None;
-        for line in TraceInstance::lines(&text) {
-            let (ts, event) = (line.ts, line.event);
-            if event.starts_with("softirq_entry") {
-                open = Some((ts, None));
-                spans.windows += 1;
-            } else if event.starts_with("softirq_exit") {
-                match open.take() {
-                    Some((mark, Some(len))) => {
-                        let e = spans.by_len.entry(len).or_default();
-                        e.0 += 1;
-                        e.1 += line.ns_since(mark);
-                    }
-                    Some((mark, None)) => spans.empty_ns += line.ns_since(mark),
-                    None => {}
-                }
-            } else if event.starts_with("netif_receive_skb") {
-                let Some(len) = event
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix("len="))
-                    .and_then(|l| l.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                match open {
-                    Some((mark, Some(prev))) => {
-                        let e = spans.by_len.entry(prev).or_default();
-                        e.0 += 1;
-                        e.1 += line.ns_since(mark);
-                        spans.handovers += u64::from(prev != len);
-                    }
-                    Some((mark, None)) => {
-                        let ns = line.ns_since(mark);
-                        spans.prelude_ns += ns;
-                        *spans.prelude_by_len.entry(len).or_default() += ns;
-                    }
-                    None => continue,
-                }
-                open = Some((ts, Some(len)));
-            }
-        }
-        Ok(spans)
+        Ok(PacketSpans::parse(&text, |event| {
+            trace_field(event, "len")?.parse().ok()
+        }))
+    }
+
+    /// Stop; packets by the device they arrived on.
+    pub fn stop_by_device(&self) -> Result<PacketSpans<String>> {
+        let text = self.0.stop()?;
+        Ok(PacketSpans::parse(&text, |event| {
+            trace_field(event, "dev").map(str::to_owned)
+        }))
     }
 }
 
@@ -1044,9 +1132,17 @@ pub fn run_hook(socket: &Path, args: &[&str], stdin: &[u8]) -> HookRun {
 /// a runtime that never closes it would leave it.
 pub fn run_hook_stdin(socket: &Path, args: &[&str], stdin: &[u8], close_stdin: bool) -> HookRun {
     let start = Instant::now();
+    // The hook's own 500 ms default is for a node's container starts; a test that is not
+    // about the deadline must not fail open because the suite loads the machine.
+    let deadline: &[&str] = if args.contains(&"--timeout-ms") {
+        &[]
+    } else {
+        &["--timeout-ms", "5000"]
+    };
     let mut child = Command::new(bin("dove-hook"))
         .arg("--socket")
         .arg(socket)
+        .args(deadline)
         .args(args)
         .env("DOVE_LOG_STDERR", "1")
         .stdin(Stdio::piped())

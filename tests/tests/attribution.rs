@@ -176,9 +176,10 @@ fn sum(runs: &[Run]) -> Run {
     total
 }
 
-/// ftrace's per-packet cost of class `k` in `run`, in µs.
+/// ftrace's per-packet cost of class `k` in `run`, in µs, with the starts of the windows
+/// its packets began (DOVE bills those to the owner of a window's first packet).
 fn traced_us(run: &Run, k: usize) -> f64 {
-    let (n, ns) = run.spans.of_len(LENS[k]);
+    let (n, ns) = run.spans.of_with_prelude(&LENS[k]);
     per_packet_us(ns, n)
 }
 
@@ -281,7 +282,7 @@ fn mixed_batches_bill_each_owner_its_own_cost() {
     assert_eq!(drops, 0, "datagrams dropped at the sinks");
     // The bed must produce what it claims, or the test proves nothing.
     assert_eq!(
-        (mixed.spans.of_len(LENS[0]).0, mixed.spans.of_len(LENS[1]).0),
+        (mixed.spans.of(&LENS[0]).0, mixed.spans.of(&LENS[1]).0),
         (mixed.packets[0], mixed.packets[1]),
         "ftrace saw every datagram begin on CPU {}",
         bed.softirq_cpu
@@ -348,7 +349,7 @@ fn third_party_packets_in_the_same_batches_are_unattributed() {
         per_packet_us(paced.billed[0], paced.packets[0])
     );
     assert_eq!(
-        paced.spans.of_len(LENS[1]).0,
+        paced.spans.of(&LENS[1]).0,
         0,
         "the paced reference's stand-ins reached the softirq CPU"
     );
@@ -363,7 +364,7 @@ fn third_party_packets_in_the_same_batches_are_unattributed() {
     ] {
         let run = sum(runs);
         let tenant_cost = traced_us(&run, 0);
-        let (_, junk_ns) = run.spans.of_len(LENS[1]);
+        let (_, junk_ns) = run.spans.of_with_prelude(&LENS[1]);
         let billed = per_packet_us(run.billed[0], run.packets[0]);
         eprintln!(
             "junk to {what}: {} datagrams in {} windows, {} owner changes inside one; DOVE saw {} begin, {} reach no socket",

@@ -252,9 +252,15 @@ fn cpumax_lowers_the_quota_by_softirq_cost_and_always_restores_the_base() {
     let lowered = cpu.lowered_below(72_000, LOWERING);
     assert!(lowered.is_some(), "not lowered: {}", cpu.quota_us());
     cpu.set_quota_us(90_000);
-    std::thread::sleep(Duration::from_millis(300));
-    let state = quota_state(&daemon, "flooded").unwrap();
-    assert_eq!(state.base_quota_us, 90_000, "{state:?}");
+    let adopted_by = Instant::now() + Duration::from_secs(3);
+    let state = loop {
+        let state = quota_state(&daemon, "flooded").unwrap();
+        if state.base_quota_us == 90_000 || Instant::now() > adopted_by {
+            break state;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(state.base_quota_us, 90_000, "not adopted in 3 s: {state:?}");
     let relowered = cpu.lowered_below(81_000, LOWERING);
     // The floor is the new base's (9 ms), not the old one's (8 ms).
     let lowest = cpu.lowest_within(Duration::from_millis(1000));
@@ -667,7 +673,8 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
     // A stalled doved (stopped: its program stays attached) stops dropping once its
     // lease on the bucket lapses, as one killed on a kernel without tcx would (a clsact
     // filter outlives its process). The kernel's counter of failed sends stops.
-    let kernel_drops = || udp_counter("SndbufErrors") - link.host_tx_dropped();
+    // The veth's own drops count in both counters, one a moment after the other.
+    let kernel_drops = || udp_counter("SndbufErrors") as i64 - link.host_tx_dropped() as i64;
     daemon.freeze();
     let dropping = kernel_drops();
     std::thread::sleep(Duration::from_millis(300));
@@ -684,7 +691,12 @@ fn early_drop_holds_a_flood_to_what_the_quota_absorbs_and_lets_go_after() {
         dropping > 0,
         "the program must still be dropping right after the stop"
     );
-    assert_eq!(lapsed, 0, "a stalled doved's bucket went on dropping");
+    // A veth drop between the two counters' reads reads as one either way; the program
+    // drops thousands in this time.
+    assert!(
+        lapsed.abs() <= 2,
+        "a stalled doved's bucket went on dropping ({lapsed})"
+    );
     let _ = finish(flood);
     drop(sink);
 

@@ -10,8 +10,8 @@ use dove_proto::Stats;
 use dove_tests::*;
 
 #[test]
-fn one_owner_takes_at_least_90_percent_of_net_softirq_time() {
-    if !require_root("one_owner_takes_at_least_90_percent_of_net_softirq_time") {
+fn one_owner_is_billed_the_softirq_time_of_its_packets() {
+    if !require_root("one_owner_is_billed_the_softirq_time_of_its_packets") {
         return;
     }
     let _serial = serial();
@@ -29,7 +29,7 @@ fn one_owner_takes_at_least_90_percent_of_net_softirq_time() {
         .unwrap();
 
     let before = settled(&daemon);
-    let trace = SoftirqTrace::start().unwrap();
+    let trace = PacketTrace::start_every_cpu().unwrap();
     finish(
         net.spawn(&net.a, None, &["udp-send", &udp, "20000", "64"], false)
             .unwrap(),
@@ -42,20 +42,39 @@ fn one_owner_takes_at_least_90_percent_of_net_softirq_time() {
     .unwrap();
     let received = finish(udp_sink).unwrap();
     let bytes = finish(tcp_sink).unwrap();
-    let traced = trace.stop().unwrap();
+    let spans = trace.stop_by_device().unwrap();
     let after = settled(&daemon);
 
     let owner = cost(&after, "owner").total_ns - cost(&before, "owner").total_ns;
     let unattributed = after.unattributed.total_ns - before.unattributed.total_ns;
-    let share = owner as f64 / traced as f64;
+    let traced = spans.total_ns();
+    // The owner's packets are those that arrived in its namespace. The sender's (TCP's
+    // acknowledgements), and whatever else the host received meanwhile, are not its:
+    // their share of the whole varies with scheduling and the host, not with DOVE.
+    let (owner_packets, owner_traced) = spans.of_with_prelude(net.dev_b.as_str());
+    let (sender_packets, sender_traced) = spans.of_with_prelude(net.dev_a.as_str());
+    let share = owner as f64 / owner_traced as f64;
     eprintln!(
-        "udp datagrams {received}, tcp bytes {bytes}; ftrace NET softirq {:.2} ms; owner {:.2} ms ({:.1}%); unattributed {:.2} ms",
-        ms(traced), ms(owner), share * 100.0, ms(unattributed)
+        "udp datagrams {received}, tcp bytes {bytes}; ftrace NET softirq {:.2} ms: the owner's {owner_packets} packets {:.2} ms, the sender's {sender_packets} {:.2} ms, the rest (other devices, windows without a packet) {:.2} ms; DOVE: owner {:.2} ms ({:.1}% of its packets' time), unattributed {:.2} ms",
+        ms(traced),
+        ms(owner_traced),
+        ms(sender_traced),
+        ms(traced - owner_traced - sender_traced),
+        ms(owner),
+        share * 100.0,
+        ms(unattributed)
     );
     assert!(received > 10_000 && bytes == 30_000_000, "traffic arrived");
     assert!(
-        share >= 0.90,
-        "owner got {:.1}% of NET softirq time",
+        owner_packets >= received,
+        "ftrace saw {owner_packets} packets arrive on {}",
+        net.dev_b
+    );
+    assert!(
+        (0.90..=1.10).contains(&share),
+        "the owner was billed {:.2} ms for packets ftrace saw take {:.2} ms ({:.1}%)",
+        ms(owner),
+        ms(owner_traced),
         share * 100.0
     );
     // The two measures agree on the whole: DOVE's owner + unattributed ≈ ftrace.
@@ -136,10 +155,7 @@ fn two_owners_split_three_to_one() {
     // exactly the delivered 3:1. When the softirq keeps up, every datagram has a window of
     // its own and the window's start is a fifth of the cost (13 of 68 ms on one machine):
     // without it the kernel's split read 1.5 where DOVE's, rightly, read 1.8.
-    let ((nb, tb), (ns, ts)) = (
-        spans.of_len_with_prelude(92),
-        spans.of_len_with_prelude(100),
-    );
+    let ((nb, tb), (ns, ts)) = (spans.of_with_prelude(&92), spans.of_with_prelude(&100));
     let traced = tb as f64 / ts as f64;
     eprintln!(
         "delivered 30000:10000; ftrace saw {nb}:{ns} in {} windows ({} owner changes inside one) taking {:.2} ms : {:.2} ms = {traced:.2}; DOVE attributed {:.2} ms : {:.2} ms = {ratio:.2}",
@@ -1554,8 +1570,15 @@ fn metrics_endpoint_caps_its_connections() {
     let idle: Vec<_> = (0..200)
         .map(|_| std::net::TcpStream::connect(&addr).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let log = daemon.log_text();
+    let refused_by = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = daemon.log_text();
+        if log.contains("metrics connection refused: too many open") || Instant::now() > refused_by
+        {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         log.contains("metrics connection refused: too many open"),
         "{log}"

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dove_tests::*;
 
@@ -433,7 +433,13 @@ fn dove_runtime_wraps_runc_as_containerd_shim_drives_it() {
     let state_json = runtime(&["state", &id]).unwrap();
     assert!(state_json.contains("\"running\""), "{state_json}");
     runtime(&["kill", &id, "KILL"]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // runc refuses to delete a container that has not stopped yet, and a signal is not
+    // acted on when kill returns.
+    let stopped_by = Instant::now() + Duration::from_secs(10);
+    while !runtime(&["state", &id]).unwrap().contains("\"stopped\"") {
+        assert!(Instant::now() < stopped_by, "{id} did not stop after KILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     runtime(&["delete", &id]).unwrap();
     assert!(daemon.find(&id).is_none(), "unregistered at poststop");
 
