@@ -13,12 +13,13 @@ fi
 # builds, the other waits and takes its tarball.
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
-flock 9
+flock -w 1800 9 || { echo "debian-root.sh: $cache/.lock held for 30 min: is another build stuck?" >&2; exit 1; }
 if [ -s "$tarball" ]; then
     echo "$tarball"
     exit 0
 fi
-command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+# The lock is not theirs to keep: an orphan of a killed run must not hold it.
+command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null 9>&-
 
 mirror=""
 for f in /etc/apt/sources.list.d/*.sources; do
@@ -31,10 +32,12 @@ if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
 fi
 mirror="${mirror:-http://deb.debian.org/debian}"
 
+# Under the lock, any build directory is a killed run's.
+rm -rf "$cache"/build.*
 work=$(mktemp -d "$cache/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo "debian-root.sh: debootstrap bookworm from $mirror (cached afterwards)" >&2
-debootstrap --variant=minbase bookworm "$work/root" "$mirror" >"$work/log" 2>&1 || {
+debootstrap --variant=minbase bookworm "$work/root" "$mirror" >"$work/log" 2>&1 9>&- || {
     tail -n 20 "$work/log" >&2
     exit 1
 }

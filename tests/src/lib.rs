@@ -136,26 +136,28 @@ impl TempDaemon {
     fn observed(observer_extra: &str, enforcement: &str, sections: &str) -> Result<Self> {
         // The metrics port is found free here and bound by doved later; another process
         // can take it in between, so a start that lost it is tried again on a new one.
-        let mut attempts = 0;
-        loop {
-            let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("dove-test")));
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let metrics = format!("127.0.0.1:{port}");
-            let config = format!(
-                // Never `auto`: on a patched kernel a test daemon would take the scheduler's
-                // cost maps from a DOVE installed on the host.
-                "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"{enforcement}\"\n{sections}\n",
-                pin_dir.display()
-            );
-            match Self::start_with(&config, Some(pin_dir), Some(metrics)) {
-                Err(e) if attempts < 4 && format!("{e:#}").contains("Address already in use") => {
-                    attempts += 1;
-                }
+        for _ in 0..4 {
+            match Self::observed_once(observer_extra, enforcement, sections) {
+                Err(e) if format!("{e:#}").contains("Address already in use") => {}
                 started => return started,
             }
         }
+        Self::observed_once(observer_extra, enforcement, sections)
+    }
+
+    fn observed_once(observer_extra: &str, enforcement: &str, sections: &str) -> Result<Self> {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("dove-test")));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let metrics = format!("127.0.0.1:{port}");
+        let config = format!(
+            // Never `auto`: on a patched kernel a test daemon would take the scheduler's
+            // cost maps from a DOVE installed on the host.
+            "[observer]\npin_dir = \"{}\"\ntick_ms = 50\n{observer_extra}\n[metrics]\nlisten = \"{metrics}\"\n[enforcement]\nmode = \"{enforcement}\"\n{sections}\n",
+            pin_dir.display()
+        );
+        Self::start_with(&config, Some(pin_dir), Some(metrics))
     }
 
     fn start_with(config: &str, pin_dir: Option<PathBuf>, metrics: Option<String>) -> Result<Self> {
@@ -297,22 +299,31 @@ impl TempDaemon {
         self.child.as_ref().expect("running").id()
     }
 
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal)
+            .unwrap_or_else(|e| panic!("{signal} to doved: {e}"));
+    }
+
     /// SIGSTOP the daemon and return once every one of its threads is stopped. `kill`
     /// returns before the signal is delivered, and a thread already past `accept` would
     /// otherwise still answer the next request, so a test of a stalled daemon would see a
     /// live one.
     pub fn freeze(&self) {
-        let pid = self.pid();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGSTOP,
-        )
-        .expect("SIGSTOP doved");
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !all_threads_stopped(pid) {
+        loop {
+            match thread_states(self.pid()) {
+                Some(states) if states.iter().all(|&s| s == 'Z') => {
+                    panic!("doved exited: {}", self.log_text())
+                }
+                // `t`: stopped as well, under a tracer.
+                Some(states) if states.iter().all(|&s| matches!(s, 'T' | 't')) => return,
+                _ => {}
+            }
             assert!(
                 Instant::now() < deadline,
-                "doved ({pid}) was not stopped 10 s after SIGSTOP"
+                "doved was not stopped 10 s after SIGSTOP: {:?}",
+                thread_states(self.pid())
             );
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -320,11 +331,7 @@ impl TempDaemon {
 
     /// Undo [`TempDaemon::freeze`].
     pub fn thaw(&self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGCONT,
-        )
-        .expect("SIGCONT doved");
+        self.signal(nix::sys::signal::Signal::SIGCONT);
     }
 
     /// SIGTERM the daemon and wait for it to exit (at most 10 s, then `kill -9`); returns
@@ -395,6 +402,20 @@ impl TempDaemon {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The state letter of each of `pid`'s threads (`R`, `S`, `T`, `Z`, …), or None when
+/// they could not all be read (a thread exited meanwhile; the process is gone).
+fn thread_states(pid: u32) -> Option<Vec<char>> {
+    let states = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            // The state follows the parenthesised command name, which may hold ") ".
+            stat.rsplit_once(") ")?.1.chars().next()
+        })
+        .collect::<Option<Vec<char>>>()?;
+    (!states.is_empty()).then_some(states)
 }
 
 impl Drop for TempDaemon {
@@ -752,6 +773,9 @@ pub struct PacketSpans<K = u32> {
     /// the places where a window changes owner, which are what a per-packet attribution
     /// rule must get right and a per-window one cannot.
     pub handovers: u64,
+    /// Packets received outside a NET_RX window (threaded NAPI, busy polling, a NET_TX
+    /// window): neither this instrument nor DOVE times them.
+    pub outside: u64,
 }
 
 impl<K> Default for PacketSpans<K> {
@@ -763,6 +787,7 @@ impl<K> Default for PacketSpans<K> {
             empty_ns: 0,
             windows: 0,
             handovers: 0,
+            outside: 0,
         }
     }
 }
@@ -799,21 +824,23 @@ impl<K: Ord> PacketSpans<K> {
         K: Clone + PartialEq,
     {
         let mut spans = Self::default();
-        // Per CPU while a window is open: (mark, key of the packet in flight).
-        let mut open: std::collections::HashMap<u32, (f64, Option<K>)> = Default::default();
+        // Per CPU while a window is open: (mark, whether it is NET_RX's, key of the packet
+        // in flight).
+        let mut open: std::collections::HashMap<u32, (f64, bool, Option<K>)> = Default::default();
         for line in TraceInstance::lines(text) {
             let (ts, event) = (line.ts, line.event);
             if event.starts_with("softirq_entry") {
-                open.insert(line.cpu, (ts, None));
+                let rx = trace_field(event, "vec") == Some("3");
+                open.insert(line.cpu, (ts, rx, None));
                 spans.windows += 1;
             } else if event.starts_with("softirq_exit") {
                 match open.remove(&line.cpu) {
-                    Some((mark, Some(k))) => {
+                    Some((mark, _, Some(k))) => {
                         let e = spans.by_key.entry(k).or_default();
                         e.0 += 1;
                         e.1 += line.ns_since(mark);
                     }
-                    Some((mark, None)) => spans.empty_ns += line.ns_since(mark),
+                    Some((mark, _, None)) => spans.empty_ns += line.ns_since(mark),
                     None => {}
                 }
             } else if event.starts_with("netif_receive_skb") {
@@ -821,22 +848,28 @@ impl<K: Ord> PacketSpans<K> {
                     continue;
                 };
                 match open.remove(&line.cpu) {
-                    Some((mark, Some(prev))) => {
+                    Some((mark, true, Some(prev))) => {
                         spans.handovers += u64::from(prev != k);
                         let e = spans.by_key.entry(prev).or_default();
                         e.0 += 1;
                         e.1 += line.ns_since(mark);
                     }
-                    Some((mark, None)) => {
+                    Some((mark, true, None)) => {
                         let ns = line.ns_since(mark);
                         spans.prelude_ns += ns;
                         *spans.prelude_by_key.entry(k.clone()).or_default() += ns;
                     }
-                    // Outside a window this trace follows (another vector's, or one
-                    // that began before the trace).
-                    None => continue,
+                    other => {
+                        // Outside a NET_RX window, or in one that began before the
+                        // trace: counted, not timed.
+                        if let Some(window) = other {
+                            open.insert(line.cpu, window);
+                        }
+                        spans.outside += 1;
+                        continue;
+                    }
                 }
-                open.insert(line.cpu, (ts, Some(k)));
+                open.insert(line.cpu, (ts, true, Some(k)));
             }
         }
         spans
@@ -853,6 +886,7 @@ impl<K: Ord> std::ops::AddAssign for PacketSpans<K> {
             empty_ns,
             windows,
             handovers,
+            outside,
         } = o;
         for (k, (n, ns)) in by_key {
             let e = self.by_key.entry(k).or_default();
@@ -866,6 +900,7 @@ impl<K: Ord> std::ops::AddAssign for PacketSpans<K> {
         self.empty_ns += empty_ns;
         self.windows += windows;
         self.handovers += handovers;
+        self.outside += outside;
     }
 }
 
@@ -1134,7 +1169,7 @@ pub fn run_hook_stdin(socket: &Path, args: &[&str], stdin: &[u8], close_stdin: b
     let start = Instant::now();
     // The hook's own 500 ms default is for a node's container starts; a test that is not
     // about the deadline must not fail open because the suite loads the machine.
-    let deadline: &[&str] = if args.contains(&"--timeout-ms") {
+    let deadline: &[&str] = if args.iter().any(|a| a.starts_with("--timeout-ms")) {
         &[]
     } else {
         &["--timeout-ms", "5000"]
@@ -1423,21 +1458,4 @@ pub fn quota_state(daemon: &TempDaemon, id: &str) -> Option<dove_proto::QuotaSta
         .into_iter()
         .find(|c| c.id == id)
         .and_then(|c| c.quota)
-}
-
-/// Whether every thread of `pid` is in the stopped state (`T` in its `stat`).
-fn all_threads_stopped(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|task| {
-        std::fs::read_to_string(task.path().join("stat"))
-            .ok()
-            // The state follows the parenthesised command name, which may itself hold ')'.
-            .and_then(|stat| {
-                stat.rsplit_once(") ")
-                    .map(|(_, rest)| rest.starts_with('T'))
-            })
-            .unwrap_or(false)
-    })
 }
