@@ -190,12 +190,13 @@ fn two_owners_split_three_to_one() {
         (30_000, 10_000),
         "ftrace saw every datagram begin"
     );
-    // The judge is the kernel's own split, which on one CI machine was 2.07 (the woken
-    // sink's datagrams cost more there) and 1.8 on another: it must be clearly uneven for
-    // the test to tell a right split from an even one (1.0, more than 10% off from 1.3),
-    // and DOVE's must match it.
+    // The judge is the kernel's own split, which on one CI machine was 2.07 and 1.8 on
+    // another; on a cold CI run, with a kernel build beside it, the small owner's
+    // datagrams (each waking its sink) cost 8x the big one's and the split read 0.38.
+    // Either way it must be clearly uneven for the test to tell a right split from an
+    // even one (1.0, more than 10% off from 1.3 and from 1/1.3), and DOVE's must match it.
     assert!(
-        traced >= 1.3,
+        !(1.0 / 1.3..1.3).contains(&traced),
         "the kernel's split {traced:.2} is too even to judge DOVE's by"
     );
     assert!(
